@@ -1,0 +1,2 @@
+//! The `retort` command-line tool.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Causal language models from Hugging Face folders on candle.

@@ -1,0 +1,1 @@
+//! The reasoning-distillation pipeline as a library.

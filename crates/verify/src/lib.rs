@@ -1,0 +1,1 @@
+//! Final-answer extraction and mathematical equivalence for model responses.
