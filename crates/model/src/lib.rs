@@ -1,1 +1,5 @@
 //! Causal language models from Hugging Face folders on candle.
+
+pub mod error;
+
+pub use error::{Error, Result};

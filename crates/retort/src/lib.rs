@@ -1,1 +1,8 @@
-//! The reasoning-distillation pipeline as a library.
+//! The reasoning-distillation pipeline as a library: records and IO, backends
+//! ([`backend::Backend`]), and one module per stage.
+
+pub mod backend;
+pub mod distill;
+pub mod error;
+
+pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! Distillation: objectives, divergences and the trainer.
+
+pub mod divergence;

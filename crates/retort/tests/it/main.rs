@@ -1,0 +1,1 @@
+//! Integration tests of the retort library (one binary to keep link time low).
