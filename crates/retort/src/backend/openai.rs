@@ -1,1 +1,0 @@
-//! OpenAI-compatible HTTP backend (vLLM, SGLang, llama.cpp).
