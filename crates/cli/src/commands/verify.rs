@@ -1,0 +1,48 @@
+//! `retort verify`.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use retort::manifest::Manifest;
+use retort::verify::{verify_file, VerifyStageOptions};
+
+use crate::args::VerifyArgs;
+use crate::ui;
+
+pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let start = Instant::now();
+    let mut options = VerifyStageOptions {
+        gold_field: args.gold_field,
+        response_field: args.response_field,
+        ..VerifyStageOptions::default()
+    };
+    options.policy.percent_equals_fraction = args.percent_equals_fraction;
+    options.policy.tolerance = args.tolerance;
+    let bar = ui::progress(None, "verify");
+    let summary = verify_file(&args.input, &args.output, &options, &|n| bar.set_position(n as u64))
+        .with_context(|| format!("cannot verify `{}`", args.input.display()))?;
+    bar.finish_and_clear();
+    let mut manifest = Manifest::new(serde_json::json!({
+        "gold_field": options.gold_field,
+        "response_field": options.response_field,
+        "policy": format!("{:?}", options.policy),
+    }));
+    manifest.add_input(&args.input)?;
+    manifest.counts = serde_json::to_value(&summary)?;
+    manifest.wall_seconds = start.elapsed().as_secs_f64();
+    manifest.write_beside(&args.output)?;
+    let seconds = start.elapsed().as_secs_f64();
+    ui::table(
+        "verify",
+        &[
+            ("records", summary.total.to_string()),
+            ("correct", summary.correct.to_string()),
+            ("no final answer", summary.no_answer.to_string()),
+            ("accuracy", format!("{:.4}", summary.accuracy())),
+            ("pairs/s", format!("{:.0}", summary.total as f64 / seconds.max(1e-9))),
+            ("output", args.output.display().to_string()),
+        ],
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,158 @@
+//! The manifest written beside every output (`<output>.manifest.json`): the command line with
+//! secrets redacted, retort's version, content hashes of inputs and model weights, settings,
+//! counts and wall time. Chained manifests give a run's lineage.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::error::Result;
+use crate::io::AtomicFile;
+
+/// A file and its SHA-256.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hashed {
+    /// The path as given.
+    pub path: String,
+    /// Hex SHA-256 of the contents.
+    pub sha256: String,
+}
+
+/// One command's manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    /// The command line, secrets redacted.
+    pub command: Vec<String>,
+    /// retort's version.
+    pub retort_version: String,
+    /// Input files and their hashes.
+    pub inputs: Vec<Hashed>,
+    /// Models used: spec and hash of their weight files.
+    pub models: Vec<Value>,
+    /// Settings that shaped the output (sampling, verifier policy, ...).
+    pub settings: Value,
+    /// Counts (records in/out, failures, tokens, ...).
+    pub counts: Value,
+    /// Wall time of the command.
+    pub wall_seconds: f64,
+}
+
+impl Manifest {
+    /// A manifest for the current process's command line.
+    pub fn new(settings: Value) -> Self {
+        Self {
+            command: redact_args(std::env::args()),
+            retort_version: env!("CARGO_PKG_VERSION").to_string(),
+            inputs: Vec::new(),
+            models: Vec::new(),
+            settings,
+            counts: Value::Null,
+            wall_seconds: 0.0,
+        }
+    }
+
+    /// Adds an input file with its content hash.
+    pub fn add_input(&mut self, path: &Path) -> Result<()> {
+        self.inputs.push(Hashed { path: path.display().to_string(), sha256: sha256_file(path)? });
+        Ok(())
+    }
+
+    /// Adds a model: its spec and the hashes of its `*.safetensors` files when it is a folder.
+    pub fn add_model(&mut self, spec: &str, dir: Option<&Path>) -> Result<()> {
+        let mut weights = Vec::new();
+        if let Some(dir) = dir {
+            let mut files: Vec<PathBuf> = fs_err::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            files.sort();
+            for file in files {
+                weights.push(Hashed { path: file.display().to_string(), sha256: sha256_file(&file)? });
+            }
+        }
+        self.models.push(serde_json::json!({ "spec": redact(spec), "weights": weights }));
+        Ok(())
+    }
+
+    /// Writes `<output>.manifest.json` atomically.
+    pub fn write_beside(&self, output: &Path) -> Result<PathBuf> {
+        let path = manifest_path(output);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        AtomicFile::write_all(&path, &json)?;
+        Ok(path)
+    }
+}
+
+/// `<output>.manifest.json`.
+pub fn manifest_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".manifest.json");
+    output.with_file_name(name)
+}
+
+/// Hex SHA-256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = fs_err::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Redacts credentials in URLs (`user:pass@`) and the values of `--api-key`-like flags.
+pub fn redact_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut hide_next = false;
+    for arg in args {
+        if hide_next {
+            out.push("****".into());
+            hide_next = false;
+            continue;
+        }
+        let lower = arg.to_ascii_lowercase();
+        let secret_flag = ["key", "token", "secret", "password"].iter().any(|s| lower.starts_with("--") && lower.contains(s));
+        if secret_flag {
+            match arg.split_once('=') {
+                Some((flag, _)) => out.push(format!("{flag}=****")),
+                None => {
+                    out.push(arg);
+                    hide_next = true;
+                }
+            }
+        } else {
+            out.push(redact(&arg));
+        }
+    }
+    out
+}
+
+/// Removes `user:password@` from URLs inside `text`.
+pub fn redact(text: &str) -> String {
+    match (text.find("://"), text.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme && !text[scheme + 3..at].contains('/') => {
+            format!("{}****@{}", &text[..scheme + 3], &text[at + 1..])
+        }
+        _ => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted() {
+        let args = ["retort", "--api-key", "sk-123", "--token=abc", "openai:http://u:p@host/v1#m"].map(String::from);
+        let out = redact_args(args);
+        assert_eq!(out, ["retort", "--api-key", "****", "--token=****", "openai:http://****@host/v1#m"]);
+    }
+}

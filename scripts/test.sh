@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test command the README gives: every crate's unit and integration tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RUST_BACKTRACE=1
+cargo test --workspace --locked "$@"
