@@ -1,0 +1,404 @@
+//! The causal LMs: [`CausalLm`] dispatches to one file per architecture, and this module holds
+//! the small set of differentiable layer functions those files share.
+//!
+//! Every op here has a backward in candle (the fused `rms_norm`, `rope`, `softmax_last_dim` and
+//! CPU flash attention do not, DESIGN.md §7), so [`CausalLm::forward`] trains. Fused kernels can
+//! later replace [`rms_norm`], [`apply_rope`], [`attention`] and [`swiglu`] one at a time.
+
+pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::{Architecture, ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+
+/// A causal LM of one of the supported architectures.
+#[derive(Debug, Clone)]
+pub enum CausalLm {
+    /// Qwen2 / Qwen2.5.
+    Qwen2(qwen2::Model),
+    /// Qwen3.
+    Qwen3(qwen3::Model),
+    /// Llama.
+    Llama(llama::Model),
+}
+
+impl CausalLm {
+    /// Builds the model from weights named as in the Hugging Face state dict.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(match cfg.architecture {
+            Architecture::Qwen2 => Self::Qwen2(qwen2::Model::new(cfg, vb)?),
+            Architecture::Qwen3 => Self::Qwen3(qwen3::Model::new(cfg, vb)?),
+            Architecture::Llama => Self::Llama(llama::Model::new(cfg, vb)?),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Self::Qwen2(m) => m.config(),
+            Self::Qwen3(m) => m.config(),
+            Self::Llama(m) => m.config(),
+        }
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_weight().device()
+    }
+
+    /// The compute dtype (that of the weights).
+    pub fn dtype(&self) -> DType {
+        self.embed_weight().dtype()
+    }
+
+    /// The input embedding matrix `[vocab, hidden]`.
+    pub fn embed_weight(&self) -> &Tensor {
+        match self {
+            Self::Qwen2(m) => m.embed_weight(),
+            Self::Qwen3(m) => m.embed_weight(),
+            Self::Llama(m) => m.embed_weight(),
+        }
+    }
+
+    /// Full-sequence forward without cache, differentiable: logits `[b, t, vocab]` in f32.
+    ///
+    /// `attention_mask` is `[b, t]` with 1 for real tokens and 0 for padding; `position_ids`
+    /// is `[b, t]` (default `0..t` in every row).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask, position_ids)?;
+        self.lm_head(&hidden)
+    }
+
+    /// Like [`CausalLm::forward`] but returns the final normalised hidden states `[b, t, hidden]`
+    /// (compute dtype), so callers can apply [`CausalLm::lm_head`] to the positions they need.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len) = input_ids.dims2()?;
+        let position_ids = match position_ids {
+            Some(p) => p.clone(),
+            None => default_positions(b_sz, seq_len, 0, input_ids.device())?,
+        };
+        let bias = attention_bias(
+            attention_mask,
+            b_sz,
+            seq_len,
+            0,
+            self.dtype(),
+            input_ids.device(),
+        )?;
+        self.hidden(input_ids, &position_ids, bias.as_ref(), None)
+    }
+
+    /// Incremental forward with a KV cache: logits `[b, t, vocab]` in f32 for the new tokens.
+    ///
+    /// `position_ids` is `[b, t]`; `attention_mask`, when given, is `[b, past + t]` and covers
+    /// the cached positions too (1 = attend, 0 = padding).
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let hidden = self.forward_cached_hidden(input_ids, position_ids, attention_mask, cache)?;
+        self.lm_head(&hidden)
+    }
+
+    /// Like [`CausalLm::forward_cached`] but returns the final hidden states `[b, t, hidden]`.
+    pub fn forward_cached_hidden(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b_sz, seq_len) = input_ids.dims2()?;
+        if cache.batch_size() != b_sz {
+            return Err(Error::invalid(format!(
+                "KV cache was built for batch size {} but the input has {b_sz} rows",
+                cache.batch_size()
+            )));
+        }
+        if cache.len() + seq_len > cache.max_len() {
+            return Err(Error::invalid(format!(
+                "KV cache overflow: {} cached + {seq_len} new positions exceed its capacity {}",
+                cache.len(),
+                cache.max_len()
+            )));
+        }
+        let past = cache.len();
+        let bias = attention_bias(
+            attention_mask,
+            b_sz,
+            seq_len,
+            past,
+            self.dtype(),
+            input_ids.device(),
+        )?;
+        let hidden = self.hidden(input_ids, position_ids, bias.as_ref(), Some(cache))?;
+        cache.advance(seq_len);
+        Ok(hidden)
+    }
+
+    /// Projects hidden states to f32 logits with `lm_head` (the embedding when tied).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = match self {
+            Self::Qwen2(m) => m.lm_head(hidden)?,
+            Self::Qwen3(m) => m.lm_head(hidden)?,
+            Self::Llama(m) => m.lm_head(hidden)?,
+        };
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        bias: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (cos, sin) = match self {
+            Self::Qwen2(m) => m.rotary().cos_sin(position_ids)?,
+            Self::Qwen3(m) => m.rotary().cos_sin(position_ids)?,
+            Self::Llama(m) => m.rotary().cos_sin(position_ids)?,
+        };
+        let rope = Rope {
+            cos: cos.to_dtype(self.dtype())?,
+            sin: sin.to_dtype(self.dtype())?,
+        };
+        Ok(match self {
+            Self::Qwen2(m) => m.forward_hidden(input_ids, &rope, bias, cache)?,
+            Self::Qwen3(m) => m.forward_hidden(input_ids, &rope, bias, cache)?,
+            Self::Llama(m) => m.forward_hidden(input_ids, &rope, bias, cache)?,
+        })
+    }
+}
+
+/// `0..t` offset by `start` in every row, `[b, t]` u32.
+pub fn default_positions(
+    b_sz: usize,
+    seq_len: usize,
+    start: usize,
+    dev: &Device,
+) -> Result<Tensor> {
+    let pos = Tensor::arange(start as u32, (start + seq_len) as u32, dev)?;
+    Ok(pos
+        .unsqueeze(0)?
+        .broadcast_as((b_sz, seq_len))?
+        .contiguous()?)
+}
+
+/// The most negative finite value of `dtype`, used as the additive mask.
+fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.38e38,
+        DType::F64 => f64::from(f32::MIN),
+        _ => f64::from(f32::MIN),
+    }
+}
+
+/// Additive attention bias `[b, 1, t, past + t]`: 0 where query `i` may attend key `j` (causal and
+/// not padding), the dtype's most negative value elsewhere. `None` when nothing is masked.
+///
+/// A fully masked row (a padding query) gets a constant row, hence a uniform softmax and no NaN.
+pub fn attention_bias(
+    attention_mask: Option<&Tensor>,
+    b_sz: usize,
+    seq_len: usize,
+    past: usize,
+    dtype: DType,
+    dev: &Device,
+) -> Result<Option<Tensor>> {
+    let kv_len = past + seq_len;
+    if attention_mask.is_none() && seq_len == 1 {
+        return Ok(None);
+    }
+    let q_pos = Tensor::arange(past as u32, kv_len as u32, dev)?.reshape((seq_len, 1))?;
+    let k_pos = Tensor::arange(0u32, kv_len as u32, dev)?.reshape((1, kv_len))?;
+    // 1.0 where allowed.
+    let mut allowed = k_pos
+        .broadcast_le(&q_pos)?
+        .to_dtype(DType::F32)?
+        .reshape((1, 1, seq_len, kv_len))?;
+    if let Some(mask) = attention_mask {
+        let dims = mask.dims2()?;
+        if dims != (b_sz, kv_len) {
+            return Err(Error::invalid(format!(
+                "attention mask has shape {dims:?}, expected ({b_sz}, {kv_len})"
+            )));
+        }
+        let m = mask.to_dtype(DType::F32)?.reshape((b_sz, 1, 1, kv_len))?;
+        allowed = allowed.broadcast_mul(&m)?;
+    }
+    // allowed 1 -> 0, allowed 0 -> mask value.
+    let bias = ((allowed - 1.0)? * (-mask_value(dtype)))?;
+    Ok(Some(bias.to_dtype(dtype)?))
+}
+
+/// RoPE frequencies of one model; produces cos/sin for given positions.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    /// `[head_dim / 2]` f32.
+    inv_freq: Tensor,
+}
+
+impl RotaryEmbedding {
+    /// Frequencies from the config's theta and scaling, computed in f32 as transformers does.
+    pub fn new(cfg: &ModelConfig, dev: &Device) -> Result<Self> {
+        let dim = cfg.head_dim;
+        let base = cfg.rope_theta as f32;
+        let mut inv_freq: Vec<f32> = (0..dim / 2)
+            .map(|i| 1.0f32 / base.powf((2 * i) as f32 / dim as f32))
+            .collect();
+        match &cfg.rope_scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } => {
+                for f in &mut inv_freq {
+                    *f /= *factor as f32;
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old_len = *original_max_position_embeddings as f64;
+                let low_wavelen = old_len / low_freq_factor;
+                let high_wavelen = old_len / high_freq_factor;
+                for f in &mut inv_freq {
+                    let freq = f64::from(*f);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    let scaled = if wavelen < high_wavelen {
+                        freq
+                    } else if wavelen > low_wavelen {
+                        freq / factor
+                    } else {
+                        let smooth = (old_len / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * freq / factor + smooth * freq
+                    };
+                    *f = scaled as f32;
+                }
+            }
+        }
+        let n = inv_freq.len();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv_freq, n, dev)?,
+        })
+    }
+
+    /// `cos`, `sin` of shape `[b, 1, t, head_dim]` (f32) for `position_ids` `[b, t]`.
+    pub fn cos_sin(&self, position_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b_sz, seq_len) = position_ids.dims2()?;
+        let half = self.inv_freq.dim(0)?;
+        let pos = position_ids
+            .to_dtype(DType::F32)?
+            .reshape((b_sz, seq_len, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, half))?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        let cos = emb.cos()?.unsqueeze(1)?;
+        let sin = emb.sin()?.unsqueeze(1)?;
+        Ok((cos, sin))
+    }
+}
+
+/// cos/sin tables for the current positions, `[b, 1, t, head_dim]` in the compute dtype.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// Cosines.
+    pub cos: Tensor,
+    /// Sines.
+    pub sin: Tensor,
+}
+
+/// RMSNorm over the last dim: `x * (mean(x^2) + eps)^-1/2 * w`, statistics in f32.
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = xs.dtype();
+    let xs32 = xs.to_dtype(DType::F32)?;
+    let inv = (xs32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let normed = xs32.broadcast_mul(&inv)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// RoPE in the "rotate_half" layout on `[b, heads, t, head_dim]`.
+pub fn apply_rope(xs: &Tensor, rope: &Rope) -> Result<Tensor> {
+    let head_dim = xs.dim(D::Minus1)?;
+    let half = head_dim / 2;
+    let x1 = xs.narrow(D::Minus1, 0, half)?;
+    let x2 = xs.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((xs.broadcast_mul(&rope.cos)? + rotated.broadcast_mul(&rope.sin)?)?)
+}
+
+/// Scaled dot-product attention with GQA, without materialising repeated K/V.
+///
+/// `q`: `[b, heads, t, d]`; `k`, `v`: `[b, kv_heads, s, d]`; `bias`: `[b, 1, t, s]` additive.
+/// Query head `j` uses key/value head `j / (heads / kv_heads)`. Returns `[b, heads, t, d]`.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b_sz, n_heads, seq_len, head_dim) = q.dims4()?;
+    let (_, n_kv, kv_len, _) = k.dims4()?;
+    let groups = n_heads / n_kv;
+    // Heads of one group are adjacent, so grouping them with the query rows is a free reshape
+    // and k/v need no repeat.
+    let q = q
+        .contiguous()?
+        .reshape((b_sz, n_kv, groups * seq_len, head_dim))?;
+    let k = k.contiguous()?;
+    let v = v.contiguous()?;
+    let scores = q.matmul(&k.t()?)?;
+    let scores = (scores.reshape((b_sz, n_heads, seq_len, kv_len))? * scale)?;
+    let scores = match bias {
+        Some(bias) => scores.broadcast_add(bias)?,
+        None => scores,
+    };
+    let probs =
+        candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(v.dtype())?;
+    let probs = probs.reshape((b_sz, n_kv, groups * seq_len, kv_len))?;
+    let out = probs.matmul(&v)?;
+    Ok(out.reshape((b_sz, n_heads, seq_len, head_dim))?)
+}
+
+/// The gated MLP activation `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
+}
+
+/// A linear layer `[.., in] -> [.., out]` with optional bias, weights in HF layout `[out, in]`.
+pub fn linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<candle_nn::Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok(candle_nn::Linear::new(weight, bias))
+}

@@ -1,0 +1,120 @@
+//! Scoring: per-token log-probabilities of completions given prompts ([`score_batch`]), the
+//! left-padded batch layout shared with generation ([`PaddedBatch`]), and the differentiable
+//! [`token_logprobs_from_logits`] used by training losses.
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+
+use crate::error::{Error, Result};
+use crate::models::CausalLm;
+
+/// Left-padded sequences with their attention mask and position ids.
+#[derive(Debug, Clone)]
+pub struct PaddedBatch {
+    /// `[b, len]` u32, padding on the left.
+    pub input_ids: Tensor,
+    /// `[b, len]` u32: 1 for real tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `[b, len]` u32: `cumsum(mask) - 1`, padding set to 1 (as transformers' `generate`).
+    pub position_ids: Tensor,
+    /// Padding before each row.
+    pub pad_lens: Vec<usize>,
+    /// Padded length.
+    pub len: usize,
+}
+
+impl PaddedBatch {
+    /// Pads `seqs` on the left with `pad_id` to the longest length.
+    pub fn left(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let b_sz = seqs.len();
+        let mut ids = Vec::with_capacity(b_sz * len);
+        let mut mask = Vec::with_capacity(b_sz * len);
+        let mut pos = Vec::with_capacity(b_sz * len);
+        let mut pad_lens = Vec::with_capacity(b_sz);
+        for seq in seqs {
+            let pad = len - seq.len();
+            pad_lens.push(pad);
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            ids.extend_from_slice(seq);
+            mask.extend(std::iter::repeat_n(0u32, pad));
+            mask.extend(std::iter::repeat_n(1u32, seq.len()));
+            pos.extend(std::iter::repeat_n(1u32, pad));
+            pos.extend(0..seq.len() as u32);
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b_sz, len), device)?,
+            attention_mask: Tensor::from_vec(mask, (b_sz, len), device)?,
+            position_ids: Tensor::from_vec(pos, (b_sz, len), device)?,
+            pad_lens,
+            len,
+        })
+    }
+
+    /// Whether any row is padded.
+    pub fn has_padding(&self) -> bool {
+        self.pad_lens.iter().any(|&p| p > 0)
+    }
+}
+
+/// `log_softmax(logits)[target]` per position: `logits` `[b, t, vocab]`, `targets` `[b, t]` u32
+/// -> `[b, t]` f32. Differentiable with respect to `logits`.
+pub fn token_logprobs_from_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let targets = targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
+    Ok(logp
+        .gather(&targets.contiguous()?, D::Minus1)?
+        .squeeze(D::Minus1)?)
+}
+
+/// Per-token log-probs of each completion given its prompt, from one left-padded batch.
+///
+/// Rows are padded with `pad_id` (masked out) and use `position_ids = cumsum(mask) - 1`, so each
+/// row equals its unbatched score up to float rounding. Only the completion positions go
+/// through `lm_head`. Every prompt needs at least one token.
+pub fn score_batch(
+    model: &CausalLm,
+    items: &[(Vec<u32>, Vec<u32>)],
+    pad_id: u32,
+) -> Result<Vec<Vec<f32>>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    for (i, (prompt, _)) in items.iter().enumerate() {
+        if prompt.is_empty() {
+            return Err(Error::invalid(format!(
+                "item {i}: the prompt is empty; scoring needs at least one prompt token (e.g. BOS) to condition the first completion token"
+            )));
+        }
+    }
+    let vocab = model.config().vocab_size as u32;
+    let seqs: Vec<Vec<u32>> = items
+        .iter()
+        .map(|(p, c)| p.iter().chain(c.iter()).copied().collect())
+        .collect();
+    for (i, seq) in seqs.iter().enumerate() {
+        if let Some(bad) = seq.iter().find(|&&t| t >= vocab) {
+            return Err(Error::invalid(format!(
+                "item {i}: token id {bad} is out of range for a vocabulary of {vocab}"
+            )));
+        }
+    }
+    let batch = PaddedBatch::left(&seqs, pad_id, model.device())?;
+    let mask = batch.has_padding().then_some(&batch.attention_mask);
+    let hidden = model.forward_hidden(&batch.input_ids, mask, Some(&batch.position_ids))?;
+    let mut out = Vec::with_capacity(items.len());
+    for (row, (prompt, completion)) in items.iter().enumerate() {
+        if completion.is_empty() {
+            out.push(Vec::new());
+            continue;
+        }
+        // Position p predicts token p + 1.
+        let start = batch.pad_lens[row] + prompt.len() - 1;
+        let h = hidden.i((row..row + 1, start..start + completion.len()))?;
+        let logits = model.lm_head(&h)?;
+        let targets = Tensor::from_slice(completion, (1, completion.len()), model.device())?;
+        let lp = token_logprobs_from_logits(&logits, &targets)?;
+        out.push(lp.squeeze(0)?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,4 @@
+//! Integration tests of retort-model: one binary (parity with the PyTorch fixtures, training).
+
+mod parity;
+mod train;

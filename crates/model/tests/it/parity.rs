@@ -1,0 +1,1 @@
+//! Parity with the PyTorch/transformers fixtures in `shared/fixtures`.
