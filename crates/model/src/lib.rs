@@ -20,7 +20,6 @@ pub mod save;
 pub mod score;
 pub mod tokenizer;
 pub mod train;
-pub mod train;
 
 pub use chat_template::ChatTemplate;
 pub use config::{Architecture, GenerationConfig, ModelConfig, RopeScaling};
