@@ -4,5 +4,6 @@
 pub mod backend;
 pub mod distill;
 pub mod error;
+pub mod mock_server;
 
 pub use error::{Error, Result};

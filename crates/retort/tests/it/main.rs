@@ -1,1 +1,2 @@
 //! Integration tests of the retort library (one binary to keep link time low).
+mod openai;
