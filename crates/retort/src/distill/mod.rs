@@ -1,3 +1,4 @@
 //! Distillation: objectives, divergences and the trainer.
 
 pub mod divergence;
+pub mod teacher;

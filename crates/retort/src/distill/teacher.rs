@@ -1,0 +1,187 @@
+//! The teacher signal: what a teacher hands the student, as one typed value (DESIGN.md §2).
+//!
+//! [`TeacherSignal::Dense`] carries the teacher's full logits (a local white-box teacher);
+//! [`TeacherSignal::Sparse`] carries top-k log-probs (a server or an offline cache) together with
+//! the temperature they were computed at and an explicit [`MissingMass`] policy for the
+//! probability outside the top-k set. The KD divergences in [`super::divergence`] consume it.
+//! Text-only (API) teachers give no distribution and are handled as SFT targets elsewhere.
+
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// What to do with the teacher's probability mass outside its top-k set.
+///
+/// The default is [`MissingMass::Tail`]: it compares the two distributions coarse-grained to the
+/// k teacher tokens plus one "everything else" bucket. That is a faithful (k+1)-outcome view of
+/// both distributions, so every divergence here is a lower bound of its dense value (data
+/// processing inequality) and equals it once the student's tail matches the teacher's, and it
+/// penalises the student for mass it puts outside the teacher's set. [`MissingMass::Renormalize`]
+/// hides that mass: a student with 90% of its mass outside the set but the right shape inside it
+/// gets zero loss. With k = vocabulary both policies equal the dense divergence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingMass {
+    /// Restrict both distributions to the teacher's top-k set and renormalise each to sum to 1
+    /// there (DistillKit-style sparse KD). The student's mass outside the set is not penalised.
+    Renormalize,
+    /// Keep a (k+1)-th bucket: the teacher's holds `1 - sum(top-k probs)` (clamped at 0; values
+    /// within rounding of 0 count as 0), the student's holds its exact mass outside the set.
+    /// Buckets with zero mass are floored at [`TAIL_FLOOR`] so logs stay finite.
+    #[default]
+    Tail,
+}
+
+/// Smallest probability given to an empty tail bucket, so log-probs stay finite (no `0 * log 0`).
+pub const TAIL_FLOOR: f64 = 1e-30;
+
+/// A teacher's output for a batch of sequences, aligned with the student's positions.
+///
+/// Positions are `[batch, time]`; the teacher never receives a gradient (it is detached).
+#[derive(Debug, Clone)]
+pub enum TeacherSignal {
+    /// Full raw logits `[batch, time, vocab]` (temperature 1, i.e. as the model outputs them).
+    /// The vocabulary must equal the student's.
+    Dense {
+        /// Raw teacher logits `[b, t, v]`, any float dtype.
+        logits: Tensor,
+    },
+    /// Top-k log-probs `[batch, time, k]`, as a server (vLLM `logprobs`) or an offline cache
+    /// gives them.
+    Sparse {
+        /// Token ids `[b, t, k]`, `u32`, distinct within a position, each `< vocab`.
+        indices: Tensor,
+        /// Log-probs `[b, t, k]` of those ids under the teacher's full distribution at
+        /// `temperature`.
+        logprobs: Tensor,
+        /// The temperature the log-probs were computed at (1.0 for raw log-probs). KD at a
+        /// temperature `T` rescales them by `temperature / T` before renormalising.
+        temperature: f64,
+        /// How the mass outside the top-k set is handled.
+        missing_mass: MissingMass,
+    },
+}
+
+impl TeacherSignal {
+    /// A dense signal from raw logits `[b, t, v]`.
+    pub fn dense(logits: Tensor) -> Self {
+        Self::Dense { logits }
+    }
+
+    /// A sparse signal from top-k ids and log-probs at temperature 1, with the default
+    /// [`MissingMass`] policy.
+    pub fn sparse(indices: Tensor, logprobs: Tensor) -> Self {
+        Self::Sparse {
+            indices,
+            logprobs,
+            temperature: 1.0,
+            missing_mass: MissingMass::default(),
+        }
+    }
+
+    /// The temperature the signal was computed at (dense logits are raw: 1.0).
+    pub fn temperature(&self) -> f64 {
+        match self {
+            Self::Dense { .. } => 1.0,
+            Self::Sparse { temperature, .. } => *temperature,
+        }
+    }
+
+    /// The `[batch, time]` positions the signal covers.
+    pub fn positions(&self) -> Result<(usize, usize)> {
+        let tensor = match self {
+            Self::Dense { logits } => logits,
+            Self::Sparse { logprobs, .. } => logprobs,
+        };
+        let (b, t, _) = tensor.dims3()?;
+        Ok((b, t))
+    }
+
+    /// Checks shapes and dtypes against a student vocabulary of `vocab` tokens and a
+    /// `[batch, time]` layout; returns a message naming the field that is wrong.
+    pub fn validate(&self, batch: usize, time: usize, vocab: usize) -> Result<()> {
+        match self {
+            Self::Dense { logits } => {
+                let dims = logits.dims();
+                if dims != [batch, time, vocab] {
+                    candle_core::bail!(
+                        "teacher signal: field `logits`: expected shape [{batch}, {time}, {vocab}] \
+                         (the student's), got {dims:?}"
+                    );
+                }
+                if !logits.dtype().is_float() {
+                    candle_core::bail!(
+                        "teacher signal: field `logits`: expected a float dtype, got {:?}",
+                        logits.dtype()
+                    );
+                }
+            }
+            Self::Sparse {
+                indices,
+                logprobs,
+                temperature,
+                ..
+            } => {
+                let (ib, it, k) = indices.dims3().map_err(|e| {
+                    candle_core::Error::Msg(format!(
+                        "teacher signal: field `indices`: expected [b, t, k]: {e}"
+                    ))
+                })?;
+                if (ib, it) != (batch, time) || logprobs.dims() != indices.dims() {
+                    candle_core::bail!(
+                        "teacher signal: fields `indices` {:?} and `logprobs` {:?}: expected both \
+                         [{batch}, {time}, k]",
+                        indices.dims(),
+                        logprobs.dims()
+                    );
+                }
+                if k == 0 || k > vocab {
+                    candle_core::bail!(
+                        "teacher signal: field `indices`: expected 1 <= k <= vocab ({vocab}), got k = {k}"
+                    );
+                }
+                if indices.dtype() != DType::U32 {
+                    candle_core::bail!(
+                        "teacher signal: field `indices`: expected dtype u32, got {:?}",
+                        indices.dtype()
+                    );
+                }
+                if !logprobs.dtype().is_float() {
+                    candle_core::bail!(
+                        "teacher signal: field `logprobs`: expected a float dtype, got {:?}",
+                        logprobs.dtype()
+                    );
+                }
+                if !(temperature.is_finite() && *temperature > 0.0) {
+                    candle_core::bail!(
+                        "teacher signal: field `temperature`: expected a positive number, got {temperature}"
+                    );
+                }
+                // One pass over the ids on the host: k is small (tens), so this costs far less
+                // than the loss itself and catches misaligned caches before they train anything.
+                let ids = indices.flatten_all()?.to_vec1::<u32>()?;
+                let mut row = Vec::with_capacity(k);
+                for (position, chunk) in ids.chunks(k).enumerate() {
+                    row.clear();
+                    row.extend_from_slice(chunk);
+                    row.sort_unstable();
+                    if let Some(&max) = row.last()
+                        && max as usize >= vocab
+                    {
+                        candle_core::bail!(
+                            "teacher signal: field `indices`: id {max} at position {position} is \
+                             outside the student's vocabulary of {vocab}"
+                        );
+                    }
+                    if let Some(pair) = row.windows(2).find(|pair| pair[0] == pair[1]) {
+                        candle_core::bail!(
+                            "teacher signal: field `indices`: id {} appears twice at position \
+                             {position}; top-k ids must be distinct",
+                            pair[0]
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
