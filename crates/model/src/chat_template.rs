@@ -484,7 +484,7 @@ mod tests {
             "{% for m in messages %}{{ m.content.split('</think>')[-1].lstrip('\\n').strip() }}|{{ m.content.startswith('a') }}|{{ m.get('x', 'dflt') }}{% endfor %}",
             json!([{"role": "user", "content": "a<think>x</think>\n  answer "}]),
         );
-        assert_eq!(out, "answer|true|dflt");
+        assert_eq!(out, "answer|True|dflt");
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub fn resolve(spec: &HfSpec, cache: Option<&Path>) -> Result<PathBuf> {
     if !snapshot.is_dir() {
         let available: Vec<String> = fs_err::read_dir(repo_dir.join("snapshots"))
             .map(|rd| {
-                rd.filter_map(|e| e.ok())
+                rd.filter_map(std::result::Result::ok)
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })

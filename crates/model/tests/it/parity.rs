@@ -20,7 +20,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = fs_err::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -352,10 +352,10 @@ fn tokenizer_golden_from_tokenizer_config() {
 
 /// Copies the files of a fixture into `dst`.
 fn copy_fixture(name: &str, dst: &Path) {
-    std::fs::create_dir_all(dst).expect("mkdir");
-    for entry in std::fs::read_dir(fixture(name)).expect("read dir") {
+    fs_err::create_dir_all(dst).expect("mkdir");
+    for entry in fs_err::read_dir(fixture(name)).expect("read dir") {
         let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dst.join(entry.file_name())).expect("copy");
+        fs_err::copy(entry.path(), dst.join(entry.file_name())).expect("copy");
     }
 }
 
@@ -365,8 +365,8 @@ fn hf_cache_resolution() {
     let repo = cache.path().join("models--tiny-org--qwen2-tiny");
     let hash = "0123456789abcdef0123456789abcdef01234567";
     copy_fixture("qwen2-tiny", &repo.join("snapshots").join(hash));
-    std::fs::create_dir_all(repo.join("refs")).expect("refs");
-    std::fs::write(repo.join("refs").join("main"), format!("{hash}\n")).expect("ref");
+    fs_err::create_dir_all(repo.join("refs")).expect("refs");
+    fs_err::write(repo.join("refs").join("main"), format!("{hash}\n")).expect("ref");
     let opts = LoadOptions {
         hf_cache: Some(cache.path().to_path_buf()),
         ..LoadOptions::default()
@@ -404,14 +404,14 @@ fn bad_model_folders_give_clear_errors() {
 
     let dir = tmp.path().join("no-config");
     copy_fixture("llama-tiny", &dir);
-    std::fs::remove_file(dir.join("config.json")).expect("rm");
+    fs_err::remove_file(dir.join("config.json")).expect("rm");
     let e = load_err(&dir);
     assert!(e.contains("config.json") && e.contains("no-config"), "{e}");
 
     let dir = tmp.path().join("corrupt");
     copy_fixture("llama-tiny", &dir);
-    let bytes = std::fs::read(dir.join("model.safetensors")).expect("read");
-    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("truncate");
+    let bytes = fs_err::read(dir.join("model.safetensors")).expect("read");
+    fs_err::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("truncate");
     let e = load_err(&dir);
     assert!(
         e.contains("model.safetensors") && e.contains("corrupt"),
@@ -422,7 +422,7 @@ fn bad_model_folders_give_clear_errors() {
     copy_fixture("llama-tiny", &dir);
     let mut cfg = read_json(&dir.join("config.json"));
     cfg["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
-    std::fs::write(dir.join("config.json"), cfg.to_string()).expect("write");
+    fs_err::write(dir.join("config.json"), cfg.to_string()).expect("write");
     let e = load_err(&dir);
     assert!(
         e.contains("GPT2LMHeadModel") && e.contains("LlamaForCausalLM"),
@@ -447,7 +447,7 @@ fn bad_model_folders_give_clear_errors() {
 
     let dir = tmp.path().join("pickled");
     copy_fixture("llama-tiny", &dir);
-    std::fs::rename(dir.join("model.safetensors"), dir.join("pytorch_model.bin")).expect("mv");
+    fs_err::rename(dir.join("model.safetensors"), dir.join("pytorch_model.bin")).expect("mv");
     let e = load_err(&dir);
     assert!(
         e.contains("pytorch_model.bin") && e.contains("safetensors"),
@@ -466,7 +466,7 @@ fn sharded_checkpoint_loads_identically() {
     copy_fixture("qwen3-tiny", &dir);
     let path = dir.join("model.safetensors");
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("load");
-    std::fs::remove_file(&path).expect("rm");
+    fs_err::remove_file(&path).expect("rm");
     let mut shards: [std::collections::HashMap<String, Tensor>; 2] = Default::default();
     let mut weight_map = serde_json::Map::new();
     for (i, (name, t)) in tensors.into_iter().enumerate() {
@@ -482,7 +482,7 @@ fn sharded_checkpoint_loads_identically() {
         .expect("save");
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
+    fs_err::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
     let sharded =
         load(dir.to_str().expect("utf8"), &LoadOptions::default()).expect("sharded bf16 loads");
     let (orig, golden) = load_fixture("qwen3-tiny");
@@ -606,4 +606,59 @@ fn stop_strings_and_eos_end_rows() {
     .expect("gen");
     assert_eq!(out[0].token_ids, want[..5].to_vec());
     assert_eq!(out[0].finish_reason, FinishReason::Length);
+}
+
+/// Every weight of `load_trainable` is a Var under its HF name, and the differentiable forward
+/// gives each one a non-zero gradient (tied models have no `lm_head.weight`).
+#[test]
+fn trainable_load_gives_every_weight_a_gradient() {
+    for name in MODELS {
+        let (m, vars) = retort_model::load_trainable(&fixture(name)).expect("load_trainable");
+        let names: Vec<String> = vars.data().lock().expect("lock").keys().cloned().collect();
+        assert_eq!(
+            names.contains(&"lm_head.weight".to_string()),
+            !m.config.tie_word_embeddings,
+            "{name}"
+        );
+        assert!(names.contains(&"model.layers.1.mlp.down_proj.weight".to_string()));
+        let n_params: usize = vars.all_vars().iter().map(|v| v.elem_count()).sum();
+        let golden = read_json(&fixture(name).join("golden.json"));
+        assert_eq!(
+            n_params as u64,
+            golden["num_parameters"].as_u64().expect("n"),
+            "{name}: parameter count"
+        );
+        let seqs = vec![vec![5u32, 6, 7, 8], vec![9, 10]];
+        let batch = retort_model::PaddedBatch::left(&seqs, 509, &Device::Cpu).expect("batch");
+        let logits = m
+            .model
+            .forward(
+                &batch.input_ids,
+                Some(&batch.attention_mask),
+                Some(&batch.position_ids),
+            )
+            .expect("forward");
+        let loss = logits.sqr().expect("sqr").mean_all().expect("mean");
+        let grads = loss.backward().expect("backward");
+        for (var_name, var) in vars.data().lock().expect("lock").iter() {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {var_name}"));
+            let norm = g
+                .sqr()
+                .expect("sqr")
+                .sum_all()
+                .expect("sum")
+                .to_scalar::<f32>()
+                .expect("f32");
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: gradient of {var_name} is {norm}"
+            );
+        }
+        println!(
+            "{name}: {} vars, {n_params} parameters, all with gradients",
+            names.len()
+        );
+    }
 }
