@@ -238,6 +238,14 @@ impl ModelConfig {
                 "sliding-window attention is not supported; set it to false for contexts up to `sliding_window`",
             ));
         }
+        if let Some(types) = obj.get("layer_types").and_then(Value::as_array)
+            && let Some(other) = types.iter().find(|t| t.as_str() != Some("full_attention"))
+        {
+            return Err(f.err(
+                "layer_types",
+                &format!("only `full_attention` layers are supported, found {other}"),
+            ));
+        }
         let eos_token_ids = f.id_list("eos_token_id")?;
         let default_max_pos = match architecture {
             Architecture::Llama => 2048,

@@ -184,10 +184,17 @@ pub fn generate(
             if params.eos_ids.contains(&token) {
                 row.finished = Some(FinishReason::Stop);
             } else if max_stop > 0 {
-                let text = tokenizer.decode(&row.ids, true)?;
-                if let Some(cut) = earliest_stop(&text, &params.stop_strings) {
-                    row.stop_text = Some(text[..cut].to_string());
-                    row.finished = Some(FinishReason::Stop);
+                // A stop string completed by this token lies within the last `max_stop + 4`
+                // tokens (every token decodes to at least one byte, special tokens aside), so
+                // only that tail is decoded each step; the full text is decoded on a hit.
+                let tail_start = row.ids.len().saturating_sub(max_stop + 4);
+                let tail = tokenizer.decode(&row.ids[tail_start..], true)?;
+                if earliest_stop(&tail, &params.stop_strings).is_some() {
+                    let text = tokenizer.decode(&row.ids, true)?;
+                    if let Some(cut) = earliest_stop(&text, &params.stop_strings) {
+                        row.stop_text = Some(text[..cut].to_string());
+                        row.finished = Some(FinishReason::Stop);
+                    }
                 }
             }
             if row.finished.is_none() && row.ids.len() >= params.max_new_tokens {

@@ -197,6 +197,14 @@ impl Tokenizer {
         self.template()?.render(messages, add_generation_prompt)
     }
 
+    /// Renders `messages` and encodes the result without adding special tokens (the template
+    /// writes BOS itself where the model wants one), as transformers'
+    /// `apply_chat_template(tokenize=True)` does.
+    pub fn encode_chat(&self, messages: &[Value], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        let text = self.apply_chat_template(messages, add_generation_prompt)?;
+        self.encode(&text, false)
+    }
+
     /// Renders `(role, content)` pairs with the chat template.
     pub fn apply_chat_template_pairs(
         &self,

@@ -98,6 +98,8 @@ fn prompts_tokenize_and_render_like_golden() {
                     .apply_chat_template(messages, add)
                     .expect("render");
                 assert_eq!(rendered, text, "{name}: chat render");
+                let chat_ids = m.tokenizer.encode_chat(messages, add).expect("encode_chat");
+                assert_eq!(chat_ids, ids(&prompt["input_ids"]), "{name}: encode_chat");
             }
             let got = m.tokenizer.encode(text, true).expect("encode");
             assert_eq!(
@@ -399,7 +401,10 @@ fn bad_model_folders_give_clear_errors() {
     let opts = LoadOptions::default();
     let load_err = |dir: &Path| match load(dir.to_str().expect("utf8"), &opts) {
         Ok(_) => panic!("{} loaded", dir.display()),
-        Err(e) => e.to_string(),
+        Err(e) => {
+            println!("error: {e}");
+            e.to_string()
+        }
     };
 
     let dir = tmp.path().join("no-config");
@@ -456,7 +461,6 @@ fn bad_model_folders_give_clear_errors() {
 
     let e = load_err(&tmp.path().join("does-not-exist"));
     assert!(e.contains("does-not-exist"), "{e}");
-    println!("bad-input errors:\n{e}");
 }
 
 #[test]
