@@ -258,9 +258,7 @@ impl AdamW {
                         path.display()
                     ))
                 })?;
-        let tmp = path.with_extension("safetensors.tmp");
-        fs_err::write(&tmp, &bytes)?;
-        Ok(fs_err::rename(&tmp, path)?) // TEMP until save.rs compiles
+        crate::save::write_atomic(path, &bytes)
     }
 
     /// Restores state written by [`AdamW::save_state`] for the same parameters.

@@ -47,7 +47,11 @@ fn batch(rows: &[Vec<u32>]) -> Result<Batch> {
                 mask.push(1);
                 pos.push((i - pad) as u32);
                 // The first real token has no context: never a target.
-                labels.push(if i == pad { -100 } else { i64::from(row[i - pad]) });
+                labels.push(if i == pad {
+                    -100
+                } else {
+                    i64::from(row[i - pad])
+                });
             }
         }
     }
@@ -94,8 +98,17 @@ fn f64_model(name: &str) -> Result<(CausalLm, Vec<(String, Var)>)> {
     Ok((CausalLm::new(&loaded.config, vb)?, vars))
 }
 
-/// Central differences on a few coordinates of every parameter against backward.
+/// Gradient check of every parameter against central differences, in two forms:
+/// - along the tensor's own gradient direction `u = g / |g|`: `(L(θ + h u) - L(θ - h u)) / 2h`
+///   must equal `|g|` (the largest signal a finite difference of one tensor can give);
+/// - on single coordinates (three random ones and the largest).
+///
+/// The model runs on f64 weights, but the model files compute RMSNorm statistics, softmax and
+/// logits in f32, so the loss carries f32 round-off (~1e-7 relative) and the per-coordinate
+/// tolerance is set by that noise divided by `h`.
 fn gradient_check(name: &str) -> Result<()> {
+    const H_DIRECTION: f64 = 4e-2;
+    const H_COORD: f64 = 4e-2;
     let (model, vars) = f64_model(name)?;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let data = batch(&random_rows(&mut rng, &[6, 4]))?;
@@ -109,57 +122,58 @@ fn gradient_check(name: &str) -> Result<()> {
     // Every parameter gets a gradient (an error names the first that does not) ...
     let optimizer = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let grads = optimizer.gradients(&store)?;
-    let h = 1e-4;
-    let mut worst = 0f64;
-    let mut checked = 0;
+    let central = |var: &Var, original: &Tensor, direction: &Tensor, h: f64| -> Result<f64> {
+        var.set(&(original + direction.affine(h, 0.0)?)?)?;
+        let plus = mean_loss()?;
+        var.set(&(original - direction.affine(h, 0.0)?)?)?;
+        let minus = mean_loss()?;
+        var.set(original)?;
+        Ok((plus - minus) / (2.0 * h))
+    };
+    // Richardson extrapolation of two central differences cancels the O(h^2) term, so `h` can
+    // be large enough that the f32 round-off of the loss stays small against the difference.
+    let richardson = |var: &Var, original: &Tensor, direction: &Tensor, h: f64| -> Result<f64> {
+        let coarse = central(var, original, direction, h)?;
+        let fine = central(var, original, direction, h / 2.0)?;
+        Ok((4.0 * fine - coarse) / 3.0)
+    };
+    let (mut worst_dir, mut worst_coord, mut checked) = (0f64, 0f64, 0);
     for ((param, var), grad) in vars.iter().zip(&grads.grads) {
-        let grad = grad.flatten_all()?.to_vec1::<f64>()?;
+        let original = var.as_tensor().copy()?;
+        let values = grad.flatten_all()?.to_vec1::<f64>()?;
+        let norm = values.iter().map(|g| g * g).sum::<f64>().sqrt();
         // ... and a non-zero one.
-        let norm = grad.iter().map(|g| g * g).sum::<f64>().sqrt();
         assert!(norm > 0.0, "{name}: `{param}` has an all-zero gradient");
-        let mut coords: Vec<usize> = (0..3).map(|_| rng.random_range(0..grad.len())).collect();
-        let largest = (0..grad.len())
-            .max_by(|&a, &b| grad[a].abs().total_cmp(&grad[b].abs()))
+        let numeric = richardson(var, &original, &(grad / norm)?, H_DIRECTION)?;
+        let err = (numeric - norm).abs() / norm;
+        worst_dir = worst_dir.max(err);
+        assert!(
+            err < 1e-3,
+            "{name}: `{param}`: |grad| {norm:e}, finite difference along it {numeric:e} (rel err {err:e})"
+        );
+        let mut coords: Vec<usize> = (0..3).map(|_| rng.random_range(0..values.len())).collect();
+        let largest = (0..values.len())
+            .max_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()))
             .unwrap_or(0);
         coords.push(largest);
-        let original = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         for &i in &coords {
-            let mut values = original.clone();
-            values[i] = original[i] + h;
-            var.set(&Tensor::from_vec(
-                values.clone(),
-                var.shape(),
-                &Device::Cpu,
-            )?)?;
-            let plus = mean_loss()?;
-            values[i] = original[i] - h;
-            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
-            let minus = mean_loss()?;
-            var.set(&Tensor::from_vec(
-                original.clone(),
-                var.shape(),
-                &Device::Cpu,
-            )?)?;
-            let numeric = (plus - minus) / (2.0 * h);
-            let analytic = grad[i];
-            // Relative to the coordinate and to the tensor's gradient scale, so tiny
-            // coordinates are not judged on round-off alone.
-            let scale = analytic
-                .abs()
-                .max(numeric.abs())
-                .max(norm / (grad.len() as f64).sqrt())
-                .max(1e-6);
-            let err = (analytic - numeric).abs() / scale;
-            worst = worst.max(err);
+            let mut unit = vec![0f64; values.len()];
+            unit[i] = 1.0;
+            let unit = Tensor::from_vec(unit, var.shape(), &Device::Cpu)?;
+            let numeric = richardson(var, &original, &unit, H_COORD)?;
+            let analytic = values[i];
+            let err = (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(1e-2);
+            worst_coord = worst_coord.max(err);
             checked += 1;
             assert!(
-                err < 1e-3,
+                err < 5e-3,
                 "{name}: `{param}`[{i}]: backward {analytic:e}, finite difference {numeric:e} (rel err {err:e})"
             );
         }
     }
     eprintln!(
-        "{name}: gradient check on {} parameters, {checked} coordinates, worst rel err {worst:e}",
+        "{name}: gradient check of {} parameters: along-gradient worst rel err {worst_dir:e}; \
+         {checked} coordinates, worst rel err {worst_coord:e}",
         vars.len()
     );
     Ok(())
@@ -272,6 +286,39 @@ fn micro_batches_give_the_same_update() -> Result<()> {
         }
         let (grads, _, tokens) = twin.finish(trainer.optimizer().params())?;
         assert_eq!(tokens, 2 + 8 + 4 + 6);
+        if micro {
+            // The test can tell: averaging per-micro-batch means weighs short rows too much.
+            let mut mean_of_means: Option<Vec<Tensor>> = None;
+            for b in &batches {
+                let mut one = retort_model::train::GradAccumulator::default();
+                let (sum, n) = loss_sum(&model, b)?;
+                one.add(trainer.optimizer().params(), &sum, n)?;
+                let (g, _, _) = one.finish(trainer.optimizer().params())?;
+                mean_of_means = Some(match mean_of_means {
+                    None => g.grads,
+                    Some(acc) => acc
+                        .iter()
+                        .zip(&g.grads)
+                        .map(|(a, b)| a + b)
+                        .collect::<candle_core::Result<_>>()?,
+                });
+            }
+            let naive = mean_of_means.unwrap_or_default();
+            let d = (&naive[0].affine(0.25, 0.0)? - &grads.grads[0])?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            let scale = grads.grads[0]
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f64>()?;
+            assert!(
+                d > 1e-3 * scale,
+                "mean of micro-batch means should differ ({d:e})"
+            );
+        }
         trainer.step()?;
         let weights = vars
             .iter()
