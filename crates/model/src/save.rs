@@ -68,6 +68,27 @@ pub fn save_hf_folder_raw(
     tie_word_embeddings: bool,
     source_dir: &Path,
 ) -> Result<()> {
+    save_hf_folder_with(
+        dir,
+        tensors,
+        raw_config,
+        tie_word_embeddings,
+        source_dir,
+        |_| Ok(()),
+    )
+}
+
+/// [`save_hf_folder_raw`] plus `extra`, which writes more files (optimizer state,
+/// `trainer_state.json`, ...) into the same temp folder, so a checkpoint appears whole or not
+/// at all.
+pub fn save_hf_folder_with(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    raw_config: &Value,
+    tie_word_embeddings: bool,
+    source_dir: &Path,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let weights = serialize_weights(tensors, tie_word_embeddings)?;
     let config_json = float32_config(raw_config)?;
     let tokenizer_path = source_dir.join("tokenizer.json");
@@ -90,7 +111,7 @@ pub fn save_hf_folder_raw(
                 fs_err::copy(&source, tmp.join(name))?;
             }
         }
-        Ok(())
+        extra(tmp)
     })
 }
 

@@ -568,19 +568,24 @@ fn schedule_clipping_and_resume() -> Result<()> {
     let root = tempfile::tempdir()?;
     let mut a = Trainer::new(named_vars(&varmap), cfg)?;
     step(&mut a, &loaded.model)?;
-    a.optimizer()
-        .save_state(&root.path().join("optimizer.safetensors"))?;
-    retort_model::save::save_varmap(
+    // A checkpoint: the HF folder and the optimizer state, written in one atomic rename.
+    let tensors: Vec<(String, Tensor)> = named_vars(&varmap)
+        .into_iter()
+        .map(|(n, v)| (n, v.as_detached_tensor()))
+        .collect();
+    retort_model::save::save_hf_folder_with(
         &root.path().join("ckpt"),
-        &varmap,
-        &loaded.config,
+        &tensors,
+        &loaded.config.raw,
+        loaded.config.tie_word_embeddings,
         &loaded.dir,
+        |tmp| a.optimizer().save_state(&tmp.join("optimizer.safetensors")),
     )?;
     step(&mut a, &loaded.model)?;
     let (resumed, varmap_b) = load_trainable(&root.path().join("ckpt"))?;
     let mut b = Trainer::new(named_vars(&varmap_b), cfg)?;
     b.optimizer_mut()
-        .load_state(&root.path().join("optimizer.safetensors"))?;
+        .load_state(&root.path().join("ckpt/optimizer.safetensors"))?;
     assert_eq!(b.step_count(), 1);
     step(&mut b, &resumed.model)?;
     for ((name, va), (_, vb)) in named_vars(&varmap).iter().zip(named_vars(&varmap_b).iter()) {
