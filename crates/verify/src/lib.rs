@@ -1,1 +1,127 @@
 //! Final-answer extraction and mathematical equivalence for model responses.
+//!
+//! [`verify`] answers one question: is the final answer of a model response equal to a dataset
+//! gold? It extracts the answer ([`extract_answer`], fallback order in [`extract`]), reduces the
+//! gold the same way (a plain answer, or the boxed answer of a full solution), and compares the
+//! two with [`equivalent`]. Every policy is a field of [`VerifyOptions`]; its [`Default`] is the
+//! recommended setting. The crate is pure (no I/O), never panics on any input, and bounds its
+//! work (nesting depth, evaluation steps, answer length), so a pair takes microseconds.
+//!
+//! ```
+//! use retort_verify::{verify, VerifyOptions};
+//! let v = verify("So the total is $\\boxed{\\frac{1}{2}}$.", "0.5", &VerifyOptions::default());
+//! assert!(v.correct);
+//! assert_eq!(v.extracted.as_deref(), Some("\\frac{1}{2}"));
+//! ```
+//!
+//! Modules: [`extract`] (response to answer string), [`normalize`] (answer string to tokens),
+//! [`expr`] (tokens to trees; exact and numeric evaluation), [`number`] (rationals, complex),
+//! [`equiv`] (tree comparison).
+
+pub mod equiv;
+pub mod expr;
+pub mod extract;
+pub mod normalize;
+pub mod number;
+
+pub use equiv::equivalent;
+pub use extract::extract_answer;
+
+/// How a trailing `%` is compared with a plain number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PercentPolicy {
+    /// `28%` equals both `28` and `0.28` (a percent question answered without the sign, or
+    /// converted to a fraction). Recommended: golds and responses drop or keep `%` freely.
+    #[default]
+    Either,
+    /// `28%` equals `0.28` only.
+    Strict,
+    /// `%` is ignored: `28%` equals `28` only.
+    Ignore,
+}
+
+/// Verification policies. [`Default`] is the recommended policy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifyOptions {
+    /// Percent handling (default [`PercentPolicy::Either`]).
+    pub percent: PercentPolicy,
+    /// Relative tolerance for numbers; `None` (default) means exact: `1.414` is not `\sqrt{2}`
+    /// and `0.33` is not `1/3`, while `0.5` is `1/2` (an exact decimal).
+    pub float_tolerance: Option<f64>,
+    /// A decimal written with at least this many significant digits is a machine-precision
+    /// value (`0.0833333333333333` for `1/12`, `4.123105625617661` for `\sqrt{17}`) and matches
+    /// to within its last digit. Default `Some(12)`; `None` disables.
+    pub precise_decimal_digits: Option<u32>,
+    /// Drop units after a value: `\text{cm}`, `miles`, `m^2`, `\mbox{ cm}^2` (default true).
+    /// Degrees (`^\circ`, `°`) and currency signs (`$`, `\$`, `€`) are always dropped.
+    pub strip_units: bool,
+    /// Highest multiple-choice letter: a gold that is a single letter `A`..=this (optionally
+    /// `(B)`, `\text{B}`) is compared with the letter the response chose (default `'J'`).
+    pub max_choice_letter: char,
+    /// `e` is Euler's number (default true).
+    pub e_is_euler: bool,
+    /// `i` is the imaginary unit (default true).
+    pub i_is_imaginary: bool,
+    /// `3\frac{1}{2}`, `3 1/2` and `3½` are mixed numbers, 7/2 (default true).
+    pub mixed_numbers: bool,
+    /// `1,22` (digits, comma, digits, no space) compared with a single number reads as the
+    /// decimal `1.22` (default true). `32, 349` (with a space) stays a two-element list;
+    /// `1,234` is always the thousands-separated 1234.
+    pub decimal_comma: bool,
+    /// Points at which expressions with variables are evaluated (default 6).
+    pub eval_points: u32,
+    /// Seed of the deterministic point generator (default 0x5EED).
+    pub seed: u64,
+    /// Answers longer than this many bytes are compared as whitespace-normalised strings only
+    /// (default 4096).
+    pub max_answer_chars: usize,
+    /// Parser nesting limit (default 100).
+    pub max_depth: u32,
+    /// Evaluation steps per expression and point (default 200,000); bounds sums and towers.
+    pub eval_budget: u32,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        Self {
+            percent: PercentPolicy::Either,
+            float_tolerance: None,
+            precise_decimal_digits: Some(12),
+            strip_units: true,
+            max_choice_letter: 'J',
+            e_is_euler: true,
+            i_is_imaginary: true,
+            mixed_numbers: true,
+            decimal_comma: true,
+            eval_points: 6,
+            seed: 0x5EED,
+            max_answer_chars: 4096,
+            max_depth: 100,
+            eval_budget: 200_000,
+        }
+    }
+}
+
+/// The outcome of verifying one response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The extracted answer equals the gold.
+    pub correct: bool,
+    /// The answer extracted from the response, if any.
+    pub extracted: Option<String>,
+}
+
+/// Verifies a full model response against a dataset gold (a plain answer such as `42`,
+/// `\frac{3}{4}`, `2\sqrt{3}`, a letter `B`, or a full solution with `\boxed{}`).
+/// A response without a final answer (for example truncated mid-thought) is not correct.
+pub fn verify(response: &str, gold: &str, opts: &VerifyOptions) -> Verdict {
+    let gold_answer = extract::gold_answer(gold);
+    if let Some(letter) = extract::choice_letter(&gold_answer, opts.max_choice_letter) {
+        let got = extract::extract_choice(response, opts.max_choice_letter);
+        return Verdict { correct: got.as_ref().is_some_and(|(c, _)| *c == letter), extracted: got.map(|(_, s)| s) };
+    }
+    match extract_answer(response) {
+        Some(pred) => Verdict { correct: equivalent(&gold_answer, &pred, opts), extracted: Some(pred) },
+        None => Verdict { correct: false, extracted: None },
+    }
+}

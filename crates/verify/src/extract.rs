@@ -1,0 +1,514 @@
+//! Final-answer extraction from a full model response.
+//!
+//! [`extract_answer`] applies this fallback order:
+//! 1. Cut chat-template tokens (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, `<|eot_id|>`) and
+//!    keep the text after the last `</think>`. A response whose `<think>` never closes (or whose
+//!    text after `</think>` is empty) only counts a strong answer (step 2).
+//! 2. Strong answers: the last `\boxed{..}`/`\fbox{..}` (nested braces; adjacent boxes joined by
+//!    `,`, `and`, `or` or punctuation form one list), or the last answer marker ("final answer is",
+//!    "the answer is", "Answer:", `####`), whichever comes later in the text. A marker's sentence
+//!    is reduced to its answer (`The largest $n$ is 34.` gives `34`).
+//! 3. A short response that reads as an answer by itself (`1,000.99`, `28 percent`).
+//! 4. A response that ends mid-sentence (longer than 300 characters, not ending in `.`, `!`, `$`,
+//!    a bracket or a digit) is truncated: no answer.
+//! 5. The last math span (`$..$`, `$$..$$`, `\(..\)`, `\[..\]`) or the last number, whichever ends
+//!    later.
+
+use crate::normalize::{fix_doubled_backslashes, is_unit};
+
+const CHAT_TOKENS: &[&str] = &["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"];
+const MARKERS: &[&str] = &["final answer is", "final answer:", "the answer is", "answer is", "answer:", "####"];
+
+/// Extracts the final answer of a model response (see the module docs for the order).
+pub fn extract_answer(response: &str) -> Option<String> {
+    let text = fix_doubled_backslashes(response);
+    let mut body: &str = &text;
+    for tok in CHAT_TOKENS {
+        if let Some(p) = body.find(tok)
+            && !body[..p].trim().is_empty()
+        {
+            body = &body[..p];
+        }
+    }
+    let mut strong_only = false;
+    if let Some(p) = body.rfind("</think>") {
+        let after = &body[p + "</think>".len()..];
+        if after.trim().is_empty() {
+            strong_only = true;
+        } else {
+            body = after;
+        }
+    } else if body.contains("<think>") {
+        strong_only = true;
+    }
+    if let Some(a) = strong_answer(body) {
+        return Some(a);
+    }
+    if strong_only {
+        return None;
+    }
+    weak_answer(body)
+}
+
+fn strong_answer(body: &str) -> Option<String> {
+    let boxed = last_box_group(body);
+    let marker = last_marker(body);
+    match (boxed, marker) {
+        (Some((_, end, b)), Some((pos, m))) => Some(if pos >= end { m } else { b }),
+        (Some((_, _, b)), None) => Some(b),
+        (None, Some((_, m))) => Some(m),
+        (None, None) => None,
+    }
+    .filter(|s| !s.trim().is_empty())
+}
+
+fn weak_answer(body: &str) -> Option<String> {
+    let trimmed = body.trim();
+    if trimmed.is_empty() {
+        return None;
+    }
+    if trimmed.chars().count() <= 100 && reads_as_answer(trimmed) {
+        return Some(trimmed.trim_end_matches('.').trim().to_string());
+    }
+    if trimmed.len() > 300 {
+        let last = trimmed.chars().last().unwrap_or(' ');
+        if !(matches!(last, '.' | '!' | '$' | ')' | ']' | '}' | '%') || last.is_ascii_digit()) {
+            return None;
+        }
+    }
+    let math = last_math_span(trimmed);
+    let number = last_number(trimmed);
+    match (math, number) {
+        (Some((me, m)), Some((ne, n))) => Some(if ne > me { n } else { m }),
+        (Some((_, m)), None) => Some(m),
+        (None, Some((_, n))) => Some(n),
+        (None, None) => None,
+    }
+}
+
+/// Words a short answer may contain besides math: units, percent words, connectives, functions.
+fn known_word(w: &str) -> bool {
+    let w = w.to_ascii_lowercase();
+    is_unit(&w)
+        || matches!(
+            w.as_str(),
+            "and" | "or" | "percent" | "percentage" | "pct" | "sin" | "cos" | "tan" | "sec" | "csc" | "cot"
+                | "log" | "ln" | "exp" | "sqrt" | "pi" | "inf" | "infty" | "gcd" | "lcm" | "max" | "min"
+        )
+}
+
+/// Whether a short text is an answer by itself rather than a sentence.
+pub(crate) fn reads_as_answer(s: &str) -> bool {
+    if !s.chars().any(char::is_whitespace) {
+        return true;
+    }
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            // Skip a command name; `\text{..}` content is checked like plain words.
+            i += 1;
+            while i < b.len() && b[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+            continue;
+        }
+        if b[i].is_ascii_alphabetic() {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_alphabetic() {
+                i += 1;
+            }
+            let w = &s[start..i];
+            if w.len() >= 3 && !known_word(w) {
+                return false;
+            }
+            continue;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Byte ranges and contents of every top-level `\boxed{..}` / `\fbox{..}`.
+fn boxes(text: &str) -> Vec<(usize, usize, String)> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let Some(rel) = text[i..].find('\\') else { break };
+        let start = i + rel;
+        let name_end = start + 1 + b[start + 1..].iter().take_while(|c| c.is_ascii_alphabetic()).count();
+        let name = &text[start + 1..name_end];
+        if name != "boxed" && name != "fbox" {
+            i = name_end.max(start + 1);
+            continue;
+        }
+        let mut j = name_end;
+        while j < b.len() && b[j] == b' ' {
+            j += 1;
+        }
+        if j < b.len() && b[j] == b'{' {
+            let mut depth = 0usize;
+            let mut k = j;
+            let mut end = None;
+            while k < b.len() {
+                match b[k] {
+                    b'\\' => k += 1,
+                    b'{' => depth += 1,
+                    b'}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = Some(k);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                k += 1;
+            }
+            match end {
+                Some(e) => {
+                    out.push((start, e + 1, text[j + 1..e].to_string()));
+                    i = e + 1;
+                }
+                None => {
+                    // Unclosed: the box runs to the end of the text.
+                    out.push((start, b.len(), text[j + 1..].to_string()));
+                    break;
+                }
+            }
+        } else if j > name_end {
+            // `\boxed 5`
+            let e = j + b[j..].iter().take_while(|c| !c.is_ascii_whitespace() && **c != b'$').count();
+            out.push((start, e, text[j..e].to_string()));
+            i = e.max(j + 1);
+        } else {
+            i = name_end;
+        }
+    }
+    out
+}
+
+/// Whether the text between two boxes joins them into one answer list.
+fn joins(gap: &str) -> bool {
+    if gap.len() > 80 {
+        return false;
+    }
+    let mut cleaned = gap.to_string();
+    for pat in ["\\text", "\\quad", "\\qquad", "\\mathrm", "\\(", "\\)", "\\[", "\\]", "\\,", "\\;", "\\\\"] {
+        cleaned = cleaned.replace(pat, " ");
+    }
+    let words: Vec<String> = cleaned
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    words.is_empty() || (words.iter().any(|w| w == "and" || w == "or") && words.len() <= 6)
+}
+
+/// The last box and the boxes joined to it: (start, end, contents joined by `, `).
+fn last_box_group(text: &str) -> Option<(usize, usize, String)> {
+    if !text.contains("\\boxed") && !text.contains("\\fbox") {
+        return None;
+    }
+    let all = boxes(text);
+    let (mut start, end, last) = all.last()?.clone();
+    let mut parts = vec![last];
+    for k in (0..all.len() - 1).rev() {
+        if parts.len() >= 32 || !joins(&text[all[k].1..start]) {
+            break;
+        }
+        parts.push(all[k].2.clone());
+        start = all[k].0;
+    }
+    parts.reverse();
+    Some((start, end, parts.join(", ")))
+}
+
+/// The answer after the last marker: (marker start, answer).
+fn last_marker(text: &str) -> Option<(usize, String)> {
+    let lower = text.to_ascii_lowercase();
+    let (pos, len) = MARKERS
+        .iter()
+        .filter_map(|m| lower.rfind(m).map(|p| (p, m.len())))
+        .max_by_key(|(p, l)| p + l)?;
+    let rest = &text[pos + len..];
+    let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, ':' | '*' | '"' | '-'));
+    let sentence = sentence(rest);
+    let mut s = sentence.trim().trim_end_matches(['.', ',', ';', '*', '"', ' ']).trim().to_string();
+    if let Some(p) = s.to_ascii_lowercase().rfind(" is ")
+        && !in_math(&s, p)
+    {
+        s = s[p + 4..].trim().to_string();
+    }
+    if s.is_empty() {
+        return None;
+    }
+    if !reads_as_answer(&s) {
+        let math = last_math_span(&s);
+        let number = last_number(&s);
+        s = match (math, number) {
+            (Some((me, m)), Some((ne, n))) => if ne > me { n } else { m },
+            (Some((_, m)), None) => m,
+            (None, Some((_, n))) => n,
+            (None, None) => s,
+        };
+    }
+    Some((pos, s))
+}
+
+fn in_math(s: &str, pos: usize) -> bool {
+    s[..pos].bytes().filter(|&b| b == b'$').count() % 2 == 1
+}
+
+/// The first sentence of `s`: up to a newline or a `.` followed by whitespace, outside math.
+fn sentence(s: &str) -> &str {
+    let b = s.as_bytes();
+    let mut dollars = false;
+    let mut depth = 0i32;
+    let mut paren_math = 0i32;
+    let mut i = 0;
+    let mut seen = false;
+    while i < b.len() && i < 400 {
+        let c = b[i];
+        match c {
+            b'\\' if i + 1 < b.len() => {
+                match b[i + 1] {
+                    b'(' | b'[' => paren_math += 1,
+                    b')' | b']' => paren_math -= 1,
+                    _ => {}
+                }
+                i += 2;
+                seen = true;
+                continue;
+            }
+            b'$' => dollars = !dollars,
+            b'{' => depth += 1,
+            b'}' => depth -= 1,
+            b'\n' if seen && !dollars && depth <= 0 && paren_math <= 0 => return &s[..i],
+            b'.' if !dollars && depth <= 0 && paren_math <= 0 && (i + 1 >= b.len() || b[i + 1].is_ascii_whitespace()) => {
+                return &s[..i];
+            }
+            _ => {}
+        }
+        if !c.is_ascii_whitespace() {
+            seen = true;
+        }
+        i += 1;
+    }
+    let mut end = i.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The last math span: (end byte, content).
+fn last_math_span(text: &str) -> Option<(usize, String)> {
+    let b = text.as_bytes();
+    let mut best: Option<(usize, usize, usize)> = None; // content start, content end, span end
+    let mut i = 0;
+    let mut open: Option<(usize, &str)> = None;
+    while i < b.len() {
+        if !text.is_char_boundary(i) {
+            i += 1;
+            continue;
+        }
+        let rest = &text[i..];
+        if let Some((start, delim)) = open {
+            if rest.starts_with(delim) {
+                best = Some((start, i, i + delim.len()));
+                i += delim.len();
+                open = None;
+                continue;
+            }
+            if b[i] == b'\\' && delim == "$" && rest.starts_with("\\$") {
+                i += 2;
+                continue;
+            }
+        } else if rest.starts_with("$$") {
+            open = Some((i + 2, "$$"));
+            i += 2;
+            continue;
+        } else if rest.starts_with("\\$") {
+            i += 2;
+            continue;
+        } else if b[i] == b'$' {
+            open = Some((i + 1, "$"));
+        } else if rest.starts_with("\\(") {
+            open = Some((i + 2, "\\)"));
+            i += 2;
+            continue;
+        } else if rest.starts_with("\\[") {
+            open = Some((i + 2, "\\]"));
+            i += 2;
+            continue;
+        }
+        i += 1;
+    }
+    let (s, e, end) = best?;
+    let content = text[s..e].trim();
+    (!content.is_empty()).then(|| (end, content.to_string()))
+}
+
+/// The last number in plain text (`1,000.99`, `2/3`, `-5`, `100%`): (end byte, text).
+fn last_number(text: &str) -> Option<(usize, String)> {
+    let b = text.as_bytes();
+    let mut i = b.len();
+    while i > 0 {
+        i -= 1;
+        if !b[i].is_ascii_digit() {
+            continue;
+        }
+        // Extend backwards over digits and in-number separators.
+        let end = i + 1;
+        let mut start = i;
+        while start > 0 {
+            let c = b[start - 1];
+            if c.is_ascii_digit() || ((c == b',' || c == b'.' || c == b'/') && start >= 2 && b[start - 2].is_ascii_digit()) {
+                start -= 1;
+            } else {
+                break;
+            }
+        }
+        if start > 0 && (b[start - 1].is_ascii_alphabetic() || b[start - 1] == b'_' || b[start - 1] == b'^') {
+            i = start;
+            continue;
+        }
+        if start > 0 && b[start - 1] == b'-' {
+            start -= 1;
+        }
+        let mut stop = end;
+        if stop < b.len() && b[stop] == b'%' {
+            stop += 1;
+        }
+        return Some((stop, text[start..stop].to_string()));
+    }
+    None
+}
+
+/// The answer part of a gold: its boxed group, the extracted answer of a full solution, or
+/// the gold itself.
+pub(crate) fn gold_answer(gold: &str) -> String {
+    let g = fix_doubled_backslashes(gold);
+    if let Some((_, _, b)) = last_box_group(&g) {
+        return b;
+    }
+    let lower = g.to_ascii_lowercase();
+    if g.len() > 120 || MARKERS.iter().any(|m| lower.contains(m)) {
+        if let Some(a) = strong_answer(&g).or_else(|| weak_answer(&g)) {
+            return a;
+        }
+    }
+    g.trim().to_string()
+}
+
+/// A multiple-choice letter written alone: `B`, `(B)`, `B)`, `B.`, `\text{(B)}`, `**B**`.
+pub(crate) fn choice_letter(s: &str, max: char) -> Option<char> {
+    let mut t = s.trim().to_string();
+    for pat in ["\\textbf", "\\text", "\\mathrm", "\\mathbf", "\\boxed", "$", "**", "\\(", "\\)", "{", "}", " "] {
+        t = t.replace(pat, "");
+    }
+    let t = t.trim_end_matches(['.', ':']);
+    let t = t.strip_prefix("option").or_else(|| t.strip_prefix("Option")).unwrap_or(t);
+    let inner = t
+        .strip_prefix('(')
+        .and_then(|x| x.strip_suffix(')'))
+        .or_else(|| t.strip_suffix(')'))
+        .unwrap_or(t);
+    let mut chars = inner.chars();
+    match (chars.next(), chars.next()) {
+        (Some(c), None) if c.is_ascii_uppercase() && c <= max => Some(c),
+        _ => None,
+    }
+}
+
+/// The chosen letter of a multiple-choice response and the text it came from.
+pub(crate) fn extract_choice(response: &str, max: char) -> Option<(char, String)> {
+    if let Some(a) = extract_answer(response) {
+        if let Some(c) = choice_letter(&a, max) {
+            return Some((c, a));
+        }
+        // `(B) 42`, `B) 42`, `B. 42`: a letter leading the answer.
+        let t = a.trim().trim_start_matches(['(', '*', '$']);
+        let mut it = t.chars();
+        if let (Some(c), Some(d)) = (it.next(), it.next())
+            && c.is_ascii_uppercase()
+            && c <= max
+            && matches!(d, ')' | '.' | ':')
+        {
+            return Some((c, a));
+        }
+    }
+    // Last `(X)` in the response.
+    let text = fix_doubled_backslashes(response);
+    let b = text.as_bytes();
+    (0..b.len().saturating_sub(2)).rev().find_map(|i| {
+        let c = b[i + 1] as char;
+        (b[i] == b'(' && b[i + 2] == b')' && c.is_ascii_uppercase() && c <= max).then(|| (c, format!("({c})")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(s: &str) -> Option<String> {
+        extract_answer(s)
+    }
+
+    #[test]
+    fn boxed_nested_and_last() {
+        assert_eq!(ex("so \\boxed{1} then \\boxed{\\frac{1}{2}}."), Some("\\frac{1}{2}".into()));
+        assert_eq!(ex("\\fbox{7}"), Some("7".into()));
+        assert_eq!(ex("\\boxed{1} and \\boxed{2}"), Some("1, 2".into()));
+        assert_eq!(ex("\\boxed{1} no no no no no \\boxed{2}"), Some("2".into()));
+        assert_eq!(ex("\\boxed 5$"), Some("5".into()));
+        assert_eq!(ex("x = \\boxed{3"), Some("3".into()));
+    }
+
+    #[test]
+    fn markers() {
+        assert_eq!(ex("blah\n#### 72"), Some("72".into()));
+        assert_eq!(ex("The answer is 12."), Some("12".into()));
+        assert_eq!(ex("Answer: B"), Some("B".into()));
+        assert_eq!(ex("Final Answer: The largest $n$ is 34."), Some("34".into()));
+        assert_eq!(ex("Final Answer: Jane started growing Sphere 3 hours ago."), Some("3".into()));
+        assert_eq!(ex("\\boxed{5}. Final Answer: The final answer is $6$. I hope it is correct."), Some("$6$".into()));
+    }
+
+    #[test]
+    fn think_and_chat_tokens() {
+        assert_eq!(ex("<think>maybe 3</think> The answer is 4."), Some("4".into()));
+        assert_eq!(ex("<think>so the value is 3 and"), None);
+        assert_eq!(ex("<think>ok \\boxed{9}"), Some("9".into()));
+        assert_eq!(ex("the result is 2/3. <|im_start|>user"), Some("2/3".into()));
+    }
+
+    #[test]
+    fn weak_fallbacks() {
+        assert_eq!(ex("1,000.99"), Some("1,000.99".into()));
+        assert_eq!(ex("the number is not 10 which is 1,000.99€"), Some("1,000.99".into()));
+        assert_eq!(ex("Answer \\( (9+1) \\)"), Some("(9+1)".into()));
+        assert_eq!(ex("AZYUK2A"), Some("AZYUK2A".into()));
+        let truncated = format!("{} so we compute the sum and get", "We need to find x. ".repeat(20));
+        assert_eq!(ex(&truncated), None);
+    }
+
+    #[test]
+    fn choices() {
+        assert_eq!(choice_letter("\\text{(C)}", 'J'), Some('C'));
+        assert_eq!(choice_letter("B)", 'J'), Some('B'));
+        assert_eq!(choice_letter("e", 'J'), None);
+        assert_eq!(extract_choice("I pick (B) because it is right.", 'J').map(|c| c.0), Some('B'));
+        assert_eq!(extract_choice("Answer: C) 42", 'J').map(|c| c.0), Some('C'));
+        assert_eq!(extract_choice("The answer is **D**.", 'J').map(|c| c.0), Some('D'));
+    }
+
+    #[test]
+    fn gold_forms() {
+        assert_eq!(gold_answer("42"), "42");
+        assert_eq!(gold_answer("so $x = \\boxed{2\\sqrt{3}}$."), "2\\sqrt{3}");
+        assert_eq!(gold_answer("\\\\boxed{004}"), "004");
+    }
+}
