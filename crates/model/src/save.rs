@@ -1,4 +1,4 @@
-//! Save a model as a Hugging Face folder that transformers, vLLM and [`crate::load`] read as is.
+//! Save a model as a Hugging Face folder that transformers, vLLM and [`crate::load()`] read as is.
 //!
 //! [`save_hf_folder`] writes `model.safetensors` (float32, metadata `{"format": "pt"}`, the
 //! Hugging Face tensor names; no `lm_head.weight` when embeddings are tied), `config.json` (the
