@@ -27,7 +27,7 @@ fn fast_options() -> OpenAiOptions {
 }
 
 fn prompt_for(key: usize) -> Prompt {
-    if key % 2 == 0 {
+    if key.is_multiple_of(2) {
         Prompt::Messages(vec![
             Message {
                 role: "system".to_owned(),
@@ -489,4 +489,29 @@ fn cpu_split() -> (f64, f64) {
         }
     }
     (client, server)
+}
+
+#[test]
+fn mock_server_lists_models_and_stops_when_dropped() {
+    use std::io::{Read, Write};
+    let server = MockServer::start(FaultPlan::none()).expect("server");
+    let address = server
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+    stream
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read");
+    assert!(reply.starts_with("HTTP/1.1 200 OK"), "{reply}");
+    assert!(reply.contains(r#""id":"mock""#), "{reply}");
+    assert_eq!(server.requests_served(), 1);
+    drop(server);
+    assert!(
+        std::net::TcpStream::connect(&address).is_err(),
+        "still listening after drop"
+    );
 }

@@ -14,6 +14,10 @@
 //! JSON. A request that fails for good reaches the sink as `Err(description)`; if a task were
 //! ever lost, its request is still reported as failed, so every request gets exactly one outcome.
 //!
+//! `timeout` bounds one attempt; a request as a whole ends within about
+//! `(max_retries + 1) * timeout` plus its backoff delays. Create and drop the backend outside
+//! any async runtime (tokio forbids blocking on or dropping a runtime from inside another).
+//!
 //! Mapping of [`SamplingParams`]: `temperature`, `top_p`, `max_new_tokens` → `max_tokens`,
 //! `stop`, `top_k` (a vLLM/SGLang extension, sent only when set), `seed` → `seed + sample` so
 //! the samples of one record differ while each (record, sample) is reproducible on servers that
@@ -327,6 +331,9 @@ impl OpenAiBackend {
     }
 }
 
+/// Turns a 2xx body into a generation.
+type ParseFn = fn(&[u8]) -> std::result::Result<Parsed, AttemptError>;
+
 /// Where a prompt goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -352,6 +359,10 @@ impl Inner {
 
     /// Serialises `request` and merges `extra_body` over it.
     fn body(&self, request: &impl serde::Serialize) -> std::result::Result<Vec<u8>, String> {
+        if self.extra_body.is_empty() {
+            // The common case skips the detour through a `Value` tree.
+            return serde_json::to_vec(request).map_err(|e| format!("cannot encode request: {e}"));
+        }
         let mut value =
             serde_json::to_value(request).map_err(|e| format!("cannot encode request: {e}"))?;
         if let Value::Object(map) = &mut value {
@@ -439,11 +450,10 @@ impl Inner {
             Ok(body) => body,
             Err(e) => return outcome(Err(e), 0),
         };
-        let (url, parse): (&str, fn(&[u8]) -> std::result::Result<Parsed, AttemptError>) =
-            match route {
-                Route::Chat => (&self.chat_url, wire::parse_chat),
-                Route::Completions => (&self.completions_url, wire::parse_completion),
-            };
+        let (url, parse): (&str, ParseFn) = match route {
+            Route::Chat => (&self.chat_url, wire::parse_chat),
+            Route::Completions => (&self.completions_url, wire::parse_completion),
+        };
         let (result, attempts) = post_with_retries(
             &self.client,
             url,
