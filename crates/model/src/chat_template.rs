@@ -488,6 +488,33 @@ mod tests {
     }
 
     #[test]
+    fn reasoning_template_features() {
+        // Features used by Qwen3 / DeepSeek-R1 style templates: namespace, reverse slicing,
+        // `in`, `is string`, loop.index0, whitespace control with trim/lstrip blocks.
+        let src = "{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages[::-1] %}
+    {%- if ns.last_user == -1 and m.role == 'user' %}{% set ns.last_user = messages|length - 1 - loop.index0 %}{% endif %}
+{%- endfor %}
+{%- for m in messages %}
+    {%- if m.role == 'assistant' and m.content is string and '</think>' in m.content %}
+<a>{{ m.content.split('</think>')[-1].lstrip('\n') }}</a>
+    {%- else %}
+<{{ m.role[:1] }}>{{ m.content }}|{{ loop.index0 == ns.last_user }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ bos_token }}{% endif %}";
+        let out = render(
+            src,
+            json!([
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "<think>r</think>\n\nans"},
+                {"role": "user", "content": "q2"}
+            ]),
+        );
+        assert_eq!(out, "<u>q1|False<a>ans</a><u>q2|True<s>", "jinja2 3.1.6 renders the same");
+    }
+
+    #[test]
     fn tojson_is_python_style() {
         let out = render(
             "{{ messages[0] | tojson }}",

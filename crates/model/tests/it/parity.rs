@@ -366,7 +366,16 @@ fn hf_cache_resolution() {
     let cache = tempfile::tempdir().expect("tempdir");
     let repo = cache.path().join("models--tiny-org--qwen2-tiny");
     let hash = "0123456789abcdef0123456789abcdef01234567";
-    copy_fixture("qwen2-tiny", &repo.join("snapshots").join(hash));
+    // The real layout: snapshot files are symlinks into `blobs/`.
+    let blobs = repo.join("blobs");
+    copy_fixture("qwen2-tiny", &blobs);
+    let snapshot = repo.join("snapshots").join(hash);
+    fs_err::create_dir_all(&snapshot).expect("snapshot dir");
+    for entry in fs_err::read_dir(&blobs).expect("blobs") {
+        let name = entry.expect("entry").file_name();
+        let target = Path::new("../../blobs").join(&name);
+        std::os::unix::fs::symlink(&target, snapshot.join(&name)).expect("symlink");
+    }
     fs_err::create_dir_all(repo.join("refs")).expect("refs");
     fs_err::write(repo.join("refs").join("main"), format!("{hash}\n")).expect("ref");
     let opts = LoadOptions {
