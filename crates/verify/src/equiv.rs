@@ -239,19 +239,23 @@ impl Checker<'_> {
         }
     }
 
-    /// Tolerance for two constants given the decimals written on either side.
-    fn constant_tol(&self, a: &Node, b: &Node) -> f64 {
-        let mut tol = CONSTANT_TOL;
-        if let Some(t) = self.opts.float_tolerance {
-            tol = tol.max(t);
-        }
+    /// Tolerance the policies grant two numbers: [`VerifyOptions::float_tolerance`], or the last
+    /// written digit of a machine-precision decimal ([`VerifyOptions::precise_decimal_digits`]).
+    fn policy_tol(&self, a: &Node, b: &Node) -> Option<f64> {
+        let mut tol = self.opts.float_tolerance;
         if let Some(min) = self.opts.precise_decimal_digits {
             let d = decimal_digits(a).max(decimal_digits(b));
             if d >= min {
-                tol = tol.max(10f64.powi(1 - d as i32));
+                let t = 10f64.powi(1 - d as i32);
+                tol = Some(tol.map_or(t, |x| x.max(t)));
             }
         }
         tol
+    }
+
+    /// Tolerance for two constants: numerical noise or the policy tolerance.
+    fn constant_tol(&self, a: &Node, b: &Node) -> f64 {
+        self.policy_tol(a, b).map_or(CONSTANT_TOL, |t| t.max(CONSTANT_TOL))
     }
 
     fn value_eq(&self, a: &Node, b: &Node) -> bool {
@@ -259,8 +263,9 @@ impl Checker<'_> {
             if x == y {
                 return true;
             }
-            let tol = self.constant_tol(a, b);
-            return tol > CONSTANT_TOL && Complex::real(x.to_f64()).close(Complex::real(y.to_f64()), tol);
+            return self
+                .policy_tol(a, b)
+                .is_some_and(|tol| Complex::real(x.to_f64()).close(Complex::real(y.to_f64()), tol));
         }
         let mut vars = expr::free_vars(a);
         for v in expr::free_vars(b) {

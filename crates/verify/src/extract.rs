@@ -104,6 +104,7 @@ pub(crate) fn reads_as_answer(s: &str) -> bool {
     }
     let b = s.as_bytes();
     let mut i = 0;
+    let mut short_words = 0;
     while i < b.len() {
         if b[i] == b'\\' {
             // Skip a command name; `\text{..}` content is checked like plain words.
@@ -119,8 +120,12 @@ pub(crate) fn reads_as_answer(s: &str) -> bool {
                 i += 1;
             }
             let w = &s[start..i];
-            if w.len() >= 3 && !known_word(w) {
-                return false;
+            if w.len() >= 2 && !known_word(w) {
+                // One short word may be a label (`AB = 4`); two are prose (`it is`).
+                short_words += 1;
+                if w.len() >= 3 || short_words >= 2 {
+                    return false;
+                }
             }
             continue;
         }
@@ -365,8 +370,12 @@ fn last_number(text: &str) -> Option<(usize, String)> {
         let mut start = i;
         while start > 0 {
             let c = b[start - 1];
-            if c.is_ascii_digit() || ((c == b',' || c == b'.' || c == b'/') && start >= 2 && b[start - 2].is_ascii_digit()) {
+            let digit_before = |k: usize| start >= k && b[start - k].is_ascii_digit();
+            if c.is_ascii_digit() || (matches!(c, b',' | b'.' | b'/' | b'e' | b'E') && digit_before(2)) {
                 start -= 1;
+            } else if matches!(c, b'-' | b'+') && start >= 3 && matches!(b[start - 2], b'e' | b'E') && digit_before(3) {
+                // Scientific notation `1e-6`.
+                start -= 2;
             } else {
                 break;
             }

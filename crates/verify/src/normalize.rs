@@ -336,13 +336,14 @@ struct Lexer<'a> {
     space: bool,
     nesting: u32,
     strip_units: bool,
+    depth: i32,
 }
 
 /// Lexes an answer into tokens. Never fails: unknown characters become [`Tok::Other`].
 /// With `strip_units`, unit words after a value (and their powers) are dropped.
 pub fn lex(s: &str, strip_units: bool) -> Vec<Token> {
     let chars: Vec<char> = s.chars().collect();
-    let mut lx = Lexer { c: &chars, i: 0, out: Vec::new(), space: false, nesting: 0, strip_units };
+    let mut lx = Lexer { c: &chars, i: 0, out: Vec::new(), space: false, nesting: 0, strip_units, depth: 0 };
     lx.run();
     lx.out
 }
@@ -353,8 +354,18 @@ impl Lexer<'_> {
     }
 
     fn push(&mut self, tok: Tok) {
+        match tok {
+            Tok::Open(_) | Tok::SetOpen => self.depth += 1,
+            Tok::Close(_) | Tok::SetClose => self.depth -= 1,
+            _ => {}
+        }
         self.out.push(Token { tok, space: self.space });
         self.space = false;
+    }
+
+    /// Open `(`, `[` and `\{` before the current position.
+    fn bracket_depth(&self) -> i32 {
+        self.depth
     }
 
     fn prev_is_value(&self) -> bool {
@@ -489,6 +500,10 @@ impl Lexer<'_> {
                 if *used_space_only.get_or_insert(!comma) != !comma {
                     break;
                 }
+                // Inside `( )`, `[ ]` and `\{ \}` a comma separates items: `(12,102)`.
+                if comma && self.bracket_depth() > 0 {
+                    break;
+                }
                 s.extend(&self.c[j..j + 3]);
                 self.i = j + 3;
             }
@@ -585,7 +600,7 @@ impl Lexer<'_> {
             return;
         }
         let chars: Vec<char> = content.chars().collect();
-        let mut sub = Lexer { c: &chars, i: 0, out: Vec::new(), space: true, nesting: self.nesting + 1, strip_units: self.strip_units };
+        let mut sub = Lexer { c: &chars, i: 0, out: Vec::new(), space: true, nesting: self.nesting + 1, strip_units: self.strip_units, depth: self.depth };
         sub.run();
         self.out.append(&mut sub.out);
         self.space = true;
