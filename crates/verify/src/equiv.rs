@@ -212,9 +212,8 @@ impl Checker<'_> {
             (Node::Ratio(x), Node::Ratio(y)) | (Node::Union(x), Node::Union(y)) => {
                 return x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q));
             }
-            (Node::Matrix(_) | Node::Ratio(_) | Node::Union(_), _) | (_, Node::Matrix(_) | Node::Ratio(_) | Node::Union(_)) => {
-                return false;
-            }
+            (Node::Ratio(_) | Node::Union(_), _) | (_, Node::Ratio(_) | Node::Union(_)) => return false,
+            _ if has_matrix(a) || has_matrix(b) => return self.matrix_value_eq(a, b),
             _ => {}
         }
         if let (Some(x), Some(y)) = (inf_sign(a), inf_sign(b)) {
@@ -299,6 +298,87 @@ impl Checker<'_> {
         if agreeing >= 2 { true } else { a == b }
     }
 
+    /// Compares matrix-valued expressions (`A + B`, `A B`, `2A`) cell by cell at sample points.
+    fn matrix_value_eq(&self, a: &Node, b: &Node) -> bool {
+        for k in 0..self.opts.eval_points.min(3) {
+            let seed = self.opts.seed.wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
+            let (Some(x), Some(y)) = (self.mat_eval(a, seed, 0), self.mat_eval(b, seed, 0)) else {
+                return false;
+            };
+            if x.rows != y.rows || x.cols != y.cols || !x.cells.iter().zip(&y.cells).all(|(p, q)| p.close(*q, EXPR_TOL)) {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn mat_eval(&self, n: &Node, seed: u64, depth: u32) -> Option<Mat> {
+        if depth > self.opts.max_depth {
+            return None;
+        }
+        let budget = self.opts.eval_budget;
+        match n {
+            Node::Matrix(rows) => {
+                let cols = rows.first()?.len();
+                let mut cells = Vec::with_capacity(rows.len() * cols);
+                for r in rows {
+                    if r.len() != cols {
+                        return None;
+                    }
+                    for c in r {
+                        cells.push(expr::eval(c, seed, budget).filter(|v| v.is_finite())?);
+                    }
+                }
+                Some(Mat { rows: rows.len(), cols, cells })
+            }
+            Node::Neg(x) => self.mat_eval(x, seed, depth + 1).map(|m| m.map(Complex::neg)),
+            Node::Add(terms) => {
+                let mut acc: Option<Mat> = None;
+                for (sign, t) in terms {
+                    let m = self.mat_eval(t, seed, depth + 1)?;
+                    let m = match sign {
+                        Sign::Plus => m,
+                        Sign::Minus => m.map(Complex::neg),
+                        _ => return None,
+                    };
+                    acc = Some(match acc {
+                        None => m,
+                        Some(a) if a.rows == m.rows && a.cols == m.cols => {
+                            let cells = a.cells.iter().zip(&m.cells).map(|(p, q)| p.add(*q)).collect();
+                            Mat { cells, ..a }
+                        }
+                        Some(_) => return None,
+                    });
+                }
+                acc
+            }
+            Node::Mul(factors) => {
+                let mut acc: Option<Mat> = None;
+                let mut scale = Complex::real(1.0);
+                for (div, f) in factors {
+                    if has_matrix(f) {
+                        if *div {
+                            return None;
+                        }
+                        let m = self.mat_eval(f, seed, depth + 1)?;
+                        acc = Some(match acc {
+                            None => m,
+                            Some(a) => a.matmul(&m)?,
+                        });
+                    } else {
+                        let v = expr::eval(f, seed, budget)?;
+                        scale = if *div { scale.div(v) } else { scale.mul(v) };
+                    }
+                }
+                acc.map(|m| m.map(|c| c.mul(scale)))
+            }
+            other => {
+                let v = expr::eval(other, seed, budget)?;
+                Some(Mat { rows: 1, cols: 1, cells: vec![v] })
+            }
+        }
+    }
+
     fn rel_eq(&self, pa: &[Node], oa: &[RelOp], pb: &[Node], ob: &[RelOp]) -> bool {
         if let (Some(x), Some(y)) = (rel_value(pa, oa), rel_value(pb, ob)) {
             return self.eq(x, y);
@@ -353,6 +433,42 @@ impl Checker<'_> {
         }
         agreeing >= 2
     }
+}
+
+/// A numeric matrix, row-major.
+struct Mat {
+    rows: usize,
+    cols: usize,
+    cells: Vec<Complex>,
+}
+
+impl Mat {
+    fn map(self, f: impl Fn(Complex) -> Complex) -> Self {
+        Self { cells: self.cells.into_iter().map(f).collect(), ..self }
+    }
+
+    fn matmul(&self, o: &Self) -> Option<Self> {
+        if self.cols != o.rows || self.rows * o.cols > 4096 {
+            return None;
+        }
+        let mut cells = Vec::with_capacity(self.rows * o.cols);
+        for i in 0..self.rows {
+            for j in 0..o.cols {
+                let mut acc = Complex::real(0.0);
+                for k in 0..self.cols {
+                    acc = acc.add(self.cells[i * self.cols + k].mul(o.cells[k * o.cols + j]));
+                }
+                cells.push(acc);
+            }
+        }
+        Some(Self { rows: self.rows, cols: o.cols, cells })
+    }
+}
+
+fn has_matrix(n: &Node) -> bool {
+    let mut found = false;
+    expr::visit(n, &mut |x| found |= matches!(x, Node::Matrix(_)));
+    found
 }
 
 /// Significant digits of a plain decimal literal (0 for anything else).

@@ -196,6 +196,10 @@ fn tuples_intervals_sets_matrices() {
     assert!(eqv("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"));
     assert!(!eqv("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 \\\\ 3 & 5 \\end{pmatrix}"));
     assert!(eqv("\\left( \\frac{1}{2}, 3 \\right)", "(0.5, 3)"));
+    let id = "\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}";
+    assert!(eqv(&format!("{id} {id}"), id));
+    assert!(eqv(&format!("2{id}"), "\\begin{pmatrix}2 & 0 \\\\ 0 & 2\\end{pmatrix}"));
+    assert!(!eqv(&format!("{id} + {id}"), id));
 }
 
 #[test]
