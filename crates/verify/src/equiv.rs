@@ -10,7 +10,7 @@
 
 use crate::expr::{self, Konst, Node, ParseOptions, Sign};
 use crate::normalize::{self, RelOp, Tok};
-use crate::number::Complex;
+use crate::number::{Complex, Rational};
 use crate::{PercentPolicy, VerifyOptions};
 
 /// Numerical noise allowed between two constant expressions (relative).
@@ -209,7 +209,22 @@ impl Checker<'_> {
                 return ra.len() == rb.len()
                     && ra.iter().zip(rb).all(|(x, y)| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q)));
             }
-            (Node::Ratio(x), Node::Ratio(y)) | (Node::Union(x), Node::Union(y)) => {
+            (Node::Ratio(x), Node::Ratio(y)) => {
+                if x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q)) {
+                    return true;
+                }
+                // `2:4` is the ratio `1:2` (exact, nonzero parts only; `12:00` stays a time).
+                return match (x.as_slice(), y.as_slice()) {
+                    ([a, b], [c, d]) => match (expr::exact(a), expr::exact(b), expr::exact(c), expr::exact(d)) {
+                        (Some(a), Some(b), Some(c), Some(d)) if [a, b, c, d].iter().all(|v| *v != Rational::ZERO) => {
+                            a.mul(d).is_some_and(|l| b.mul(c) == Some(l))
+                        }
+                        _ => false,
+                    },
+                    _ => false,
+                };
+            }
+            (Node::Union(x), Node::Union(y)) => {
                 return x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q));
             }
             (Node::Ratio(_) | Node::Union(_), _) | (_, Node::Ratio(_) | Node::Union(_)) => return false,

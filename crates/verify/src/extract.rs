@@ -266,6 +266,13 @@ fn in_math(s: &str, pos: usize) -> bool {
     s[..pos].bytes().filter(|&b| b == b'$').count() % 2 == 1
 }
 
+/// Whether a `$` followed by `rest` opens math: a closing `$` follows on the same line with no
+/// sentence break in between (`$72. She ... $5` is currency).
+fn opens_math(rest: &str) -> bool {
+    let line = rest.split('\n').next().unwrap_or("");
+    line.find('$').is_some_and(|p| !line[..p].contains(". "))
+}
+
 /// The first sentence of `s`: up to a newline or a `.` followed by whitespace, outside math.
 fn sentence(s: &str) -> &str {
     let b = s.as_bytes();
@@ -287,7 +294,8 @@ fn sentence(s: &str) -> &str {
                 seen = true;
                 continue;
             }
-            b'$' => dollars = !dollars,
+            // A `$` opens math only when another `$` closes it on the same line (else currency).
+            b'$' if dollars || opens_math(&s[i + 1..]) => dollars = !dollars,
             b'{' => depth += 1,
             b'}' => depth -= 1,
             b'\n' if seen && !dollars && depth <= 0 && paren_math <= 0 => return &s[..i],
@@ -412,14 +420,20 @@ pub(crate) fn gold_answer(gold: &str) -> String {
     g.trim().to_string()
 }
 
-/// A multiple-choice letter written alone: `B`, `(B)`, `B)`, `B.`, `\text{(B)}`, `**B**`.
-pub(crate) fn choice_letter(s: &str, max: char) -> Option<char> {
+fn clean_choice(s: &str) -> String {
     let mut t = s.trim().to_string();
-    for pat in ["\\textbf", "\\text", "\\mathrm", "\\mathbf", "\\boxed", "$", "**", "\\(", "\\)", "{", "}", " "] {
+    for pat in ["\\textbf", "\\text", "\\mathrm", "\\mathbf", "\\boxed", "\\(", "\\)", "\\ ", "$", "**", "{", "}"] {
         t = t.replace(pat, "");
     }
-    let t = t.trim_end_matches(['.', ':']);
-    let t = t.strip_prefix("option").or_else(|| t.strip_prefix("Option")).unwrap_or(t);
+    let t = t.trim();
+    let t = ["option", "Option", "choice", "Choice"].iter().find_map(|p| t.strip_prefix(p)).unwrap_or(t);
+    t.trim().to_string()
+}
+
+/// A multiple-choice letter written alone: `B`, `(B)`, `B)`, `B.`, `\text{(B)}`, `**B**`.
+pub(crate) fn choice_letter(s: &str, max: char) -> Option<char> {
+    let t = clean_choice(s);
+    let t = t.trim_end_matches(['.', ':']).trim();
     let inner = t
         .strip_prefix('(')
         .and_then(|x| x.strip_suffix(')'))
@@ -432,22 +446,23 @@ pub(crate) fn choice_letter(s: &str, max: char) -> Option<char> {
     }
 }
 
+/// A letter leading an answer: `(B) 42`, `B) 42`, `B. 42`, `C, because`.
+fn leading_choice(s: &str, max: char) -> Option<char> {
+    let t = clean_choice(s);
+    let paren = t.starts_with('(');
+    let t = t.trim_start_matches('(');
+    let mut it = t.chars();
+    let c = it.next()?;
+    let d = it.next()?;
+    (c.is_ascii_uppercase() && c <= max && (matches!(d, ')' | '.' | ':' | ',') || (paren && d == ')'))).then_some(c)
+}
+
 /// The chosen letter of a multiple-choice response and the text it came from.
 pub(crate) fn extract_choice(response: &str, max: char) -> Option<(char, String)> {
-    if let Some(a) = extract_answer(response) {
-        if let Some(c) = choice_letter(&a, max) {
-            return Some((c, a));
-        }
-        // `(B) 42`, `B) 42`, `B. 42`: a letter leading the answer.
-        let t = a.trim().trim_start_matches(['(', '*', '$']);
-        let mut it = t.chars();
-        if let (Some(c), Some(d)) = (it.next(), it.next())
-            && c.is_ascii_uppercase()
-            && c <= max
-            && matches!(d, ')' | '.' | ':')
-        {
-            return Some((c, a));
-        }
+    if let Some(a) = extract_answer(response)
+        && let Some(c) = choice_letter(&a, max).or_else(|| leading_choice(&a, max))
+    {
+        return Some((c, a));
     }
     // Last `(X)` in the response.
     let text = fix_doubled_backslashes(response);
@@ -480,6 +495,7 @@ mod tests {
     fn markers() {
         assert_eq!(ex("blah\n#### 72"), Some("72".into()));
         assert_eq!(ex("The answer is 12."), Some("12".into()));
+        assert_eq!(ex("The answer is $72. That is what she earns, and $5 more."), Some("$72".into()));
         assert_eq!(ex("Answer: B"), Some("B".into()));
         assert_eq!(ex("Final Answer: The largest $n$ is 34."), Some("34".into()));
         assert_eq!(ex("Final Answer: Jane started growing Sphere 3 hours ago."), Some("3".into()));
@@ -512,6 +528,9 @@ mod tests {
         assert_eq!(extract_choice("I pick (B) because it is right.", 'J').map(|c| c.0), Some('B'));
         assert_eq!(extract_choice("Answer: C) 42", 'J').map(|c| c.0), Some('C'));
         assert_eq!(extract_choice("The answer is **D**.", 'J').map(|c| c.0), Some('D'));
+        assert_eq!(extract_choice("The answer is $\\boxed{\\textbf{(A)}\\ 12}$", 'J').map(|c| c.0), Some('A'));
+        assert_eq!(extract_choice("I think the answer is C, because it fits.", 'J').map(|c| c.0), Some('C'));
+        assert_eq!(extract_choice("The correct answer is option E.", 'J').map(|c| c.0), Some('E'));
     }
 
     #[test]

@@ -329,6 +329,17 @@ fn greek(c: char) -> Option<&'static str> {
     })
 }
 
+/// `int.fixed(repeat)` as an exact fraction `(num, den)` of decimal strings.
+fn repeating_fraction(int: &str, fixed: &str, repeat: &str) -> Option<(String, String)> {
+    if int.len() + fixed.len() + repeat.len() > 30 {
+        return None;
+    }
+    let all: i128 = format!("{int}{fixed}{repeat}").parse().ok()?;
+    let head: i128 = format!("{int}{fixed}").parse().ok()?;
+    let den = 10i128.checked_pow(repeat.len() as u32)?.checked_sub(1)?.checked_mul(10i128.checked_pow(fixed.len() as u32)?)?;
+    Some(((all - head).to_string(), den.to_string()))
+}
+
 struct Lexer<'a> {
     c: &'a [char],
     i: usize,
@@ -429,6 +440,26 @@ impl Lexer<'_> {
         }
     }
 
+    /// A repeating block `\overline{142857}` or `\dot{3}` at `j`: (digits, end index).
+    fn repeating_at(&self, j: usize) -> Option<(String, usize)> {
+        let rest: String = self.c[j.min(self.c.len())..(j + 12).min(self.c.len())].iter().collect();
+        let cmd = ["\\overline", "\\dot", "\\bar"].into_iter().find(|c| rest.starts_with(c))?;
+        let mut k = j + cmd.len();
+        while self.c.get(k) == Some(&' ') {
+            k += 1;
+        }
+        if self.c.get(k) != Some(&'{') {
+            return None;
+        }
+        k += 1;
+        let mut digits = String::new();
+        while let Some(c) = self.c.get(k).filter(|c| c.is_ascii_digit()) {
+            digits.push(*c);
+            k += 1;
+        }
+        (self.c.get(k) == Some(&'}') && !digits.is_empty()).then_some((digits, k + 1))
+    }
+
     /// Length of a thousands separator at `j`, if one is there.
     fn separator_at(&self, j: usize) -> Option<(usize, bool, bool)> {
         // Returns (length, has_comma, has_plain_space_after_comma_without_bang).
@@ -508,12 +539,29 @@ impl Lexer<'_> {
                 self.i = j + 3;
             }
         }
-        if self.peek(0) == Some('.') && self.peek(1).is_some_and(|c| c.is_ascii_digit()) {
-            s.push('.');
-            self.i += 1;
-            while let Some(c) = self.peek(0).filter(char::is_ascii_digit) {
-                s.push(c);
-                self.i += 1;
+        if self.peek(0) == Some('.') {
+            let mut j = self.i + 1;
+            let mut frac = String::new();
+            while let Some(c) = self.c.get(j).filter(|c| c.is_ascii_digit()) {
+                frac.push(*c);
+                j += 1;
+            }
+            if let Some((rep, end)) = self.repeating_at(j)
+                && let Some((num, den)) = repeating_fraction(&s, &frac, &rep)
+            {
+                // `0.1\overline{6}` is the exact fraction 1/6.
+                self.i = end;
+                self.push(Tok::Open('('));
+                self.push(Tok::Num(num));
+                self.push(Tok::Divide);
+                self.push(Tok::Num(den));
+                self.push(Tok::Close(')'));
+                return;
+            }
+            if !frac.is_empty() {
+                s.push('.');
+                s.push_str(&frac);
+                self.i = j;
             }
         }
         // Scientific notation `1e-6`, `2.5E+3` (not `2e` alone, which is 2 times e).
@@ -866,6 +914,14 @@ mod tests {
         assert_eq!(toks("32, 349"), [num("32"), Tok::Comma, num("349")]);
         assert_eq!(toks("0,111"), [num("0"), Tok::Comma, num("111")]);
         assert_eq!(toks("1000,99"), [num("1000"), Tok::Comma, num("99")]);
+    }
+
+    #[test]
+    fn repeating_decimals() {
+        let frac = |n: &str, d: &str| vec![Tok::Open('('), num(n), Tok::Divide, num(d), Tok::Close(')')];
+        assert_eq!(toks("0.\\overline{3}"), frac("3", "9"));
+        assert_eq!(toks("0.1\\overline{6}"), frac("15", "90"));
+        assert_eq!(toks("1.\\dot{3}"), frac("12", "9"));
     }
 
     #[test]

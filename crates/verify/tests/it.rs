@@ -85,6 +85,10 @@ fn numbers_fractions_and_decimals() {
     assert!(!eqv("3.14", "\\pi"));
     assert!(eqv("1000", "1000.0"));
     assert!(!eqv("12", "13"));
+    assert!(eqv("0.\\overline{3}", "\\frac{1}{3}"));
+    assert!(eqv("0.1\\overline{6}", "1/6"));
+    assert!(eqv("2:4", "1:2"));
+    assert!(!eqv("12:00", "1:00"));
 }
 
 #[test]
