@@ -38,10 +38,10 @@ pub fn equivalent(a: &str, b: &str, opts: &VerifyOptions) -> bool {
         return true;
     }
     let has_word = |t: &[normalize::Token]| t.iter().any(|x| matches!(x.tok, Tok::Word(_)));
-    if has_word(&ta) || has_word(&tb) {
-        if let (Some(x), Some(y)) = (as_text(&ta), as_text(&tb)) {
-            return x == y;
-        }
+    if (has_word(&ta) || has_word(&tb))
+        && let (Some(x), Some(y)) = (as_text(&ta), as_text(&tb))
+    {
+        return x == y;
     }
     let popts = ParseOptions {
         e_is_euler: opts.e_is_euler,
@@ -108,7 +108,13 @@ fn decimal_comma(raw: &str) -> Option<String> {
 fn is_scalar(n: &Node) -> bool {
     !matches!(
         n,
-        Node::Seq { .. } | Node::Set(_) | Node::Bare(_) | Node::Union(_) | Node::Matrix(_) | Node::Rel { .. } | Node::Ratio(_)
+        Node::Seq { .. }
+            | Node::Set(_)
+            | Node::Bare(_)
+            | Node::Union(_)
+            | Node::Matrix(_)
+            | Node::Rel { .. }
+            | Node::Ratio(_)
     )
 }
 
@@ -161,7 +167,9 @@ impl Checker<'_> {
     /// Whether two parsed answers are equivalent.
     pub(crate) fn eq(&self, a: &Node, b: &Node) -> bool {
         match (a, b) {
-            (Node::Rel { parts: pa, ops: oa }, Node::Rel { parts: pb, ops: ob }) => return self.rel_eq(pa, oa, pb, ob),
+            (Node::Rel { parts: pa, ops: oa }, Node::Rel { parts: pb, ops: ob }) => {
+                return self.rel_eq(pa, oa, pb, ob);
+            }
             (Node::Rel { parts, ops }, other) | (other, Node::Rel { parts, ops }) => {
                 if let Some(v) = rel_value(parts, ops) {
                     return self.eq(v, other);
@@ -170,16 +178,37 @@ impl Checker<'_> {
             }
             _ => {}
         }
+        // `x < -2 or x > 3` is the union of two intervals.
+        if matches!(a, Node::Union(_))
+            && let Some(u) = as_union(b)
+        {
+            return self.eq(a, &u);
+        }
+        if matches!(b, Node::Union(_))
+            && let Some(u) = as_union(a)
+        {
+            return self.eq(&u, b);
+        }
         // `\pm` outside a collection stands for a two-element set.
         if is_scalar(a) && expr::has_pm(a) || is_scalar(b) && expr::has_pm(b) {
-            let wrap = |n: &Node| if is_scalar(n) && expr::has_pm(n) { Node::Set(vec![n.clone()]) } else { n.clone() };
+            let wrap = |n: &Node| {
+                if is_scalar(n) && expr::has_pm(n) {
+                    Node::Set(vec![n.clone()])
+                } else {
+                    n.clone()
+                }
+            };
             return self.eq(&wrap(a), &wrap(b));
         }
         match (collection(a), collection(b)) {
             (Some(x), Some(y)) => self.collections_eq(x, y),
             (Some((kind, items)), None) | (None, Some((kind, items))) => {
                 let other = if collection(a).is_some() { b } else { a };
-                let items = if kind == Kind::Bracketed('(', ')') { Vec::new() } else { expand(items) };
+                let items = if kind == Kind::Bracketed('(', ')') {
+                    Vec::new()
+                } else {
+                    expand(items)
+                };
                 items.len() == 1 && self.eq(&items[0], other)
             }
             (None, None) => self.scalar_eq(a, b),
@@ -190,10 +219,16 @@ impl Checker<'_> {
         if xa.len() > MAX_ITEMS || xb.len() > MAX_ITEMS {
             return false;
         }
-        let ordered = |x: &[Node], y: &[Node]| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q));
+        let ordered = |x: &[Node], y: &[Node]| {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q))
+        };
         match (ka, kb) {
-            (Kind::Bracketed(o1, c1), Kind::Bracketed(o2, c2)) => o1 == o2 && c1 == c2 && ordered(xa, xb),
-            (Kind::Bracketed(..), Kind::Bare) | (Kind::Bare, Kind::Bracketed(..)) => ordered(xa, xb),
+            (Kind::Bracketed(o1, c1), Kind::Bracketed(o2, c2)) => {
+                o1 == o2 && c1 == c2 && ordered(xa, xb)
+            }
+            (Kind::Bracketed(..), Kind::Bare) | (Kind::Bare, Kind::Bracketed(..)) => {
+                ordered(xa, xb)
+            }
             _ => self.unordered_eq(&expand(xa), &expand(xb)),
         }
     }
@@ -207,7 +242,9 @@ impl Checker<'_> {
         match (a, b) {
             (Node::Matrix(ra), Node::Matrix(rb)) => {
                 return ra.len() == rb.len()
-                    && ra.iter().zip(rb).all(|(x, y)| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q)));
+                    && ra.iter().zip(rb).all(|(x, y)| {
+                        x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q))
+                    });
             }
             (Node::Ratio(x), Node::Ratio(y)) => {
                 if x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q)) {
@@ -215,8 +252,15 @@ impl Checker<'_> {
                 }
                 // `2:4` is the ratio `1:2` (exact, nonzero parts only; `12:00` stays a time).
                 return match (x.as_slice(), y.as_slice()) {
-                    ([a, b], [c, d]) => match (expr::exact(a), expr::exact(b), expr::exact(c), expr::exact(d)) {
-                        (Some(a), Some(b), Some(c), Some(d)) if [a, b, c, d].iter().all(|v| *v != Rational::ZERO) => {
+                    ([a, b], [c, d]) => match (
+                        expr::exact(a),
+                        expr::exact(b),
+                        expr::exact(c),
+                        expr::exact(d),
+                    ) {
+                        (Some(a), Some(b), Some(c), Some(d))
+                            if [a, b, c, d].iter().all(|v| *v != Rational::ZERO) =>
+                        {
                             a.mul(d).is_some_and(|l| b.mul(c) == Some(l))
                         }
                         _ => false,
@@ -227,7 +271,9 @@ impl Checker<'_> {
             (Node::Union(x), Node::Union(y)) => {
                 return x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q));
             }
-            (Node::Ratio(_) | Node::Union(_), _) | (_, Node::Ratio(_) | Node::Union(_)) => return false,
+            (Node::Ratio(_) | Node::Union(_), _) | (_, Node::Ratio(_) | Node::Union(_)) => {
+                return false;
+            }
             _ if has_matrix(a) || has_matrix(b) => return self.matrix_value_eq(a, b),
             _ => {}
         }
@@ -269,7 +315,8 @@ impl Checker<'_> {
 
     /// Tolerance for two constants: numerical noise or the policy tolerance.
     fn constant_tol(&self, a: &Node, b: &Node) -> f64 {
-        self.policy_tol(a, b).map_or(CONSTANT_TOL, |t| t.max(CONSTANT_TOL))
+        self.policy_tol(a, b)
+            .map_or(CONSTANT_TOL, |t| t.max(CONSTANT_TOL))
     }
 
     fn value_eq(&self, a: &Node, b: &Node) -> bool {
@@ -277,9 +324,9 @@ impl Checker<'_> {
             if x == y {
                 return true;
             }
-            return self
-                .policy_tol(a, b)
-                .is_some_and(|tol| Complex::real(x.to_f64()).close(Complex::real(y.to_f64()), tol));
+            return self.policy_tol(a, b).is_some_and(|tol| {
+                Complex::real(x.to_f64()).close(Complex::real(y.to_f64()), tol)
+            });
         }
         let mut vars = expr::free_vars(a);
         for v in expr::free_vars(b) {
@@ -289,14 +336,22 @@ impl Checker<'_> {
         }
         let budget = self.opts.eval_budget;
         if vars.is_empty() {
-            return match (expr::eval(a, self.opts.seed, budget), expr::eval(b, self.opts.seed, budget)) {
-                (Some(x), Some(y)) if x.is_finite() && y.is_finite() => x.close(y, self.constant_tol(a, b)),
+            return match (
+                expr::eval(a, self.opts.seed, budget),
+                expr::eval(b, self.opts.seed, budget),
+            ) {
+                (Some(x), Some(y)) if x.is_finite() && y.is_finite() => {
+                    x.close(y, self.constant_tol(a, b))
+                }
                 _ => a == b,
             };
         }
         let mut agreeing = 0;
         for k in 0..self.opts.eval_points {
-            let seed = self.opts.seed.wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
+            let seed = self
+                .opts
+                .seed
+                .wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
             let x = expr::eval(a, seed, budget).filter(|v| v.is_finite());
             let y = expr::eval(b, seed, budget).filter(|v| v.is_finite());
             match (x, y) {
@@ -316,11 +371,21 @@ impl Checker<'_> {
     /// Compares matrix-valued expressions (`A + B`, `A B`, `2A`) cell by cell at sample points.
     fn matrix_value_eq(&self, a: &Node, b: &Node) -> bool {
         for k in 0..self.opts.eval_points.min(3) {
-            let seed = self.opts.seed.wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
+            let seed = self
+                .opts
+                .seed
+                .wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
             let (Some(x), Some(y)) = (self.mat_eval(a, seed, 0), self.mat_eval(b, seed, 0)) else {
                 return false;
             };
-            if x.rows != y.rows || x.cols != y.cols || !x.cells.iter().zip(&y.cells).all(|(p, q)| p.close(*q, EXPR_TOL)) {
+            if x.rows != y.rows
+                || x.cols != y.cols
+                || !x
+                    .cells
+                    .iter()
+                    .zip(&y.cells)
+                    .all(|(p, q)| p.close(*q, EXPR_TOL))
+            {
                 return false;
             }
         }
@@ -344,9 +409,15 @@ impl Checker<'_> {
                         cells.push(expr::eval(c, seed, budget).filter(|v| v.is_finite())?);
                     }
                 }
-                Some(Mat { rows: rows.len(), cols, cells })
+                Some(Mat {
+                    rows: rows.len(),
+                    cols,
+                    cells,
+                })
             }
-            Node::Neg(x) => self.mat_eval(x, seed, depth + 1).map(|m| m.map(Complex::neg)),
+            Node::Neg(x) => self
+                .mat_eval(x, seed, depth + 1)
+                .map(|m| m.map(Complex::neg)),
             Node::Add(terms) => {
                 let mut acc: Option<Mat> = None;
                 for (sign, t) in terms {
@@ -359,7 +430,12 @@ impl Checker<'_> {
                     acc = Some(match acc {
                         None => m,
                         Some(a) if a.rows == m.rows && a.cols == m.cols => {
-                            let cells = a.cells.iter().zip(&m.cells).map(|(p, q)| p.add(*q)).collect();
+                            let cells = a
+                                .cells
+                                .iter()
+                                .zip(&m.cells)
+                                .map(|(p, q)| p.add(*q))
+                                .collect();
                             Mat { cells, ..a }
                         }
                         Some(_) => return None,
@@ -389,7 +465,11 @@ impl Checker<'_> {
             }
             other => {
                 let v = expr::eval(other, seed, budget)?;
-                Some(Mat { rows: 1, cols: 1, cells: vec![v] })
+                Some(Mat {
+                    rows: 1,
+                    cols: 1,
+                    cells: vec![v],
+                })
             }
         }
     }
@@ -416,8 +496,12 @@ impl Checker<'_> {
         let mut ratio: Option<Complex> = None;
         let mut agreeing = 0;
         for k in 0..self.opts.eval_points {
-            let seed = self.opts.seed.wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
-            let (Some(x), Some(y)) = (expr::eval(f, seed, budget), expr::eval(g, seed, budget)) else {
+            let seed = self
+                .opts
+                .seed
+                .wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
+            let (Some(x), Some(y)) = (expr::eval(f, seed, budget), expr::eval(g, seed, budget))
+            else {
                 continue;
             };
             if !x.is_finite() || !y.is_finite() {
@@ -459,7 +543,10 @@ struct Mat {
 
 impl Mat {
     fn map(self, f: impl Fn(Complex) -> Complex) -> Self {
-        Self { cells: self.cells.into_iter().map(f).collect(), ..self }
+        Self {
+            cells: self.cells.into_iter().map(f).collect(),
+            ..self
+        }
     }
 
     fn matmul(&self, o: &Self) -> Option<Self> {
@@ -476,7 +563,11 @@ impl Mat {
                 cells.push(acc);
             }
         }
-        Some(Self { rows: self.rows, cols: o.cols, cells })
+        Some(Self {
+            rows: self.rows,
+            cols: o.cols,
+            cells,
+        })
     }
 }
 
@@ -498,18 +589,38 @@ fn decimal_digits(n: &Node) -> u32 {
 /// The value a relation states when its left side is a label (`x = 3`, `f(x) = 1`,
 /// `x = 5+5+1 = 11`, `x \approx 11`, `x \in [0, 1)`); `None` for a proper equation or inequality.
 fn rel_value<'n>(parts: &'n [Node], ops: &[RelOp]) -> Option<&'n Node> {
-    if ops.iter().any(|o| matches!(o, RelOp::Lt | RelOp::Le | RelOp::Gt | RelOp::Ge | RelOp::Ne)) {
+    if ops
+        .iter()
+        .any(|o| matches!(o, RelOp::Lt | RelOp::Le | RelOp::Gt | RelOp::Ge | RelOp::Ne))
+    {
         return None;
     }
     if let Some(k) = ops.iter().position(|o| *o == RelOp::Approx) {
         // The exact value before `\approx` wins over the approximation after it.
-        return if expr::is_label(&parts[k]) { parts.get(k + 1) } else { Some(&parts[k]) };
+        return if expr::is_label(&parts[k]) {
+            parts.get(k + 1)
+        } else {
+            Some(&parts[k])
+        };
     }
     let constant = parts.iter().all(|p| expr::free_vars(p).is_empty());
     if expr::is_label(&parts[0]) || parts.len() >= 3 || constant || ops.contains(&RelOp::Implies) {
         return parts.last();
     }
     None
+}
+
+/// A bare list of inequalities (`x < -2 or x > 3`) as a union of intervals.
+fn as_union(n: &Node) -> Option<Node> {
+    let Node::Bare(items) = n else { return None };
+    let parts = items
+        .iter()
+        .map(|it| match it {
+            Node::Rel { parts, ops } => interval_of(parts, ops),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Node::Union(parts))
 }
 
 /// `lhs - rhs` with the relation normalised to `=`, `<`, `<=` or `!=`.
@@ -528,14 +639,21 @@ fn equation_form(parts: &[Node], ops: &[RelOp]) -> Option<(RelOp, Node)> {
     if !is_scalar(l) || !is_scalar(r) {
         return None;
     }
-    Some((op, Node::Add(vec![(Sign::Plus, l.clone()), (Sign::Minus, r.clone())])))
+    Some((
+        op,
+        Node::Add(vec![(Sign::Plus, l.clone()), (Sign::Minus, r.clone())]),
+    ))
 }
 
 /// The interval an inequality or membership describes: `a < x <= b`, `x >= 5`, `x \in [0, 1)`.
 fn interval_of(parts: &[Node], ops: &[RelOp]) -> Option<Node> {
     let inf = Node::Const(Konst::Inf);
     let neg_inf = Node::Neg(Box::new(inf.clone()));
-    let seq = |open: char, lo: &Node, hi: &Node, close: char| Node::Seq { open, close, items: vec![lo.clone(), hi.clone()] };
+    let seq = |open: char, lo: &Node, hi: &Node, close: char| Node::Seq {
+        open,
+        close,
+        items: vec![lo.clone(), hi.clone()],
+    };
     let closed = |o: RelOp| matches!(o, RelOp::Le | RelOp::Ge);
     match (parts, ops) {
         ([x, set], [RelOp::In]) if expr::is_label(x) => Some(set.clone()),
@@ -560,8 +678,15 @@ fn interval_of(parts: &[Node], ops: &[RelOp]) -> Option<Node> {
                 }
             };
             match op {
-                RelOp::Lt | RelOp::Le => Some(seq('(', &neg_inf, bound, if closed(op) { ']' } else { ')' })),
-                RelOp::Gt | RelOp::Ge => Some(seq(if closed(op) { '[' } else { '(' }, bound, &inf, ')')),
+                RelOp::Lt | RelOp::Le => Some(seq(
+                    '(',
+                    &neg_inf,
+                    bound,
+                    if closed(op) { ']' } else { ')' },
+                )),
+                RelOp::Gt | RelOp::Ge => {
+                    Some(seq(if closed(op) { '[' } else { '(' }, bound, &inf, ')'))
+                }
                 _ => None,
             }
         }
@@ -569,9 +694,19 @@ fn interval_of(parts: &[Node], ops: &[RelOp]) -> Option<Node> {
             let lower = |o: RelOp| matches!(o, RelOp::Lt | RelOp::Le);
             let upper = |o: RelOp| matches!(o, RelOp::Gt | RelOp::Ge);
             if lower(*o1) && lower(*o2) {
-                Some(seq(if closed(*o1) { '[' } else { '(' }, a, b, if closed(*o2) { ']' } else { ')' }))
+                Some(seq(
+                    if closed(*o1) { '[' } else { '(' },
+                    a,
+                    b,
+                    if closed(*o2) { ']' } else { ')' },
+                ))
             } else if upper(*o1) && upper(*o2) {
-                Some(seq(if closed(*o2) { '[' } else { '(' }, b, a, if closed(*o1) { ']' } else { ')' }))
+                Some(seq(
+                    if closed(*o2) { '[' } else { '(' },
+                    b,
+                    a,
+                    if closed(*o1) { ']' } else { ')' },
+                ))
             } else {
                 None
             }

@@ -46,43 +46,43 @@ pub enum Node {
     /// A variable or an opaque symbol.
     Var(String),
     /// A subscripted symbol `a_{n}`: a function of its index.
-    Indexed(String, Box<Node>),
+    Indexed(String, Box<Self>),
     /// A constant.
     Const(Konst),
     /// Negation.
-    Neg(Box<Node>),
+    Neg(Box<Self>),
     /// A sum of signed terms.
-    Add(Vec<(Sign, Node)>),
+    Add(Vec<(Sign, Self)>),
     /// A product; `true` marks a divisor.
-    Mul(Vec<(bool, Node)>),
+    Mul(Vec<(bool, Self)>),
     /// Power.
-    Pow(Box<Node>, Box<Node>),
+    Pow(Box<Self>, Box<Self>),
     /// A function application (`log` takes an optional second argument, the base).
-    Func(Fun, Vec<Node>),
+    Func(Fun, Vec<Self>),
     /// `\sqrt[n]{x}`: radicand and index.
-    Root(Box<Node>, Box<Node>),
+    Root(Box<Self>, Box<Self>),
     /// Factorial.
-    Fact(Box<Node>),
+    Fact(Box<Self>),
     /// A value followed by `%`.
-    Percent(Box<Node>),
+    Percent(Box<Self>),
     /// `|x|`
-    Abs(Box<Node>),
+    Abs(Box<Self>),
     /// `\lfloor x \rfloor`
-    Floor(Box<Node>),
+    Floor(Box<Self>),
     /// `\lceil x \rceil`
-    Ceil(Box<Node>),
+    Ceil(Box<Self>),
     /// `\binom{n}{k}`
-    Binom(Box<Node>, Box<Node>),
+    Binom(Box<Self>, Box<Self>),
     /// `\sum_{var=lo}^{hi} body` (or `\prod` when `prod`).
     BigOp {
         /// Bound variable.
         var: String,
         /// Lower bound.
-        lo: Box<Node>,
+        lo: Box<Self>,
         /// Upper bound.
-        hi: Box<Node>,
+        hi: Box<Self>,
         /// Summand.
-        body: Box<Node>,
+        body: Box<Self>,
         /// Product instead of sum.
         prod: bool,
     },
@@ -93,22 +93,22 @@ pub enum Node {
         /// Closing bracket.
         close: char,
         /// Items.
-        items: Vec<Node>,
+        items: Vec<Self>,
     },
     /// `\{a, b\}`
-    Set(Vec<Node>),
+    Set(Vec<Self>),
     /// An unbracketed list `a, b and c`.
-    Bare(Vec<Node>),
+    Bare(Vec<Self>),
     /// `A \cup B`
-    Union(Vec<Node>),
+    Union(Vec<Self>),
     /// `a:b`
-    Ratio(Vec<Node>),
+    Ratio(Vec<Self>),
     /// A matrix, row-major.
-    Matrix(Vec<Vec<Node>>),
+    Matrix(Vec<Vec<Self>>),
     /// A relation chain `parts[0] ops[0] parts[1] …`.
     Rel {
         /// The sides.
-        parts: Vec<Node>,
+        parts: Vec<Self>,
         /// The relations between consecutive sides.
         ops: Vec<RelOp>,
     },
@@ -146,7 +146,13 @@ pub fn parse(tokens: &[Token], opts: &ParseOptions) -> Option<Node> {
     if tokens.is_empty() {
         return None;
     }
-    let mut p = Parser { t: tokens, pos: 0, depth: 0, abs_depth: 0, opts: *opts };
+    let mut p = Parser {
+        t: tokens,
+        pos: 0,
+        depth: 0,
+        abs_depth: 0,
+        opts: *opts,
+    };
     let node = p.list().ok()?;
     (p.pos == tokens.len()).then_some(node)
 }
@@ -179,7 +185,11 @@ impl Parser<'_> {
 
     fn enter(&mut self) -> R<()> {
         self.depth += 1;
-        if self.depth > self.opts.max_depth { Err(()) } else { Ok(()) }
+        if self.depth > self.opts.max_depth {
+            Err(())
+        } else {
+            Ok(())
+        }
     }
 
     fn leave(&mut self) {
@@ -189,7 +199,9 @@ impl Parser<'_> {
     fn at_terminator(&self) -> bool {
         match self.peek() {
             None => true,
-            Some(Tok::Close(_) | Tok::RBrace | Tok::SetClose | Tok::EndMat | Tok::Amp | Tok::RowSep) => true,
+            Some(
+                Tok::Close(_) | Tok::RBrace | Tok::SetClose | Tok::EndMat | Tok::Amp | Tok::RowSep,
+            ) => true,
             Some(Tok::Floor(false) | Tok::Ceil(false)) => true,
             Some(Tok::Bar) => self.abs_depth > 0,
             _ => false,
@@ -221,7 +233,13 @@ impl Parser<'_> {
         let mut groups: Vec<Node> = groups
             .into_iter()
             .filter(|g| !g.is_empty())
-            .map(|mut g| if g.len() == 1 { g.pop().expect("one item") } else { Node::Bare(g) })
+            .map(|mut g| {
+                if g.len() == 1 {
+                    g.pop().expect("one item")
+                } else {
+                    Node::Bare(g)
+                }
+            })
             .collect();
         match groups.len() {
             0 => Err(()),
@@ -239,7 +257,9 @@ impl Parser<'_> {
         while let Some(Tok::Rel(op)) = self.peek() {
             let op = *op;
             self.bump();
-            if self.at_terminator() || matches!(self.peek(), Some(Tok::Comma | Tok::Sep | Tok::Semi)) {
+            if self.at_terminator()
+                || matches!(self.peek(), Some(Tok::Comma | Tok::Sep | Tok::Semi))
+            {
                 break;
             }
             ops.push(op);
@@ -257,7 +277,11 @@ impl Parser<'_> {
         while self.eat(&Tok::Colon) {
             items.push(self.union()?);
         }
-        Ok(if items.len() == 1 { items.pop().expect("one item") } else { Node::Ratio(items) })
+        Ok(if items.len() == 1 {
+            items.pop().expect("one item")
+        } else {
+            Node::Ratio(items)
+        })
     }
 
     fn union(&mut self) -> R<Node> {
@@ -265,7 +289,11 @@ impl Parser<'_> {
         while self.eat(&Tok::Cup) {
             items.push(self.add()?);
         }
-        Ok(if items.len() == 1 { items.pop().expect("one item") } else { Node::Union(items) })
+        Ok(if items.len() == 1 {
+            items.pop().expect("one item")
+        } else {
+            Node::Union(items)
+        })
     }
 
     fn add(&mut self) -> R<Node> {
@@ -345,7 +373,11 @@ impl Parser<'_> {
                 self.unary()
             }
             Some(Tok::Pm | Tok::Mp) => {
-                let sign = if self.peek() == Some(&Tok::Pm) { Sign::Pm } else { Sign::Mp };
+                let sign = if self.peek() == Some(&Tok::Pm) {
+                    Sign::Pm
+                } else {
+                    Sign::Mp
+                };
                 self.bump();
                 self.unary().map(|n| Node::Add(vec![(sign, n)]))
             }
@@ -412,14 +444,20 @@ impl Parser<'_> {
                     n = match n {
                         Node::Var(name) => Node::Indexed(name, boxed(sub)),
                         Node::Num(r, 0) => match (&sub, r.is_integer()) {
-                            (Node::Num(b, 0), true) => base_convert(r, *b).unwrap_or(Node::Num(r, 0)),
+                            (Node::Num(b, 0), true) => {
+                                base_convert(r, *b).unwrap_or(Node::Num(r, 0))
+                            }
                             _ => Node::Num(r, 0),
                         },
                         other => other,
                     };
                 }
                 // A word right after a value is a unit.
-                Some(Tok::Word(_)) if self.opts.strip_units && !matches!(n, Node::Var(_) | Node::Text(_)) => self.bump(),
+                Some(Tok::Word(_))
+                    if self.opts.strip_units && !matches!(n, Node::Var(_) | Node::Text(_)) =>
+                {
+                    self.bump()
+                }
                 _ => break,
             }
         }
@@ -447,7 +485,9 @@ impl Parser<'_> {
 
     fn mixed(&mut self, whole: Rational) -> R<Option<Rational>> {
         let proper = |a: Rational, b: Rational| {
-            (a > Rational::ZERO && a < b).then(|| whole.add(a.div(b)?)).flatten()
+            (a > Rational::ZERO && a < b)
+                .then(|| whole.add(a.div(b)?))
+                .flatten()
         };
         match self.peek() {
             Some(Tok::Vulgar(a, b)) => {
@@ -468,14 +508,21 @@ impl Parser<'_> {
                 self.pos = save;
                 Ok(None)
             }
-            Some(Tok::Num(a)) if self.t[self.pos].space && self.peek_at(1) == Some(&Tok::Divide) => {
+            Some(Tok::Num(a))
+                if self.t[self.pos].space && self.peek_at(1) == Some(&Tok::Divide) =>
+            {
                 let (Some(Tok::Num(b)), false) = (
                     self.peek_at(2),
-                    matches!(self.peek_at(3), Some(Tok::Caret | Tok::Num(_) | Tok::Ident(_) | Tok::Open(_))),
+                    matches!(
+                        self.peek_at(3),
+                        Some(Tok::Caret | Tok::Num(_) | Tok::Ident(_) | Tok::Open(_))
+                    ),
                 ) else {
                     return Ok(None);
                 };
-                let (Ok(a), Ok(b)) = (a.parse::<i128>(), b.parse::<i128>()) else { return Ok(None) };
+                let (Ok(a), Ok(b)) = (a.parse::<i128>(), b.parse::<i128>()) else {
+                    return Ok(None);
+                };
                 if let Some(v) = proper(Rational::int(a), Rational::int(b)) {
                     self.pos += 3;
                     return Ok(Some(v));
@@ -494,7 +541,9 @@ impl Parser<'_> {
     }
 
     fn primary_inner(&mut self) -> R<Node> {
-        let Some(tok) = self.peek().cloned() else { return Err(()) };
+        let Some(tok) = self.peek().cloned() else {
+            return Err(());
+        };
         self.bump();
         match tok {
             Tok::Num(s) => {
@@ -502,7 +551,11 @@ impl Parser<'_> {
                     Some((r, sig)) => Node::Num(r, sig),
                     None => {
                         let f: f64 = s.parse().map_err(|_| ())?;
-                        let sig = s.trim_start_matches(['0', '.']).chars().filter(char::is_ascii_digit).count();
+                        let sig = s
+                            .trim_start_matches(['0', '.'])
+                            .chars()
+                            .filter(char::is_ascii_digit)
+                            .count();
                         Node::Float(f, sig as u32)
                     }
                 };
@@ -515,7 +568,9 @@ impl Parser<'_> {
                 }
                 Ok(node)
             }
-            Tok::Vulgar(a, b) => Rational::new(i128::from(a), i128::from(b)).map(|r| Node::Num(r, 0)).ok_or(()),
+            Tok::Vulgar(a, b) => Rational::new(i128::from(a), i128::from(b))
+                .map(|r| Node::Num(r, 0))
+                .ok_or(()),
             Tok::Ident(name) => Ok(match name.as_str() {
                 "e" if self.opts.e_is_euler => Node::Const(Konst::E),
                 "i" if self.opts.i_is_imaginary => Node::Const(Konst::I),
@@ -537,7 +592,11 @@ impl Parser<'_> {
                     }
                     index = Some(n);
                 }
-                let x = if self.peek() == Some(&Tok::Open('(')) { self.postfix()? } else { self.arg()? };
+                let x = if self.peek() == Some(&Tok::Open('(')) {
+                    self.postfix()?
+                } else {
+                    self.arg()?
+                };
                 Ok(match index {
                     Some(n) => Node::Root(boxed(x), boxed(n)),
                     None => Node::Func(Fun::Sqrt, vec![x]),
@@ -568,7 +627,13 @@ impl Parser<'_> {
                 }
                 let hi = self.arg()?;
                 let body = self.mul()?;
-                Ok(Node::BigOp { var, lo: boxed(lo), hi: boxed(hi), body: boxed(body), prod })
+                Ok(Node::BigOp {
+                    var,
+                    lo: boxed(lo),
+                    hi: boxed(hi),
+                    body: boxed(body),
+                    prod,
+                })
             }
             Tok::Open(open) => self.sequence(open),
             Tok::LBrace => {
@@ -605,10 +670,18 @@ impl Parser<'_> {
             Tok::Floor(true) | Tok::Ceil(true) => {
                 let inner = self.add()?;
                 let floor = tok == Tok::Floor(true);
-                if !self.eat(&if floor { Tok::Floor(false) } else { Tok::Ceil(false) }) {
+                if !self.eat(&if floor {
+                    Tok::Floor(false)
+                } else {
+                    Tok::Ceil(false)
+                }) {
                     return Err(());
                 }
-                Ok(if floor { Node::Floor(boxed(inner)) } else { Node::Ceil(boxed(inner)) })
+                Ok(if floor {
+                    Node::Floor(boxed(inner))
+                } else {
+                    Node::Ceil(boxed(inner))
+                })
             }
             Tok::BeginMat => self.matrix(),
             Tok::Word(w) => Ok(Node::Var(w)),
@@ -654,7 +727,9 @@ impl Parser<'_> {
         };
         let node = Node::Func(f, args);
         Ok(match power {
-            Some(p) if !inverse || !matches!(f, Fun::Asin | Fun::Acos | Fun::Atan) => Node::Pow(boxed(node), boxed(p)),
+            Some(p) if !inverse || !matches!(f, Fun::Asin | Fun::Acos | Fun::Atan) => {
+                Node::Pow(boxed(node), boxed(p))
+            }
             _ => node,
         })
     }
@@ -676,7 +751,10 @@ impl Parser<'_> {
                 }
                 _ => {
                     items.push(self.rel()?);
-                    if !matches!(self.peek(), Some(Tok::Comma | Tok::Semi | Tok::Sep | Tok::Close(_))) {
+                    if !matches!(
+                        self.peek(),
+                        Some(Tok::Comma | Tok::Semi | Tok::Sep | Tok::Close(_))
+                    ) {
                         return Err(());
                     }
                 }
@@ -716,7 +794,9 @@ impl Parser<'_> {
 }
 
 fn base_convert(value: Rational, base: Rational) -> Option<Node> {
-    let b = u32::try_from(base.numer()).ok().filter(|b| (2..=36).contains(b) && base.is_integer())?;
+    let b = u32::try_from(base.numer())
+        .ok()
+        .filter(|b| (2..=36).contains(b) && base.is_integer())?;
     let digits = value.numer().to_string();
     let v = i128::from_str_radix(&digits, b).ok()?;
     Some(Node::Num(Rational::int(v), 0))
@@ -746,8 +826,15 @@ pub fn with_sign(n: &Node, plus: bool) -> Node {
         Node::Root(a, b) => Node::Root(boxed(with_sign(a, plus)), boxed(with_sign(b, plus))),
         Node::Percent(a) => Node::Percent(boxed(with_sign(a, plus))),
         Node::Abs(a) => Node::Abs(boxed(with_sign(a, plus))),
-        Node::Seq { open, close, items } => Node::Seq { open: *open, close: *close, items: map(items) },
-        Node::Rel { parts, ops } => Node::Rel { parts: map(parts), ops: ops.clone() },
+        Node::Seq { open, close, items } => Node::Seq {
+            open: *open,
+            close: *close,
+            items: map(items),
+        },
+        Node::Rel { parts, ops } => Node::Rel {
+            parts: map(parts),
+            ops: ops.clone(),
+        },
         other => other.clone(),
     }
 }
@@ -769,12 +856,18 @@ pub fn visit(n: &Node, f: &mut impl FnMut(&Node)) {
     while let Some(x) = stack.pop() {
         f(x);
         match x {
-            Node::Indexed(_, a) | Node::Neg(a) | Node::Fact(a) | Node::Percent(a) | Node::Abs(a) => stack.push(a),
+            Node::Indexed(_, a)
+            | Node::Neg(a)
+            | Node::Fact(a)
+            | Node::Percent(a)
+            | Node::Abs(a) => stack.push(a),
             Node::Floor(a) | Node::Ceil(a) => stack.push(a),
             Node::Pow(a, b) | Node::Root(a, b) | Node::Binom(a, b) => stack.extend([&**a, &**b]),
             Node::Add(t) => stack.extend(t.iter().map(|(_, x)| x)),
             Node::Mul(t) => stack.extend(t.iter().map(|(_, x)| x)),
-            Node::Func(_, a) | Node::Set(a) | Node::Bare(a) | Node::Union(a) | Node::Ratio(a) => stack.extend(a),
+            Node::Func(_, a) | Node::Set(a) | Node::Bare(a) | Node::Union(a) | Node::Ratio(a) => {
+                stack.extend(a)
+            }
             Node::Seq { items, .. } => stack.extend(items),
             Node::Rel { parts, .. } => stack.extend(parts),
             Node::Matrix(rows) => stack.extend(rows.iter().flatten()),
@@ -811,8 +904,12 @@ pub fn is_label(n: &Node) -> bool {
             Node::Add(t) => t.iter().all(|(_, x)| walk(x, has_symbol)),
             Node::Mul(t) => t.iter().all(|(_, x)| walk(x, has_symbol)),
             Node::Pow(a, b) => walk(a, has_symbol) && walk(b, has_symbol),
-            Node::Func(_, a) | Node::Ratio(a) | Node::Bare(a) => a.iter().all(|x| walk(x, has_symbol)),
-            Node::Seq { open: '(', items, .. } => items.iter().all(|x| walk(x, has_symbol)),
+            Node::Func(_, a) | Node::Ratio(a) | Node::Bare(a) => {
+                a.iter().all(|x| walk(x, has_symbol))
+            }
+            Node::Seq {
+                open: '(', items, ..
+            } => items.iter().all(|x| walk(x, has_symbol)),
             _ => false,
         }
     }
@@ -825,13 +922,19 @@ pub fn exact(n: &Node) -> Option<Rational> {
     match n {
         Node::Num(r, _) => Some(*r),
         Node::Neg(a) => exact(a)?.neg(),
-        Node::Add(terms) => terms.iter().try_fold(Rational::ZERO, |acc, (s, t)| match s {
-            Sign::Plus => acc.add(exact(t)?),
-            Sign::Minus => acc.sub(exact(t)?),
-            _ => None,
-        }),
+        Node::Add(terms) => terms
+            .iter()
+            .try_fold(Rational::ZERO, |acc, (s, t)| match s {
+                Sign::Plus => acc.add(exact(t)?),
+                Sign::Minus => acc.sub(exact(t)?),
+                _ => None,
+            }),
         Node::Mul(f) => f.iter().try_fold(Rational::ONE, |acc, (div, x)| {
-            if *div { acc.div(exact(x)?) } else { acc.mul(exact(x)?) }
+            if *div {
+                acc.div(exact(x)?)
+            } else {
+                acc.mul(exact(x)?)
+            }
         }),
         Node::Pow(a, b) => {
             let e = exact(b)?;
@@ -854,14 +957,20 @@ pub fn exact(n: &Node) -> Option<Rational> {
         }
         Node::Binom(a, b) => {
             let (n, k) = (exact(a)?, exact(b)?);
-            if !n.is_integer() || !k.is_integer() || k.numer() < 0 || k.numer() > 200 || n.numer() < 0 {
+            if !n.is_integer()
+                || !k.is_integer()
+                || k.numer() < 0
+                || k.numer() > 200
+                || n.numer() < 0
+            {
                 return None;
             }
             if k > n {
                 return Some(Rational::ZERO);
             }
             (0..k.numer()).try_fold(Rational::ONE, |acc, j| {
-                acc.mul(Rational::int(n.numer().checked_sub(j)?))?.div(Rational::int(j + 1))
+                acc.mul(Rational::int(n.numer().checked_sub(j)?))?
+                    .div(Rational::int(j + 1))
             })
         }
         _ => None,
@@ -896,7 +1005,11 @@ fn unit(h: u64) -> f64 {
 
 /// Evaluates `n` at the point identified by `seed` with at most `budget` steps.
 pub fn eval(n: &Node, seed: u64, budget: u32) -> Option<Complex> {
-    let mut ctx = Ctx { seed, budget, bound: Vec::new() };
+    let mut ctx = Ctx {
+        seed,
+        budget,
+        bound: Vec::new(),
+    };
     ctx.ev(n)
 }
 
@@ -917,7 +1030,10 @@ impl<'a> Ctx<'a> {
             Node::Indexed(v, idx) => {
                 let i = self.ev(idx)?;
                 let q = ((i.re * 1e6).round() as i64, (i.im * 1e6).round() as i64);
-                let h = hash_str(v, self.seed ^ mix(q.0 as u64) ^ mix(q.1 as u64).rotate_left(17));
+                let h = hash_str(
+                    v,
+                    self.seed ^ mix(q.0 as u64) ^ mix(q.1 as u64).rotate_left(17),
+                );
                 Complex::real(unit(h))
             }
             Node::Const(Konst::Pi) => Complex::real(std::f64::consts::PI),
@@ -976,7 +1092,13 @@ impl<'a> Ctx<'a> {
                 }
                 Complex::real(acc)
             }
-            Node::BigOp { var, lo, hi, body, prod } => {
+            Node::BigOp {
+                var,
+                lo,
+                hi,
+                body,
+                prod,
+            } => {
                 let lo = real(self.ev(lo)?)?.round();
                 let hi = real(self.ev(hi)?)?.round();
                 if !(lo.is_finite() && hi.is_finite()) || hi - lo > 1000.0 {
@@ -1029,7 +1151,11 @@ impl<'a> Ctx<'a> {
                 let mut best = real(x)?;
                 for v in &vals[1..] {
                     let v = real(*v)?;
-                    best = if f == Fun::Max { best.max(v) } else { best.min(v) };
+                    best = if f == Fun::Max {
+                        best.max(v)
+                    } else {
+                        best.min(v)
+                    };
                 }
                 Complex::real(best)
             }
@@ -1037,14 +1163,21 @@ impl<'a> Ctx<'a> {
                 let mut acc = real(x)?;
                 for v in &vals[1..] {
                     let v = real(*v)?;
-                    if acc.fract() != 0.0 || v.fract() != 0.0 || acc.abs() > 1e15 || v.abs() > 1e15 {
+                    if acc.fract() != 0.0 || v.fract() != 0.0 || acc.abs() > 1e15 || v.abs() > 1e15
+                    {
                         return None;
                     }
                     let (mut a, mut b) = (acc.abs() as u64, v.abs() as u64);
                     while b != 0 {
                         (a, b) = (b, a % b);
                     }
-                    acc = if f == Fun::Gcd { a as f64 } else if a == 0 { 0.0 } else { acc.abs() / a as f64 * v.abs() };
+                    acc = if f == Fun::Gcd {
+                        a as f64
+                    } else if a == 0 {
+                        0.0
+                    } else {
+                        acc.abs() / a as f64 * v.abs()
+                    };
                 }
                 Complex::real(acc)
             }
@@ -1057,7 +1190,13 @@ mod tests {
     use super::*;
     use crate::normalize::lex;
 
-    const OPTS: ParseOptions = ParseOptions { e_is_euler: true, i_is_imaginary: true, mixed_numbers: true, max_depth: 200, strip_units: true };
+    const OPTS: ParseOptions = ParseOptions {
+        e_is_euler: true,
+        i_is_imaginary: true,
+        mixed_numbers: true,
+        max_depth: 200,
+        strip_units: true,
+    };
 
     fn p(s: &str) -> Node {
         parse(&lex(s, true), &OPTS).unwrap_or_else(|| panic!("parse {s}"))
@@ -1098,16 +1237,28 @@ mod tests {
     #[test]
     fn base_subscripts() {
         assert_eq!(ex("204_5"), q(54, 1));
-        assert_eq!(ex("1112112_3"), Some(Rational::int(729 + 243 + 81 + 2 * 27 + 9 + 3 + 2)));
+        assert_eq!(
+            ex("1112112_3"),
+            Some(Rational::int(729 + 243 + 81 + 2 * 27 + 9 + 3 + 2))
+        );
     }
 
     #[test]
     fn structures() {
-        assert!(matches!(p("[0,1)"), Node::Seq { open: '[', close: ')', .. }));
+        assert!(matches!(
+            p("[0,1)"),
+            Node::Seq {
+                open: '[',
+                close: ')',
+                ..
+            }
+        ));
         assert!(matches!(p("\\{1,2\\}"), Node::Set(v) if v.len() == 2));
         assert!(matches!(p("1, 2 and 3"), Node::Bare(v) if v.len() == 3));
         assert!(matches!(p("x = 3"), Node::Rel { .. }));
-        assert!(matches!(p("\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}"), Node::Matrix(r) if r.len() == 2));
+        assert!(
+            matches!(p("\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}"), Node::Matrix(r) if r.len() == 2)
+        );
         assert!(matches!(p("(1,2) \\cup [3,4]"), Node::Union(v) if v.len() == 2));
     }
 

@@ -16,8 +16,21 @@
 
 use crate::normalize::{fix_doubled_backslashes, is_unit};
 
-const CHAT_TOKENS: &[&str] = &["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"];
-const MARKERS: &[&str] = &["final answer is", "final answer:", "the answer is", "answer is", "answer:", "####"];
+const CHAT_TOKENS: &[&str] = &[
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end|>",
+];
+const MARKERS: &[&str] = &[
+    "final answer is",
+    "final answer:",
+    "the answer is",
+    "answer is",
+    "answer:",
+    "####",
+];
 
 /// Extracts the final answer of a model response (see the module docs for the order).
 pub fn extract_answer(response: &str) -> Option<String> {
@@ -92,8 +105,28 @@ fn known_word(w: &str) -> bool {
     is_unit(&w)
         || matches!(
             w.as_str(),
-            "and" | "or" | "percent" | "percentage" | "pct" | "sin" | "cos" | "tan" | "sec" | "csc" | "cot"
-                | "log" | "ln" | "exp" | "sqrt" | "pi" | "inf" | "infty" | "gcd" | "lcm" | "max" | "min"
+            "and"
+                | "or"
+                | "percent"
+                | "percentage"
+                | "pct"
+                | "sin"
+                | "cos"
+                | "tan"
+                | "sec"
+                | "csc"
+                | "cot"
+                | "log"
+                | "ln"
+                | "exp"
+                | "sqrt"
+                | "pi"
+                | "inf"
+                | "infty"
+                | "gcd"
+                | "lcm"
+                | "max"
+                | "min"
         )
 }
 
@@ -140,9 +173,16 @@ fn boxes(text: &str) -> Vec<(usize, usize, String)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        let Some(rel) = text[i..].find('\\') else { break };
+        let Some(rel) = text[i..].find('\\') else {
+            break;
+        };
         let start = i + rel;
-        let name_end = start + 1 + b[start + 1..].iter().take_while(|c| c.is_ascii_alphabetic()).count();
+        let name_end = start
+            + 1
+            + b[start + 1..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphabetic())
+                .count();
         let name = &text[start + 1..name_end];
         if name != "boxed" && name != "fbox" {
             i = name_end.max(start + 1);
@@ -184,7 +224,10 @@ fn boxes(text: &str) -> Vec<(usize, usize, String)> {
             }
         } else if j > name_end {
             // `\boxed 5`
-            let e = j + b[j..].iter().take_while(|c| !c.is_ascii_whitespace() && **c != b'$').count();
+            let e = j + b[j..]
+                .iter()
+                .take_while(|c| !c.is_ascii_whitespace() && **c != b'$')
+                .count();
             out.push((start, e, text[j..e].to_string()));
             i = e.max(j + 1);
         } else {
@@ -200,7 +243,9 @@ fn joins(gap: &str) -> bool {
         return false;
     }
     let mut cleaned = gap.to_string();
-    for pat in ["\\text", "\\quad", "\\qquad", "\\mathrm", "\\(", "\\)", "\\[", "\\]", "\\,", "\\;", "\\\\"] {
+    for pat in [
+        "\\text", "\\quad", "\\qquad", "\\mathrm", "\\(", "\\)", "\\[", "\\]", "\\,", "\\;", "\\\\",
+    ] {
         cleaned = cleaned.replace(pat, " ");
     }
     let words: Vec<String> = cleaned
@@ -238,9 +283,14 @@ fn last_marker(text: &str) -> Option<(usize, String)> {
         .filter_map(|m| lower.rfind(m).map(|p| (p, m.len())))
         .max_by_key(|(p, l)| p + l)?;
     let rest = &text[pos + len..];
-    let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, ':' | '*' | '"' | '-'));
+    let rest =
+        rest.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, ':' | '*' | '"' | '-'));
     let sentence = sentence(rest);
-    let mut s = sentence.trim().trim_end_matches(['.', ',', ';', '*', '"', ' ']).trim().to_string();
+    let mut s = sentence
+        .trim()
+        .trim_end_matches(['.', ',', ';', '*', '"', ' '])
+        .trim()
+        .to_string();
     if let Some(p) = s.to_ascii_lowercase().rfind(" is ")
         && !in_math(&s, p)
     {
@@ -253,7 +303,13 @@ fn last_marker(text: &str) -> Option<(usize, String)> {
         let math = last_math_span(&s);
         let number = last_number(&s);
         s = match (math, number) {
-            (Some((me, m)), Some((ne, n))) => if ne > me { n } else { m },
+            (Some((me, m)), Some((ne, n))) => {
+                if ne > me {
+                    n
+                } else {
+                    m
+                }
+            }
             (Some((_, m)), None) => m,
             (None, Some((_, n))) => n,
             (None, None) => s,
@@ -299,7 +355,11 @@ fn sentence(s: &str) -> &str {
             b'{' => depth += 1,
             b'}' => depth -= 1,
             b'\n' if seen && !dollars && depth <= 0 && paren_math <= 0 => return &s[..i],
-            b'.' if !dollars && depth <= 0 && paren_math <= 0 && (i + 1 >= b.len() || b[i + 1].is_ascii_whitespace()) => {
+            b'.' if !dollars
+                && depth <= 0
+                && paren_math <= 0
+                && (i + 1 >= b.len() || b[i + 1].is_ascii_whitespace()) =>
+            {
                 return &s[..i];
             }
             _ => {}
@@ -379,16 +439,44 @@ fn last_number(text: &str) -> Option<(usize, String)> {
         while start > 0 {
             let c = b[start - 1];
             let digit_before = |k: usize| start >= k && b[start - k].is_ascii_digit();
-            if c.is_ascii_digit() || (matches!(c, b',' | b'.' | b'/' | b'e' | b'E') && digit_before(2)) {
+            if c.is_ascii_digit()
+                || (matches!(c, b',' | b'.' | b'/' | b'e' | b'E') && digit_before(2))
+            {
                 start -= 1;
-            } else if matches!(c, b'-' | b'+') && start >= 3 && matches!(b[start - 2], b'e' | b'E') && digit_before(3) {
+            } else if matches!(c, b'-' | b'+')
+                && start >= 3
+                && matches!(b[start - 2], b'e' | b'E')
+                && digit_before(3)
+            {
                 // Scientific notation `1e-6`.
                 start -= 2;
+            } else if c == b' '
+                && digit_before(2)
+                && b[start..].iter().take_while(|d| d.is_ascii_digit()).count() == 3
+            {
+                // Space-separated thousands `1 000 000`.
+                start -= 1;
             } else {
                 break;
             }
         }
-        if start > 0 && (b[start - 1].is_ascii_alphabetic() || b[start - 1] == b'_' || b[start - 1] == b'^') {
+        if start > 0 && b[start - 1] == b'^' {
+            // A power `3 × 10^5`: take the whole product.
+            let head = &text[..start - 1];
+            let kept = head
+                .char_indices()
+                .rev()
+                .take_while(|(_, c)| {
+                    c.is_ascii_digit() || matches!(c, '.' | ' ' | '×' | '*' | '·' | '{' | '}' | '-')
+                })
+                .last()
+                .map_or(start - 1, |(p, _)| p);
+            let expr = text[kept..end]
+                .trim_start_matches([' ', '×', '*', '·'])
+                .to_string();
+            return Some((end, expr));
+        }
+        if start > 0 && (b[start - 1].is_ascii_alphabetic() || b[start - 1] == b'_') {
             i = start;
             continue;
         }
@@ -412,21 +500,27 @@ pub(crate) fn gold_answer(gold: &str) -> String {
         return b;
     }
     let lower = g.to_ascii_lowercase();
-    if g.len() > 120 || MARKERS.iter().any(|m| lower.contains(m)) {
-        if let Some(a) = strong_answer(&g).or_else(|| weak_answer(&g)) {
-            return a;
-        }
+    if (g.len() > 120 || MARKERS.iter().any(|m| lower.contains(m)))
+        && let Some(a) = strong_answer(&g).or_else(|| weak_answer(&g))
+    {
+        return a;
     }
     g.trim().to_string()
 }
 
 fn clean_choice(s: &str) -> String {
     let mut t = s.trim().to_string();
-    for pat in ["\\textbf", "\\text", "\\mathrm", "\\mathbf", "\\boxed", "\\(", "\\)", "\\ ", "$", "**", "{", "}"] {
+    for pat in [
+        "\\textbf", "\\text", "\\mathrm", "\\mathbf", "\\boxed", "\\(", "\\)", "\\ ", "$", "**",
+        "{", "}",
+    ] {
         t = t.replace(pat, "");
     }
     let t = t.trim();
-    let t = ["option", "Option", "choice", "Choice"].iter().find_map(|p| t.strip_prefix(p)).unwrap_or(t);
+    let t = ["option", "Option", "choice", "Choice"]
+        .iter()
+        .find_map(|p| t.strip_prefix(p))
+        .unwrap_or(t);
     t.trim().to_string()
 }
 
@@ -454,7 +548,10 @@ fn leading_choice(s: &str, max: char) -> Option<char> {
     let mut it = t.chars();
     let c = it.next()?;
     let d = it.next()?;
-    (c.is_ascii_uppercase() && c <= max && (matches!(d, ')' | '.' | ':' | ',') || (paren && d == ')'))).then_some(c)
+    (c.is_ascii_uppercase()
+        && c <= max
+        && (matches!(d, ')' | '.' | ':' | ',') || (paren && d == ')')))
+        .then_some(c)
 }
 
 /// The chosen letter of a multiple-choice response and the text it came from.
@@ -464,12 +561,30 @@ pub(crate) fn extract_choice(response: &str, max: char) -> Option<(char, String)
     {
         return Some((c, a));
     }
-    // Last `(X)` in the response.
+    // The last `(X)`, or `X` after "is", "option", "choice", "answer", "select", "choose".
     let text = fix_doubled_backslashes(response);
     let b = text.as_bytes();
-    (0..b.len().saturating_sub(2)).rev().find_map(|i| {
-        let c = b[i + 1] as char;
-        (b[i] == b'(' && b[i + 2] == b')' && c.is_ascii_uppercase() && c <= max).then(|| (c, format!("({c})")))
+    (0..b.len()).rev().find_map(|i| {
+        let c = b[i] as char;
+        if !(c.is_ascii_uppercase() && c <= max)
+            || b.get(i + 1).is_some_and(u8::is_ascii_alphanumeric)
+        {
+            return None;
+        }
+        if i >= 1 && b[i - 1] == b'(' && b.get(i + 1) == Some(&b')') {
+            return Some((c, format!("({c})")));
+        }
+        let before = text[..i]
+            .trim_end_matches([' ', '*', ':'])
+            .to_ascii_lowercase();
+        let cue = ["is", "option", "choice", "answer", "select", "choose"]
+            .iter()
+            .any(|w| {
+                before.ends_with(w)
+                    && !before[..before.len() - w.len()]
+                        .ends_with(|x: char| x.is_ascii_alphabetic())
+            });
+        (cue && i >= 1 && matches!(b[i - 1], b' ' | b'*' | b':')).then(|| (c, c.to_string()))
     })
 }
 
@@ -483,7 +598,10 @@ mod tests {
 
     #[test]
     fn boxed_nested_and_last() {
-        assert_eq!(ex("so \\boxed{1} then \\boxed{\\frac{1}{2}}."), Some("\\frac{1}{2}".into()));
+        assert_eq!(
+            ex("so \\boxed{1} then \\boxed{\\frac{1}{2}}."),
+            Some("\\frac{1}{2}".into())
+        );
         assert_eq!(ex("\\fbox{7}"), Some("7".into()));
         assert_eq!(ex("\\boxed{1} and \\boxed{2}"), Some("1, 2".into()));
         assert_eq!(ex("\\boxed{1} no no no no no \\boxed{2}"), Some("2".into()));
@@ -495,28 +613,52 @@ mod tests {
     fn markers() {
         assert_eq!(ex("blah\n#### 72"), Some("72".into()));
         assert_eq!(ex("The answer is 12."), Some("12".into()));
-        assert_eq!(ex("The answer is $72. That is what she earns, and $5 more."), Some("$72".into()));
+        assert_eq!(
+            ex("The answer is $72. That is what she earns, and $5 more."),
+            Some("$72".into())
+        );
         assert_eq!(ex("Answer: B"), Some("B".into()));
-        assert_eq!(ex("Final Answer: The largest $n$ is 34."), Some("34".into()));
-        assert_eq!(ex("Final Answer: Jane started growing Sphere 3 hours ago."), Some("3".into()));
-        assert_eq!(ex("\\boxed{5}. Final Answer: The final answer is $6$. I hope it is correct."), Some("$6$".into()));
+        assert_eq!(
+            ex("Final Answer: The largest $n$ is 34."),
+            Some("34".into())
+        );
+        assert_eq!(
+            ex("Final Answer: Jane started growing Sphere 3 hours ago."),
+            Some("3".into())
+        );
+        assert_eq!(
+            ex("\\boxed{5}. Final Answer: The final answer is $6$. I hope it is correct."),
+            Some("$6$".into())
+        );
     }
 
     #[test]
     fn think_and_chat_tokens() {
-        assert_eq!(ex("<think>maybe 3</think> The answer is 4."), Some("4".into()));
+        assert_eq!(
+            ex("<think>maybe 3</think> The answer is 4."),
+            Some("4".into())
+        );
         assert_eq!(ex("<think>so the value is 3 and"), None);
         assert_eq!(ex("<think>ok \\boxed{9}"), Some("9".into()));
-        assert_eq!(ex("the result is 2/3. <|im_start|>user"), Some("2/3".into()));
+        assert_eq!(
+            ex("the result is 2/3. <|im_start|>user"),
+            Some("2/3".into())
+        );
     }
 
     #[test]
     fn weak_fallbacks() {
         assert_eq!(ex("1,000.99"), Some("1,000.99".into()));
-        assert_eq!(ex("the number is not 10 which is 1,000.99€"), Some("1,000.99".into()));
+        assert_eq!(
+            ex("the number is not 10 which is 1,000.99€"),
+            Some("1,000.99".into())
+        );
         assert_eq!(ex("Answer \\( (9+1) \\)"), Some("(9+1)".into()));
         assert_eq!(ex("AZYUK2A"), Some("AZYUK2A".into()));
-        let truncated = format!("{} so we compute the sum and get", "We need to find x. ".repeat(20));
+        let truncated = format!(
+            "{} so we compute the sum and get",
+            "We need to find x. ".repeat(20)
+        );
         assert_eq!(ex(&truncated), None);
     }
 
@@ -525,12 +667,27 @@ mod tests {
         assert_eq!(choice_letter("\\text{(C)}", 'J'), Some('C'));
         assert_eq!(choice_letter("B)", 'J'), Some('B'));
         assert_eq!(choice_letter("e", 'J'), None);
-        assert_eq!(extract_choice("I pick (B) because it is right.", 'J').map(|c| c.0), Some('B'));
+        assert_eq!(
+            extract_choice("I pick (B) because it is right.", 'J').map(|c| c.0),
+            Some('B')
+        );
         assert_eq!(extract_choice("Answer: C) 42", 'J').map(|c| c.0), Some('C'));
-        assert_eq!(extract_choice("The answer is **D**.", 'J').map(|c| c.0), Some('D'));
-        assert_eq!(extract_choice("The answer is $\\boxed{\\textbf{(A)}\\ 12}$", 'J').map(|c| c.0), Some('A'));
-        assert_eq!(extract_choice("I think the answer is C, because it fits.", 'J').map(|c| c.0), Some('C'));
-        assert_eq!(extract_choice("The correct answer is option E.", 'J').map(|c| c.0), Some('E'));
+        assert_eq!(
+            extract_choice("The answer is **D**.", 'J').map(|c| c.0),
+            Some('D')
+        );
+        assert_eq!(
+            extract_choice("The answer is $\\boxed{\\textbf{(A)}\\ 12}$", 'J').map(|c| c.0),
+            Some('A')
+        );
+        assert_eq!(
+            extract_choice("I think the answer is C, because it fits.", 'J').map(|c| c.0),
+            Some('C')
+        );
+        assert_eq!(
+            extract_choice("The correct answer is option E.", 'J').map(|c| c.0),
+            Some('E')
+        );
     }
 
     #[test]

@@ -118,10 +118,19 @@ pub fn verify(response: &str, gold: &str, opts: &VerifyOptions) -> Verdict {
     let gold_answer = extract::gold_answer(gold);
     if let Some(letter) = extract::choice_letter(&gold_answer, opts.max_choice_letter) {
         let got = extract::extract_choice(response, opts.max_choice_letter);
-        return Verdict { correct: got.as_ref().is_some_and(|(c, _)| *c == letter), extracted: got.map(|(_, s)| s) };
+        return Verdict {
+            correct: got.as_ref().is_some_and(|(c, _)| *c == letter),
+            extracted: got.map(|(_, s)| s),
+        };
     }
     match extract_answer(response) {
-        Some(pred) => Verdict { correct: equivalent(&gold_answer, &pred, opts), extracted: Some(pred) },
-        None => Verdict { correct: false, extracted: None },
+        Some(pred) => Verdict {
+            correct: equivalent(&gold_answer, &pred, opts),
+            extracted: Some(pred),
+        },
+        None => Verdict {
+            correct: false,
+            extracted: None,
+        },
     }
 }

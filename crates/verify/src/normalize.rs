@@ -236,8 +236,8 @@ fn command(name: &str) -> Option<Cmd> {
         | "fbox" | "framebox" | "overline" | "underline" | "vec" | "hat" | "bar" | "tilde"
         | "widehat" | "widetilde" | "overrightarrow" | "mathbb" | "mathcal" | "mathscr"
         | "mathfrak" | "circ" | "degree" | "rm" | "bf" | "it" | "noindent" | "newline"
-        | "nonumber" | "notag" | "dfrac_" | "cr" | "hline" | "bigm" | "Bigm" | "pmod"
-        | "bmod" | "mod" | "qed" | "square" | "blacksquare" | "checkmark" => Some(Cmd::Skip),
+        | "nonumber" | "notag" | "dfrac_" | "cr" | "hline" | "bigm" | "Bigm" | "pmod" | "bmod"
+        | "mod" | "qed" | "square" | "blacksquare" | "checkmark" => Some(Cmd::Skip),
         "hspace" | "vspace" | "phantom" | "label" | "tag" | "color" | "textcolor" => {
             Some(Cmd::SkipArg)
         }
@@ -290,24 +290,116 @@ fn plain_word(w: &str) -> Option<Tok> {
 pub fn is_unit(w: &str) -> bool {
     matches!(
         w.trim_end_matches('.').to_ascii_lowercase().as_str(),
-        "cm" | "mm" | "km" | "m" | "kg" | "mg" | "g" | "lb" | "lbs" | "pound" | "pounds" | "oz"
-            | "ounce" | "ounces" | "ft" | "feet" | "foot" | "inch" | "inches" | "yd" | "yard"
-            | "yards" | "mile" | "miles" | "meter" | "meters" | "metre" | "metres"
-            | "centimeter" | "centimeters" | "centimetres" | "kilometer" | "kilometers"
-            | "millimeter" | "millimeters" | "second" | "seconds" | "s" | "minute" | "minutes"
-            | "hour" | "hours" | "hr" | "hrs" | "h" | "day" | "days" | "week" | "weeks"
-            | "month" | "months" | "year" | "years" | "dollar" | "dollars" | "cent" | "cents"
-            | "yuan" | "euro" | "euros" | "unit" | "units" | "degree" | "degrees" | "deg"
-            | "sq" | "square" | "cubic" | "liter" | "liters" | "litre" | "litres" | "ml" | "l"
-            | "gallon" | "gallons" | "mph" | "kmh" | "rad" | "radians" | "radian" | "times"
-            | "mi" | "km/h" | "m/s" | "usd" | "rs" | "rupees" | "yen" | "kilograms" | "grams"
-            | "gram" | "kilogram" | "hz" | "kb" | "mb" | "gb" | "pages" | "people" | "ways"
-            | "students" | "points" | "items"
+        "cm" | "mm"
+            | "km"
+            | "m"
+            | "kg"
+            | "mg"
+            | "g"
+            | "lb"
+            | "lbs"
+            | "pound"
+            | "pounds"
+            | "oz"
+            | "ounce"
+            | "ounces"
+            | "ft"
+            | "feet"
+            | "foot"
+            | "inch"
+            | "inches"
+            | "yd"
+            | "yard"
+            | "yards"
+            | "mile"
+            | "miles"
+            | "meter"
+            | "meters"
+            | "metre"
+            | "metres"
+            | "centimeter"
+            | "centimeters"
+            | "centimetres"
+            | "kilometer"
+            | "kilometers"
+            | "millimeter"
+            | "millimeters"
+            | "second"
+            | "seconds"
+            | "s"
+            | "minute"
+            | "minutes"
+            | "hour"
+            | "hours"
+            | "hr"
+            | "hrs"
+            | "h"
+            | "day"
+            | "days"
+            | "week"
+            | "weeks"
+            | "month"
+            | "months"
+            | "year"
+            | "years"
+            | "dollar"
+            | "dollars"
+            | "cent"
+            | "cents"
+            | "yuan"
+            | "euro"
+            | "euros"
+            | "unit"
+            | "units"
+            | "degree"
+            | "degrees"
+            | "deg"
+            | "sq"
+            | "square"
+            | "cubic"
+            | "liter"
+            | "liters"
+            | "litre"
+            | "litres"
+            | "ml"
+            | "l"
+            | "gallon"
+            | "gallons"
+            | "mph"
+            | "kmh"
+            | "rad"
+            | "radians"
+            | "radian"
+            | "times"
+            | "mi"
+            | "km/h"
+            | "m/s"
+            | "usd"
+            | "rs"
+            | "rupees"
+            | "yen"
+            | "kilograms"
+            | "grams"
+            | "gram"
+            | "kilogram"
+            | "hz"
+            | "kb"
+            | "mb"
+            | "gb"
+            | "pages"
+            | "people"
+            | "ways"
+            | "students"
+            | "points"
+            | "items"
     )
 }
 
 fn is_thin_space(c: char) -> bool {
-    matches!(c, '\u{2009}' | '\u{202F}' | '\u{00A0}' | '\u{2007}' | '\u{200A}' | '\u{2002}' | '\u{2003}')
+    matches!(
+        c,
+        '\u{2009}' | '\u{202F}' | '\u{00A0}' | '\u{2007}' | '\u{200A}' | '\u{2002}' | '\u{2003}'
+    )
 }
 
 fn greek(c: char) -> Option<&'static str> {
@@ -336,7 +428,10 @@ fn repeating_fraction(int: &str, fixed: &str, repeat: &str) -> Option<(String, S
     }
     let all: i128 = format!("{int}{fixed}{repeat}").parse().ok()?;
     let head: i128 = format!("{int}{fixed}").parse().ok()?;
-    let den = 10i128.checked_pow(repeat.len() as u32)?.checked_sub(1)?.checked_mul(10i128.checked_pow(fixed.len() as u32)?)?;
+    let den = 10i128
+        .checked_pow(repeat.len() as u32)?
+        .checked_sub(1)?
+        .checked_mul(10i128.checked_pow(fixed.len() as u32)?)?;
     Some(((all - head).to_string(), den.to_string()))
 }
 
@@ -354,7 +449,15 @@ struct Lexer<'a> {
 /// With `strip_units`, unit words after a value (and their powers) are dropped.
 pub fn lex(s: &str, strip_units: bool) -> Vec<Token> {
     let chars: Vec<char> = s.chars().collect();
-    let mut lx = Lexer { c: &chars, i: 0, out: Vec::new(), space: false, nesting: 0, strip_units, depth: 0 };
+    let mut lx = Lexer {
+        c: &chars,
+        i: 0,
+        out: Vec::new(),
+        space: false,
+        nesting: 0,
+        strip_units,
+        depth: 0,
+    };
     lx.run();
     lx.out
 }
@@ -370,7 +473,10 @@ impl Lexer<'_> {
             Tok::Close(_) | Tok::SetClose => self.depth -= 1,
             _ => {}
         }
-        self.out.push(Token { tok, space: self.space });
+        self.out.push(Token {
+            tok,
+            space: self.space,
+        });
         self.space = false;
     }
 
@@ -442,8 +548,12 @@ impl Lexer<'_> {
 
     /// A repeating block `\overline{142857}` or `\dot{3}` at `j`: (digits, end index).
     fn repeating_at(&self, j: usize) -> Option<(String, usize)> {
-        let rest: String = self.c[j.min(self.c.len())..(j + 12).min(self.c.len())].iter().collect();
-        let cmd = ["\\overline", "\\dot", "\\bar"].into_iter().find(|c| rest.starts_with(c))?;
+        let rest: String = self.c[j.min(self.c.len())..(j + 12).min(self.c.len())]
+            .iter()
+            .collect();
+        let cmd = ["\\overline", "\\dot", "\\bar"]
+            .into_iter()
+            .find(|c| rest.starts_with(c))?;
         let mut k = j + cmd.len();
         while self.c.get(k) == Some(&' ') {
             k += 1;
@@ -528,7 +638,7 @@ impl Lexer<'_> {
                 if !three || fourth {
                     break;
                 }
-                if *used_space_only.get_or_insert(!comma) != !comma {
+                if *used_space_only.get_or_insert(!comma) == comma {
                     break;
                 }
                 // Inside `( )`, `[ ]` and `\{ \}` a comma separates items: `(12,102)`.
@@ -593,7 +703,16 @@ impl Lexer<'_> {
         let word: String = self.c[start..self.i].iter().collect();
         let lower = word.to_ascii_lowercase();
         // Units right after a value, with an optional power (`cm^2`, `m²`).
-        if self.strip_units && self.prev_is_value() && is_unit(&lower) && (word.len() > 1 || self.space || matches!(self.peek(0), Some('²' | '³'))) {
+        let after_symbol = word.len() > 1
+            && matches!(
+                self.out.last().map(|t| &t.tok),
+                Some(Tok::Pi | Tok::Ident(_))
+            );
+        if self.strip_units
+            && (self.prev_is_value() || after_symbol)
+            && is_unit(&lower)
+            && (word.len() > 1 || self.space || matches!(self.peek(0), Some('²' | '³')))
+        {
             self.space = false;
             self.skip_unit_power();
             return;
@@ -636,7 +755,14 @@ impl Lexer<'_> {
                 self.push(t);
             } else if lower == "lcm" {
                 self.push(Tok::Func(Fun::Lcm));
-            } else if self.strip_units && self.prev_is_value() && words.iter().all(|w| is_unit(w)) {
+            } else if self.strip_units
+                && (self.prev_is_value()
+                    || matches!(
+                        self.out.last().map(|t| &t.tok),
+                        Some(Tok::Pi | Tok::Ident(_))
+                    ))
+                && words.iter().all(|w| is_unit(w))
+            {
                 self.skip_unit_power();
             } else {
                 self.push(Tok::Word(lower));
@@ -648,7 +774,15 @@ impl Lexer<'_> {
             return;
         }
         let chars: Vec<char> = content.chars().collect();
-        let mut sub = Lexer { c: &chars, i: 0, out: Vec::new(), space: true, nesting: self.nesting + 1, strip_units: self.strip_units, depth: self.depth };
+        let mut sub = Lexer {
+            c: &chars,
+            i: 0,
+            out: Vec::new(),
+            space: true,
+            nesting: self.nesting + 1,
+            strip_units: self.strip_units,
+            depth: self.depth,
+        };
         sub.run();
         self.out.append(&mut sub.out);
         self.space = true;
@@ -679,7 +813,9 @@ impl Lexer<'_> {
             Some(cmd) => (full, cmd),
             None => {
                 // `\quadx`: a known command glued to following letters.
-                let found = (2..full.len()).rev().find_map(|n| command(&full[..n]).map(|c| (n, c)));
+                let found = (2..full.len())
+                    .rev()
+                    .find_map(|n| command(&full[..n]).map(|c| (n, c)));
                 match found {
                     Some((n, cmd)) => {
                         self.i = start + n;
@@ -714,7 +850,8 @@ impl Lexer<'_> {
             }
             Cmd::Skip => {
                 self.space = true;
-                if matches!(name.as_str(), "left" | "right" | "middle") && self.peek(0) == Some('.') {
+                if matches!(name.as_str(), "left" | "right" | "middle") && self.peek(0) == Some('.')
+                {
                     self.i += 1;
                 }
             }
@@ -730,7 +867,14 @@ impl Lexer<'_> {
                 let env = env.trim().trim_end_matches('*');
                 if matches!(
                     env,
-                    "pmatrix" | "bmatrix" | "Bmatrix" | "vmatrix" | "Vmatrix" | "matrix" | "smallmatrix" | "array"
+                    "pmatrix"
+                        | "bmatrix"
+                        | "Bmatrix"
+                        | "vmatrix"
+                        | "Vmatrix"
+                        | "matrix"
+                        | "smallmatrix"
+                        | "array"
                 ) {
                     if matches!(cmd, Cmd::Begin) {
                         self.push(Tok::BeginMat);
@@ -751,7 +895,8 @@ impl Lexer<'_> {
 
     fn run(&mut self) {
         while let Some(c) = self.peek(0) {
-            if c.is_ascii_digit() || (c == '.' && self.peek(1).is_some_and(|d| d.is_ascii_digit())) {
+            if c.is_ascii_digit() || (c == '.' && self.peek(1).is_some_and(|d| d.is_ascii_digit()))
+            {
                 self.number();
                 continue;
             }
@@ -775,7 +920,9 @@ impl Lexer<'_> {
                 '/' | '÷' => Tok::Divide,
                 '^' => {
                     // `^\circ`, `^{\circ}`: degrees are dropped.
-                    let rest: String = self.c[self.i..(self.i + 12).min(self.c.len())].iter().collect();
+                    let rest: String = self.c[self.i..(self.i + 12).min(self.c.len())]
+                        .iter()
+                        .collect();
                     let rest = rest.replace(' ', "");
                     let pat = ["\\circ", "{\\circ}", "\\degree", "{\\degree}", "{}\\circ"]
                         .into_iter()
@@ -795,12 +942,14 @@ impl Lexer<'_> {
                 }
                 '²' | '³' | '¹' => {
                     self.push(Tok::Caret);
-                    Tok::Num(match c {
-                        '²' => "2",
-                        '³' => "3",
-                        _ => "1",
-                    }
-                    .to_string())
+                    Tok::Num(
+                        match c {
+                            '²' => "2",
+                            '³' => "3",
+                            _ => "1",
+                        }
+                        .to_string(),
+                    )
                 }
                 '_' => Tok::Under,
                 '!' if self.peek(0) == Some('=') => {
@@ -875,7 +1024,7 @@ impl Lexer<'_> {
                     self.space = true;
                     continue;
                 }
-                '.' if self.peek(0).is_none_or(|d| d.is_whitespace()) => {
+                '.' if self.peek(0).is_none_or(char::is_whitespace) => {
                     self.space = true;
                     continue;
                 }
@@ -918,7 +1067,8 @@ mod tests {
 
     #[test]
     fn repeating_decimals() {
-        let frac = |n: &str, d: &str| vec![Tok::Open('('), num(n), Tok::Divide, num(d), Tok::Close(')')];
+        let frac =
+            |n: &str, d: &str| vec![Tok::Open('('), num(n), Tok::Divide, num(d), Tok::Close(')')];
         assert_eq!(toks("0.\\overline{3}"), frac("3", "9"));
         assert_eq!(toks("0.1\\overline{6}"), frac("15", "90"));
         assert_eq!(toks("1.\\dot{3}"), frac("12", "9"));
@@ -934,7 +1084,18 @@ mod tests {
     #[test]
     fn frac_digit_arguments() {
         assert_eq!(toks("\\frac12"), [Tok::Frac, num("1"), num("2")]);
-        assert_eq!(toks("\\dfrac{1}{2}"), [Tok::Frac, Tok::LBrace, num("1"), Tok::RBrace, Tok::LBrace, num("2"), Tok::RBrace]);
+        assert_eq!(
+            toks("\\dfrac{1}{2}"),
+            [
+                Tok::Frac,
+                Tok::LBrace,
+                num("1"),
+                Tok::RBrace,
+                Tok::LBrace,
+                num("2"),
+                Tok::RBrace
+            ]
+        );
         assert_eq!(toks("\\sqrt3"), [Tok::Sqrt, num("3")]);
     }
 
@@ -955,9 +1116,22 @@ mod tests {
 
     #[test]
     fn unicode_math() {
-        assert_eq!(toks("−3×2÷π"), [Tok::Minus, num("3"), Tok::Times, num("2"), Tok::Divide, Tok::Pi]);
+        assert_eq!(
+            toks("−3×2÷π"),
+            [
+                Tok::Minus,
+                num("3"),
+                Tok::Times,
+                num("2"),
+                Tok::Divide,
+                Tok::Pi
+            ]
+        );
         assert_eq!(toks("√2"), [Tok::Sqrt, num("2")]);
-        assert_eq!(toks("x≤1"), [Tok::Ident("x".into()), Tok::Rel(RelOp::Le), num("1")]);
+        assert_eq!(
+            toks("x≤1"),
+            [Tok::Ident("x".into()), Tok::Rel(RelOp::Le), num("1")]
+        );
         assert_eq!(toks("1½"), [num("1"), Tok::Vulgar(1, 2)]);
     }
 

@@ -3,6 +3,10 @@
 //! [`Rational`] holds integers, decimals and fractions exactly; every operation is checked and
 //! returns `None` on overflow, so callers fall back to floating point instead of panicking.
 //! [`Complex`] is the value type of numeric evaluation (it carries `i`).
+#![expect(
+    clippy::should_implement_trait,
+    reason = "checked rational ops return Option; plain names keep call sites short"
+)]
 
 use std::cmp::Ordering;
 
@@ -67,7 +71,10 @@ impl Rational {
     pub fn add(self, o: Self) -> Option<Self> {
         let g = i128::try_from(gcd(self.den.unsigned_abs(), o.den.unsigned_abs())).ok()?;
         let l = self.den / g;
-        let num = self.num.checked_mul(o.den / g)?.checked_add(o.num.checked_mul(l)?)?;
+        let num = self
+            .num
+            .checked_mul(o.den / g)?
+            .checked_add(o.num.checked_mul(l)?)?;
         Self::new(num, l.checked_mul(o.den)?)
     }
 
@@ -78,13 +85,20 @@ impl Rational {
 
     /// Checked negation.
     pub fn neg(self) -> Option<Self> {
-        Some(Self { num: self.num.checked_neg()?, den: self.den })
+        Some(Self {
+            num: self.num.checked_neg()?,
+            den: self.den,
+        })
     }
 
     /// Checked product.
     pub fn mul(self, o: Self) -> Option<Self> {
-        let g1 = i128::try_from(gcd(self.num.unsigned_abs(), o.den.unsigned_abs())).ok()?.max(1);
-        let g2 = i128::try_from(gcd(o.num.unsigned_abs(), self.den.unsigned_abs())).ok()?.max(1);
+        let g1 = i128::try_from(gcd(self.num.unsigned_abs(), o.den.unsigned_abs()))
+            .ok()?
+            .max(1);
+        let g2 = i128::try_from(gcd(o.num.unsigned_abs(), self.den.unsigned_abs()))
+            .ok()?
+            .max(1);
         let num = (self.num / g1).checked_mul(o.num / g2)?;
         let den = (self.den / g2).checked_mul(o.den / g1)?;
         Self::new(num, den)
@@ -146,16 +160,28 @@ impl Rational {
         if int_part.is_empty() && frac_part.is_empty() {
             return None;
         }
-        if !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit()) {
+        if !int_part
+            .bytes()
+            .chain(frac_part.bytes())
+            .all(|b| b.is_ascii_digit())
+        {
             return None;
         }
         let digits: String = int_part.chars().chain(frac_part.chars()).collect();
         let trimmed = digits.trim_start_matches('0');
-        let sig = if mantissa.contains('.') { trimmed.len().max(1) as u32 } else { 0 };
+        let sig = if mantissa.contains('.') {
+            trimmed.len().max(1) as u32
+        } else {
+            0
+        };
         if trimmed.len() > 36 || exp.unsigned_abs() > 60 {
             return None;
         }
-        let n: i128 = if trimmed.is_empty() { 0 } else { trimmed.parse().ok()? };
+        let n: i128 = if trimmed.is_empty() {
+            0
+        } else {
+            trimmed.parse().ok()?
+        };
         let scale = exp - frac_part.len() as i32;
         let ten = Self::int(10);
         let value = Self::int(n).mul(ten.pow(i128::from(scale))?)?;
@@ -171,7 +197,10 @@ impl PartialOrd for Rational {
 
 impl Ord for Rational {
     fn cmp(&self, other: &Self) -> Ordering {
-        match (self.num.checked_mul(other.den), other.num.checked_mul(self.den)) {
+        match (
+            self.num.checked_mul(other.den),
+            other.num.checked_mul(self.den),
+        ) {
             (Some(a), Some(b)) => a.cmp(&b),
             _ => self.to_f64().total_cmp(&other.to_f64()),
         }
@@ -213,17 +242,26 @@ impl Complex {
 
     /// Sum.
     pub fn add(self, o: Self) -> Self {
-        Self { re: self.re + o.re, im: self.im + o.im }
+        Self {
+            re: self.re + o.re,
+            im: self.im + o.im,
+        }
     }
 
     /// Difference.
     pub fn sub(self, o: Self) -> Self {
-        Self { re: self.re - o.re, im: self.im - o.im }
+        Self {
+            re: self.re - o.re,
+            im: self.im - o.im,
+        }
     }
 
     /// Negation.
     pub fn neg(self) -> Self {
-        Self { re: -self.re, im: -self.im }
+        Self {
+            re: -self.re,
+            im: -self.im,
+        }
     }
 
     /// Product.
@@ -231,7 +269,10 @@ impl Complex {
         if self.im == 0.0 && o.im == 0.0 {
             return Self::real(self.re * o.re);
         }
-        Self { re: self.re * o.re - self.im * o.im, im: self.re * o.im + self.im * o.re }
+        Self {
+            re: self.re * o.re - self.im * o.im,
+            im: self.re * o.im + self.im * o.re,
+        }
     }
 
     /// Quotient (non-finite on division by zero).
@@ -252,7 +293,10 @@ impl Complex {
         if self.im == 0.0 {
             return Self::real(m);
         }
-        Self { re: m * self.im.cos(), im: m * self.im.sin() }
+        Self {
+            re: m * self.im.cos(),
+            im: m * self.im.sin(),
+        }
     }
 
     /// Principal logarithm.
@@ -260,7 +304,10 @@ impl Complex {
         if self.im == 0.0 && self.re > 0.0 {
             return Self::real(self.re.ln());
         }
-        Self { re: self.abs().ln(), im: self.im.atan2(self.re) }
+        Self {
+            re: self.abs().ln(),
+            im: self.im.atan2(self.re),
+        }
     }
 
     /// Principal power `self^o`.
@@ -274,7 +321,11 @@ impl Complex {
             }
         }
         if self.re == 0.0 && self.im == 0.0 {
-            return if o.re > 0.0 { Self::real(0.0) } else { Self::real(f64::NAN) };
+            return if o.re > 0.0 {
+                Self::real(0.0)
+            } else {
+                Self::real(f64::NAN)
+            };
         }
         o.mul(self.ln()).exp()
     }
@@ -305,7 +356,10 @@ impl Complex {
         if self.im == 0.0 {
             return Self::real(self.re.sin());
         }
-        Self { re: self.re.sin() * self.im.cosh(), im: self.re.cos() * self.im.sinh() }
+        Self {
+            re: self.re.sin() * self.im.cosh(),
+            im: self.re.cos() * self.im.sinh(),
+        }
     }
 
     /// Cosine.
@@ -313,7 +367,10 @@ impl Complex {
         if self.im == 0.0 {
             return Self::real(self.re.cos());
         }
-        Self { re: self.re.cos() * self.im.cosh(), im: -self.re.sin() * self.im.sinh() }
+        Self {
+            re: self.re.cos() * self.im.cosh(),
+            im: -self.re.sin() * self.im.sinh(),
+        }
     }
 
     /// Whether two values agree to a relative tolerance `tol` (absolute near zero).
@@ -360,9 +417,18 @@ mod tests {
     fn parses_decimals() {
         let (v, sig) = Rational::parse_decimal("1.50").expect("decimal");
         assert_eq!((v, sig), (Rational::new(3, 2).expect("valid"), 3));
-        assert_eq!(Rational::parse_decimal(".4").map(|p| p.0), Rational::new(2, 5));
-        assert_eq!(Rational::parse_decimal("1e-6").map(|p| p.0), Rational::new(1, 1_000_000));
-        assert_eq!(Rational::parse_decimal("6.02E23").map(|p| p.0), Some(Rational::int(602 * 10i128.pow(21))));
+        assert_eq!(
+            Rational::parse_decimal(".4").map(|p| p.0),
+            Rational::new(2, 5)
+        );
+        assert_eq!(
+            Rational::parse_decimal("1e-6").map(|p| p.0),
+            Rational::new(1, 1_000_000)
+        );
+        assert_eq!(
+            Rational::parse_decimal("6.02E23").map(|p| p.0),
+            Some(Rational::int(602 * 10i128.pow(21)))
+        );
         assert_eq!(Rational::parse_decimal("12").map(|p| p.1), Some(0));
         assert!(Rational::parse_decimal("1e999").is_none());
         assert!(Rational::parse_decimal("abc").is_none());
@@ -370,9 +436,17 @@ mod tests {
 
     #[test]
     fn complex_roots_and_powers() {
-        assert!(Complex::real(-8.0).root(Complex::real(3.0)).close(Complex::real(-2.0), 1e-12));
+        assert!(
+            Complex::real(-8.0)
+                .root(Complex::real(3.0))
+                .close(Complex::real(-2.0), 1e-12)
+        );
         assert!(Complex::real(-1.0).sqrt().close(Complex::I, 1e-12));
         assert!(Complex::I.mul(Complex::I).close(Complex::real(-1.0), 1e-12));
-        assert!(Complex::real(2.0).pow(Complex::real(10.0)).close(Complex::real(1024.0), 1e-12));
+        assert!(
+            Complex::real(2.0)
+                .pow(Complex::real(10.0))
+                .close(Complex::real(1024.0), 1e-12)
+        );
     }
 }

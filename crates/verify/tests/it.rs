@@ -4,7 +4,10 @@
 use retort_verify::{PercentPolicy, VerifyOptions, equivalent, extract_answer, verify};
 use std::time::{Duration, Instant};
 
-const CASES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/verify/mathverify-tests.jsonl");
+const CASES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/data/verify/mathverify-tests.jsonl"
+);
 
 struct Case {
     id: String,
@@ -15,19 +18,26 @@ struct Case {
 }
 
 fn load_cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(CASES).unwrap_or_else(|e| panic!("{CASES}: {e}"));
+    let text = fs_err::read_to_string(CASES).unwrap_or_else(|e| panic!("{CASES}: {e}"));
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{CASES}:{}: {e}", i + 1));
-            let s = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{CASES}:{}: field `{k}`", i + 1)).to_string();
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{CASES}:{}: {e}", i + 1));
+            let s = |k: &str| {
+                v[k].as_str()
+                    .unwrap_or_else(|| panic!("{CASES}:{}: field `{k}`", i + 1))
+                    .to_string()
+            };
             Case {
                 id: s("id"),
                 gold: s("gold"),
                 pred: s("pred"),
                 truth: v["truth"].as_bool().expect("truth is a bool"),
-                config_dependent: v["config_dependent"].as_bool().expect("config_dependent is a bool"),
+                config_dependent: v["config_dependent"]
+                    .as_bool()
+                    .expect("config_dependent is a bool"),
             }
         })
         .collect()
@@ -36,8 +46,15 @@ fn load_cases() -> Vec<Case> {
 #[test]
 fn mathverify_agreement_at_least_98_percent() {
     let opts = VerifyOptions::default();
-    let cases: Vec<Case> = load_cases().into_iter().filter(|c| !c.config_dependent).collect();
-    assert!(cases.len() > 200, "expected the full case file, got {}", cases.len());
+    let cases: Vec<Case> = load_cases()
+        .into_iter()
+        .filter(|c| !c.config_dependent)
+        .collect();
+    assert!(
+        cases.len() > 200,
+        "expected the full case file, got {}",
+        cases.len()
+    );
     let mut misses = Vec::new();
     for c in &cases {
         if std::env::var_os("VERIFY_TRACE").is_some() {
@@ -50,14 +67,20 @@ fn mathverify_agreement_at_least_98_percent() {
                 c.id,
                 c.truth,
                 v.correct,
-                v.extracted.as_deref().map(|s| s.chars().take(80).collect::<String>()),
+                v.extracted
+                    .as_deref()
+                    .map(|s| s.chars().take(80).collect::<String>()),
                 c.gold.chars().take(80).collect::<String>()
             ));
         }
     }
     let agreement = 1.0 - misses.len() as f64 / cases.len() as f64;
     println!("misses ({}):\n{}", misses.len(), misses.join("\n"));
-    println!("agreement {:.2}% on {} cases", 100.0 * agreement, cases.len());
+    println!(
+        "agreement {:.2}% on {} cases",
+        100.0 * agreement,
+        cases.len()
+    );
     assert!(agreement >= 0.98, "agreement {agreement:.4} below 0.98");
 }
 
@@ -93,7 +116,10 @@ fn numbers_fractions_and_decimals() {
 
 #[test]
 fn tolerance_option() {
-    let opts = VerifyOptions { float_tolerance: Some(1e-3), ..VerifyOptions::default() };
+    let opts = VerifyOptions {
+        float_tolerance: Some(1e-3),
+        ..VerifyOptions::default()
+    };
     assert!(equivalent("1.414", "\\sqrt{2}", &opts));
     assert!(equivalent("0.3333", "1/3", &opts));
     assert!(!equivalent("1.5", "\\sqrt{2}", &opts));
@@ -124,10 +150,16 @@ fn percent_policies() {
     assert!(eqv("28\\%", "28"));
     assert!(eqv("28\\%", "0.28"));
     assert!(eqv("28 percent", "28\\%"));
-    let strict = VerifyOptions { percent: PercentPolicy::Strict, ..VerifyOptions::default() };
+    let strict = VerifyOptions {
+        percent: PercentPolicy::Strict,
+        ..VerifyOptions::default()
+    };
     assert!(!equivalent("28\\%", "28", &strict));
     assert!(equivalent("28\\%", "0.28", &strict));
-    let ignore = VerifyOptions { percent: PercentPolicy::Ignore, ..VerifyOptions::default() };
+    let ignore = VerifyOptions {
+        percent: PercentPolicy::Ignore,
+        ..VerifyOptions::default()
+    };
     assert!(equivalent("28\\%", "28", &ignore));
     assert!(!equivalent("28\\%", "0.28", &ignore));
 }
@@ -197,12 +229,21 @@ fn tuples_intervals_sets_matrices() {
     assert!(eqv("\\{1, 2, 3\\}", "\\{3, 1, 2\\}"));
     assert!(eqv("1, 2, 3", "3, 2 and 1"));
     assert!(!eqv("\\{1, 2\\}", "\\{1, 2, 3\\}"));
-    assert!(eqv("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"));
-    assert!(!eqv("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}", "\\begin{pmatrix} 1 & 2 \\\\ 3 & 5 \\end{pmatrix}"));
+    assert!(eqv(
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}"
+    ));
+    assert!(!eqv(
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 5 \\end{pmatrix}"
+    ));
     assert!(eqv("\\left( \\frac{1}{2}, 3 \\right)", "(0.5, 3)"));
     let id = "\\begin{pmatrix}1 & 0 \\\\ 0 & 1\\end{pmatrix}";
     assert!(eqv(&format!("{id} {id}"), id));
-    assert!(eqv(&format!("2{id}"), "\\begin{pmatrix}2 & 0 \\\\ 0 & 2\\end{pmatrix}"));
+    assert!(eqv(
+        &format!("2{id}"),
+        "\\begin{pmatrix}2 & 0 \\\\ 0 & 2\\end{pmatrix}"
+    ));
     assert!(!eqv(&format!("{id} + {id}"), id));
 }
 
@@ -228,9 +269,15 @@ fn unicode_math() {
 #[test]
 fn multiple_choice() {
     assert!(yes("The answer is (B).", "B"));
-    assert!(yes("After checking each option, B) 42 is right.\nAnswer: B", "B"));
-    assert!(yes("answer: c", "C") == false);
-    assert!(yes("Thus the correct choice is $\\boxed{\\text{(C)}}$.", "\\text{C}"));
+    assert!(yes(
+        "After checking each option, B) 42 is right.\nAnswer: B",
+        "B"
+    ));
+    assert!(!yes("answer: c", "C"));
+    assert!(yes(
+        "Thus the correct choice is $\\boxed{\\text{(C)}}$.",
+        "\\text{C}"
+    ));
     assert!(yes("I think (A) is wrong, so the answer is D.", "(D)"));
     assert!(!yes("The answer is (B).", "C"));
 }
@@ -239,22 +286,186 @@ fn multiple_choice() {
 fn full_responses() {
     assert!(yes("Natalia sold 48/2 = 24 clips in May.\n#### 72", "72"));
     assert!(yes("So the total is 72 dollars. The answer is 72.", "72"));
-    assert!(yes("<think>Let me think... maybe 5? No.</think>\nThe final answer is $\\boxed{6}$.", "6"));
-    assert!(!yes("<think>Let me compute 2+3 = 5 and then we need to", "5"));
+    assert!(yes(
+        "<think>Let me think... maybe 5? No.</think>\nThe final answer is $\\boxed{6}$.",
+        "6"
+    ));
+    assert!(!yes(
+        "<think>Let me compute 2+3 = 5 and then we need to",
+        "5"
+    ));
     assert!(yes("We get $x = \\boxed{2\\sqrt{3}}$.", "2\\sqrt{3}"));
-    assert!(yes("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}"));
+    assert!(yes(
+        "Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.",
+        "\\frac{3}{4}"
+    ));
     assert!(yes("Thus the answer is 1,234,567.", "1234567"));
     assert!(yes("It is 0.000001, i.e. 1e-6", "1e-6"));
     assert!(!yes("", "1"));
-    let truncated = format!("{}and so the remaining amount is", "We compute the sum of the first terms step by step. ".repeat(10));
+    let truncated = format!(
+        "{}and so the remaining amount is",
+        "We compute the sum of the first terms step by step. ".repeat(10)
+    );
     assert!(!yes(&truncated, "10"));
 }
 
 #[test]
 fn extract_answer_order() {
-    assert_eq!(extract_answer("x \\boxed{3} and then The answer is 4."), Some("4".to_string()));
-    assert_eq!(extract_answer("The answer is 4. Thus \\boxed{5}"), Some("5".to_string()));
+    assert_eq!(
+        extract_answer("x \\boxed{3} and then The answer is 4."),
+        Some("4".to_string())
+    );
+    assert_eq!(
+        extract_answer("The answer is 4. Thus \\boxed{5}"),
+        Some("5".to_string())
+    );
     assert_eq!(extract_answer("</think>"), None);
+}
+
+/// Realistic responses against dataset golds, each with the mathematically right verdict.
+#[test]
+fn realistic_responses() {
+    let o = VerifyOptions::default();
+    let cases: &[(&str, &str, bool)] = &[
+        ("We get $x = \\boxed{2\\sqrt3}$.", "2\\sqrt{3}", true),
+        ("so it's \\boxed{\\sqrt{12}}", "2\\sqrt{3}", true),
+        ("The answer is 3.464", "2\\sqrt{3}", false),
+        ("**Final Answer:** 42", "42", true),
+        ("The answer is: **42**", "42", true),
+        ("Answer: $1\\,000\\,000$", "1000000", true),
+        ("Thus we need 1 000 000 grains.", "1000000", true),
+        ("The final answer is 1\u{202F}000.", "1000", true),
+        ("The answer is 1e-6.", "0.000001", true),
+        ("The probability is $\\frac{1}{2}$.", "0.5", true),
+        (
+            "The area is $\\boxed{12\\pi \\text{ cm}^2}$",
+            "12\\pi",
+            true,
+        ),
+        ("Therefore the angle is $\\boxed{30^{\\circ}}$.", "30", true),
+        ("The angle is 30°.", "30^\\circ", true),
+        ("It costs $\\boxed{\\$18.90}$.", "18.90", true),
+        (
+            "x = 5 or x = -2, so \\boxed{x = -2 \\text{ or } x = 5}",
+            "-2, 5",
+            true,
+        ),
+        (
+            "\\boxed{(-\\infty, -2) \\cup (3, \\infty)}",
+            "(-\\infty,-2)\\cup(3,\\infty)",
+            true,
+        ),
+        (
+            "\\boxed{x<-2 \\text{ or } x>3}",
+            "(-\\infty,-2)\\cup(3,\\infty)",
+            true,
+        ),
+        ("The answer is (C) 15.", "C", true),
+        ("Among the options, the correct one is B.", "B", true),
+        ("Answer: D", "(D)", true),
+        ("So the answer is ½.", "\\frac12", true),
+        (
+            "√2/2 is the value, so the answer is √2/2",
+            "\\frac{\\sqrt{2}}{2}",
+            true,
+        ),
+        ("The result is 3 × 10^5", "300000", true),
+        ("The answer is $6.02 \\times 10^{23}$", "6.02e23", true),
+        ("−3", "-3", true),
+        ("\\boxed{\\dfrac{3}{4}}", "0.75", true),
+        ("\\boxed{0.75}", "\\frac34", true),
+        ("\\boxed{0.33}", "\\frac13", false),
+        ("\\boxed{5\\%}", "0.05", true),
+        (
+            "\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}",
+            "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+            true,
+        ),
+        (
+            "\\boxed{(1,2)}",
+            "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
+            false,
+        ),
+        ("The answer is 16 and 17", "16, 17", true),
+        ("\\boxed{\\{1, 2, 3\\}}", "\\{3, 2, 1\\}", true),
+        ("\\boxed{3 + 2i}", "3+2i", true),
+        ("\\boxed{y = 2x + 3}", "y=2x+3", true),
+        ("\\boxed{f(x) = x^2}", "x^2", true),
+        ("\\boxed{\\frac{x^2-1}{x-1}}", "x+1", true),
+        (
+            "<think>The answer is probably 4 but let me check ... so it's 5</think>\n\nThe answer is $\\boxed{5}$",
+            "5",
+            true,
+        ),
+        (
+            "<think>I need to compute... 2+2 = 4. Wait, let me reconsider the problem from the start and",
+            "4",
+            false,
+        ),
+        (
+            "Let me solve. First, 3 + 4 = 7. Then we multiply by 2 to get",
+            "14",
+            false,
+        ),
+        (
+            "Natalia sold 48 clips in April and 24 in May. 48 + 24 = 72.\n#### 72",
+            "72",
+            true,
+        ),
+        ("The answer is $\\boxed{\\text{(B)}}$", "B", true),
+        ("\\boxed{B}", "B", true),
+        ("\\boxed{12}", "B", false),
+        ("The answer is 10%.", "10", true),
+        ("The answer is 10%.", "0.1", true),
+        (
+            "\\boxed{\\frac{\\sqrt{3}}{2}}",
+            "\\frac{1}{2}\\sqrt{3}",
+            true,
+        ),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", true),
+        (
+            "\\boxed{\\frac{1+\\sqrt{5}}{2}}",
+            "\\frac{\\sqrt5+1}{2}",
+            true,
+        ),
+        ("\\boxed{1.5}", "\\frac{3}{2}", true),
+        ("\\boxed{3\\frac{1}{2}}", "\\frac72", true),
+        ("\\boxed{\\text{Monday}}", "Monday", true),
+        ("\\boxed{\\text{no}}", "\\text{No}", true),
+        ("\\boxed{10}", "10.0", true),
+        ("The answer is $1,\\!000$.", "1000", true),
+        ("\\boxed{[2, 5)}", "2 \\le x < 5", true),
+        ("\\boxed{2 \\le x < 5}", "[2,5)", true),
+        ("\\boxed{\\pi/2}", "\\frac{\\pi}{2}", true),
+        ("\\boxed{90^\\circ}", "\\frac{\\pi}{2}", false),
+        ("\\boxed{a = 2, b = 3}", "(2,3)", true),
+        ("\\boxed{\\$1,234.56}", "1234.56", true),
+        ("\\boxed{8 \\text{ apples}}", "8", true),
+        ("\\boxed{-\\frac{1}{2}}", "-0.5", true),
+        ("\\boxed{\\infty}", "\\infty", true),
+        ("\\boxed{2^{10}}", "1024", true),
+        ("\\boxed{\\binom{5}{2}}", "10", true),
+        ("\\boxed{5!}", "120", true),
+        ("\\boxed{\\log_2 8}", "3", true),
+        ("\\boxed{e^{i\\pi}}", "-1", true),
+        ("\\boxed{4} \\text{ and } \\boxed{5}", "\\{4,5\\}", true),
+        ("\\boxed{x \\in (0, 1]}", "(0,1]", true),
+        ("\\boxed{\\text{A}}", "A", true),
+        ("So $n = \\boxed{7}$.", "n = 7", true),
+        ("The answer is 0.5.", "50\\%", true),
+        ("\\boxed{1/3}", "0.\\overline{3}", true),
+    ];
+    let mut misses = Vec::new();
+    for (resp, gold, want) in cases {
+        let v = verify(resp, gold, &o);
+        if v.correct != *want {
+            misses.push(format!(
+                "want={want} extracted={:?} gold={gold:?} response={resp:?}",
+                v.extracted
+            ));
+        }
+    }
+    assert!(misses.is_empty(), "misses:\n{}", misses.join("\n"));
 }
 
 /// A tiny deterministic generator (xorshift64*) for nasty strings.
@@ -274,12 +485,87 @@ impl Rng {
 }
 
 const PIECES: &[&str] = &[
-    "\\frac", "\\sqrt", "{", "}", "(", ")", "[", "]", "\\{", "\\}", "^", "_", "\\boxed{", "$", "$$", "\\(", "\\)",
-    "1", "0", "9", "10", "x", "y", "e", "i", "\\pi", ",", ";", "=", "<", "\\le", "\\pm", "+", "-", "*", "/", "!",
-    "%", "\\%", "\\begin{pmatrix}", "\\end{pmatrix}", "&", "\\\\", "\\text{", "cm", " and ", "\\sum_{k=1}^{", "|",
-    "\\left(", "\\right)", "½", "√", "π", "°", "×", "−", "\u{2009}", ".", "1e999", "10^10^10", "\\cup", "</think>",
-    "<think>", "The answer is ", "#### ", "\\", "\\binom", "\\lfloor", "\\rfloor", "\\ln", "\\sin", ":", "(B)",
-    "\\infty", "\u{0}", "é", "\\mathrm{", "'", "0.", ".5", "99999999999999999999999999999999999999999",
+    "\\frac",
+    "\\sqrt",
+    "{",
+    "}",
+    "(",
+    ")",
+    "[",
+    "]",
+    "\\{",
+    "\\}",
+    "^",
+    "_",
+    "\\boxed{",
+    "$",
+    "$$",
+    "\\(",
+    "\\)",
+    "1",
+    "0",
+    "9",
+    "10",
+    "x",
+    "y",
+    "e",
+    "i",
+    "\\pi",
+    ",",
+    ";",
+    "=",
+    "<",
+    "\\le",
+    "\\pm",
+    "+",
+    "-",
+    "*",
+    "/",
+    "!",
+    "%",
+    "\\%",
+    "\\begin{pmatrix}",
+    "\\end{pmatrix}",
+    "&",
+    "\\\\",
+    "\\text{",
+    "cm",
+    " and ",
+    "\\sum_{k=1}^{",
+    "|",
+    "\\left(",
+    "\\right)",
+    "½",
+    "√",
+    "π",
+    "°",
+    "×",
+    "−",
+    "\u{2009}",
+    ".",
+    "1e999",
+    "10^10^10",
+    "\\cup",
+    "</think>",
+    "<think>",
+    "The answer is ",
+    "#### ",
+    "\\",
+    "\\binom",
+    "\\lfloor",
+    "\\rfloor",
+    "\\ln",
+    "\\sin",
+    ":",
+    "(B)",
+    "\\infty",
+    "\u{0}",
+    "é",
+    "\\mathrm{",
+    "'",
+    "0.",
+    ".5",
+    "99999999999999999999999999999999999999999",
 ];
 
 fn random_string(rng: &mut Rng, max_pieces: usize) -> String {
@@ -294,7 +580,12 @@ fn check_bounded(response: &str, gold: &str) {
     let _ = equivalent(response, gold, &opts);
     let _ = equivalent(gold, response, &opts);
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(1), "took {took:?} on response {:?} gold {:?}", short(response), short(gold));
+    assert!(
+        took < Duration::from_secs(1),
+        "took {took:?} on response {:?} gold {:?}",
+        short(response),
+        short(gold)
+    );
 }
 
 fn short(s: &str) -> String {
