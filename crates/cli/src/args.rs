@@ -30,6 +30,129 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Add a `verdict` to every record by checking its response's final answer against the gold.
     Verify(VerifyArgs),
+    /// Sample reasoning traces from a model (local or OpenAI-compatible); resumable, exactly once.
+    Generate(GenerateArgs),
+    /// Per-token log-probs of completions given prompts under a local model.
+    Score(ScoreArgs),
+    /// Print one JSON line of speed figures (tokens/s, pairs/s), shaped like the PyTorch reference.
+    Bench(BenchArgs),
+}
+
+/// Sampling flags shared by commands that generate.
+#[derive(Debug, Args, Clone)]
+pub struct SamplingArgs {
+    /// Softmax temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass (1 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Maximum new tokens per trace.
+    #[arg(long, default_value_t = 1024)]
+    pub max_new_tokens: usize,
+    /// Seed: the same seed gives the same traces (each (id, sample) draws its own stream).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Extra stop strings (EOS ids always stop). Repeatable.
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+}
+
+/// How to reach a model: batching for local models, concurrency and retries for servers.
+#[derive(Debug, Args, Clone)]
+pub struct BackendArgs {
+    /// Rows decoded together by a local model.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Requests in flight at once to a remote server.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds before a remote request attempt times out.
+    #[arg(long, default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Retries of a failed remote request (429, 5xx, timeouts, resets, malformed bodies).
+    #[arg(long, default_value_t = 8)]
+    pub max_retries: usize,
+}
+
+/// `retort generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model: a Hugging Face folder, `hf:ORG/NAME[@REV]`, `openai:URL#MODEL` or `world:teacher`.
+    #[arg(long, short)]
+    pub model: String,
+    /// Input problems: JSONL or a JSON array (prompt, messages, GSM8K, MATH, ShareGPT, prompt_ids).
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output traces (JSONL); rerunning resumes, skipping (id, sample) pairs already present.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Traces per problem.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Input shape.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    pub format: FormatArg,
+    /// Work on shard i of n (records whose position modulo n is i), e.g. `--shard 0/4`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+}
+
+/// Input record shapes.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FormatArg {
+    /// Recognise from the fields present.
+    Auto,
+    /// `prompt` text.
+    Prompt,
+    /// `messages` chat.
+    Messages,
+    /// `conversations` (ShareGPT).
+    Sharegpt,
+    /// `question` + `answer` with `#### n`.
+    Gsm8k,
+    /// `problem` + `solution`/`answer`.
+    Math,
+    /// `prompt_ids`.
+    Ids,
+}
+
+/// `retort score`.
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Model: a Hugging Face folder or `hf:ORG/NAME[@REV]`.
+    #[arg(long, short)]
+    pub model: String,
+    /// Input: `prompt`/`messages` + `completion`, or `prompt_ids` + `completion_ids`.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output JSONL with `token_logprobs`, `logprob`, `num_tokens`; reruns resume.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Records per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+}
+
+/// `retort bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Only these figures (comma separated: train, score, generate_b1, generate_b8, kd, verify).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Only these configs (bench-tiny, bench-small).
+    #[arg(long, value_delimiter = ',')]
+    pub config: Vec<String>,
+    /// Seconds per figure (longer is steadier).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
 }
 
 /// `retort verify`.
@@ -47,10 +170,24 @@ pub struct VerifyArgs {
     /// Field holding the model response.
     #[arg(long, default_value = "response")]
     pub response_field: String,
-    /// Treat `50%`, `50` and `0.5` as the same answer.
-    #[arg(long)]
-    pub percent_equals_fraction: bool,
-    /// Accept decimals within this relative tolerance of the gold (default: exact).
+    /// Percent policy: `either` (28% = 28 = 0.28), `strict` (28% = 0.28 only), `ignore` (28% = 28 only).
+    #[arg(long, value_enum, default_value_t = PercentArg::Either)]
+    pub percent: PercentArg,
+    /// Accept numbers within this relative tolerance of the gold (default: exact, so 1.414 is not √2).
     #[arg(long)]
     pub tolerance: Option<f64>,
+    /// Keep units after values (`5 cm` vs `5`) instead of stripping them.
+    #[arg(long)]
+    pub keep_units: bool,
+}
+
+/// Percent handling in answers.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PercentArg {
+    /// `28%` equals `28` and `0.28`.
+    Either,
+    /// `28%` equals `0.28` only.
+    Strict,
+    /// `%` is ignored: `28%` equals `28` only.
+    Ignore,
 }

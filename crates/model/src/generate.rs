@@ -94,6 +94,37 @@ pub fn generate(
     prompts: &[Vec<u32>],
     params: &GenerationParams,
 ) -> Result<Vec<Generated>> {
+    let streams: Vec<(u64, u64)> = (0..prompts.len()).map(|i| (params.seed, i as u64)).collect();
+    generate_rows(model, tokenizer, prompts, &streams, params)
+}
+
+/// Like [`generate`], but row `i` draws from stream 0 of `seeds[i]` (ignoring `params.seed`), so a
+/// row's tokens depend only on its own seed and prompt, not on its position in the batch.
+pub fn generate_with_seeds(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    seeds: &[u64],
+    params: &GenerationParams,
+) -> Result<Vec<Generated>> {
+    if seeds.len() != prompts.len() {
+        return Err(Error::invalid(format!(
+            "{} seeds for {} prompts: give one seed per prompt",
+            seeds.len(),
+            prompts.len()
+        )));
+    }
+    let streams: Vec<(u64, u64)> = seeds.iter().map(|&s| (s, 0)).collect();
+    generate_rows(model, tokenizer, prompts, &streams, params)
+}
+
+fn generate_rows(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    streams: &[(u64, u64)],
+    params: &GenerationParams,
+) -> Result<Vec<Generated>> {
     let sampling = SamplingParams {
         temperature: params.temperature,
         top_p: params.top_p,
@@ -120,8 +151,9 @@ pub fn generate(
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-            rng.set_stream(i as u64);
+            let (seed, stream) = streams[i];
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(stream);
             Row {
                 ids: Vec::new(),
                 rng,

@@ -1,9 +1,17 @@
-//! The reasoning-distillation pipeline as a library: records and IO, backends
-//! ([`backend::Backend`]), and one module per stage.
+//! The reasoning-distillation pipeline as a library: records and IO ([`records`], [`io`]),
+//! backends ([`backend::Backend`]), manifests, and one module per stage.
 
 pub mod backend;
+pub mod bench;
 pub mod distill;
 pub mod error;
+pub mod generate;
+pub mod io;
+pub mod manifest;
 pub mod mock_server;
+pub mod records;
+pub mod score;
+pub mod verify;
+pub mod world;
 
 pub use error::{Error, Result};

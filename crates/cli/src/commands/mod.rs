@@ -4,11 +4,16 @@ use std::process::ExitCode;
 
 use crate::args::{Cli, Command};
 
+mod generate;
+mod score;
 mod verify;
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Verify(args) => verify::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Score(args) => score::run(args),
+        Command::Bench(_args) => anyhow::bail!("`retort bench` is not built yet"),
     }
 }

@@ -7,7 +7,9 @@ use anyhow::Context;
 use retort::manifest::Manifest;
 use retort::verify::{verify_file, VerifyStageOptions};
 
-use crate::args::VerifyArgs;
+use retort_verify::PercentPolicy;
+
+use crate::args::{PercentArg, VerifyArgs};
 use crate::ui;
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
@@ -17,8 +19,13 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         response_field: args.response_field,
         ..VerifyStageOptions::default()
     };
-    options.policy.percent_equals_fraction = args.percent_equals_fraction;
-    options.policy.tolerance = args.tolerance;
+    options.policy.percent = match args.percent {
+        PercentArg::Either => PercentPolicy::Either,
+        PercentArg::Strict => PercentPolicy::Strict,
+        PercentArg::Ignore => PercentPolicy::Ignore,
+    };
+    options.policy.float_tolerance = args.tolerance;
+    options.policy.strip_units = !args.keep_units;
     let bar = ui::progress(None, "verify");
     let summary = verify_file(&args.input, &args.output, &options, &|n| bar.set_position(n as u64))
         .with_context(|| format!("cannot verify `{}`", args.input.display()))?;

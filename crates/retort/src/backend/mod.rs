@@ -4,6 +4,8 @@
 //! soon as it completes, so a stage can append results to its journal in completion order and a
 //! killed run loses nothing that finished. Failures after all retries are reported, never dropped.
 
+pub mod local;
+pub mod open;
 pub mod openai;
 
 use serde::{Deserialize, Serialize};
