@@ -1,13 +1,14 @@
 //! Equivalence of two extracted answers.
 //!
 //! Order of checks in [`equivalent`]: identical token streams; text answers (words compared
-//! case-insensitively); then parsed trees compared by [`Checker::eq`]: relations (label forms
+//! case-insensitively); then parsed trees compared by `Checker::eq`: relations (label forms
 //! such as `x = 3` reduce to their value, equations and inequalities compare as `lhs - rhs` up to
 //! a constant factor, inequalities and `x \in I` become intervals), collections (tuples and
 //! intervals in order, sets and bare lists in any order, `\pm` expands to two elements),
 //! matrices cell by cell, and scalars exactly as rationals when possible, otherwise numerically
 //! at seeded pseudo-random points.
 
+use crate::eval;
 use crate::expr::{self, Konst, Node, ParseOptions, Sign};
 use crate::normalize::{self, RelOp, Tok};
 use crate::number::{Complex, Rational};
@@ -253,10 +254,10 @@ impl Checker<'_> {
                 // `2:4` is the ratio `1:2` (exact, nonzero parts only; `12:00` stays a time).
                 return match (x.as_slice(), y.as_slice()) {
                     ([a, b], [c, d]) => match (
-                        expr::exact(a),
-                        expr::exact(b),
-                        expr::exact(c),
-                        expr::exact(d),
+                        eval::exact(a),
+                        eval::exact(b),
+                        eval::exact(c),
+                        eval::exact(d),
                     ) {
                         (Some(a), Some(b), Some(c), Some(d))
                             if [a, b, c, d].iter().all(|v| *v != Rational::ZERO) =>
@@ -320,7 +321,7 @@ impl Checker<'_> {
     }
 
     fn value_eq(&self, a: &Node, b: &Node) -> bool {
-        if let (Some(x), Some(y)) = (expr::exact(a), expr::exact(b)) {
+        if let (Some(x), Some(y)) = (eval::exact(a), eval::exact(b)) {
             if x == y {
                 return true;
             }
@@ -337,8 +338,8 @@ impl Checker<'_> {
         let budget = self.opts.eval_budget;
         if vars.is_empty() {
             return match (
-                expr::eval(a, self.opts.seed, budget),
-                expr::eval(b, self.opts.seed, budget),
+                eval::eval(a, self.opts.seed, budget),
+                eval::eval(b, self.opts.seed, budget),
             ) {
                 (Some(x), Some(y)) if x.is_finite() && y.is_finite() => {
                     x.close(y, self.constant_tol(a, b))
@@ -352,8 +353,8 @@ impl Checker<'_> {
                 .opts
                 .seed
                 .wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
-            let x = expr::eval(a, seed, budget).filter(|v| v.is_finite());
-            let y = expr::eval(b, seed, budget).filter(|v| v.is_finite());
+            let x = eval::eval(a, seed, budget).filter(|v| v.is_finite());
+            let y = eval::eval(b, seed, budget).filter(|v| v.is_finite());
             match (x, y) {
                 (Some(x), Some(y)) => {
                     if !x.close(y, EXPR_TOL) {
@@ -406,7 +407,7 @@ impl Checker<'_> {
                         return None;
                     }
                     for c in r {
-                        cells.push(expr::eval(c, seed, budget).filter(|v| v.is_finite())?);
+                        cells.push(eval::eval(c, seed, budget).filter(|v| v.is_finite())?);
                     }
                 }
                 Some(Mat {
@@ -457,14 +458,14 @@ impl Checker<'_> {
                             Some(a) => a.matmul(&m)?,
                         });
                     } else {
-                        let v = expr::eval(f, seed, budget)?;
+                        let v = eval::eval(f, seed, budget)?;
                         scale = if *div { scale.div(v) } else { scale.mul(v) };
                     }
                 }
                 acc.map(|m| m.map(|c| c.mul(scale)))
             }
             other => {
-                let v = expr::eval(other, seed, budget)?;
+                let v = eval::eval(other, seed, budget)?;
                 Some(Mat {
                     rows: 1,
                     cols: 1,
@@ -500,7 +501,7 @@ impl Checker<'_> {
                 .opts
                 .seed
                 .wrapping_add(u64::from(k).wrapping_mul(0x9E37_79B9));
-            let (Some(x), Some(y)) = (expr::eval(f, seed, budget), expr::eval(g, seed, budget))
+            let (Some(x), Some(y)) = (eval::eval(f, seed, budget), eval::eval(g, seed, budget))
             else {
                 continue;
             };

@@ -15,10 +15,12 @@
 //! ```
 //!
 //! Modules: [`extract`] (response to answer string), [`normalize`] (answer string to tokens),
-//! [`expr`] (tokens to trees; exact and numeric evaluation), [`number`] (rationals, complex),
+//! [`expr`] (tokens to trees), [`eval`] (exact and numeric evaluation), [`number`] (rationals,
+//! complex),
 //! [`equiv`] (tree comparison).
 
 pub mod equiv;
+pub mod eval;
 pub mod expr;
 pub mod extract;
 pub mod normalize;
