@@ -155,7 +155,8 @@ impl State {
     }
 }
 
-/// A running mock server; dropping it stops the server and closes its connections.
+/// A running mock server; dropping it stops the server and closes its connections before
+/// `drop` returns. Drop it outside any async runtime.
 pub struct MockServer {
     url: String,
     state: Arc<State>,
@@ -239,7 +240,9 @@ impl MockServer {
 impl Drop for MockServer {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
+            // Joins the workers, so the listener is closed when `drop` returns (tasks only
+            // sleep or wait on sockets, so this is quick).
+            runtime.shutdown_timeout(Duration::from_secs(2));
         }
     }
 }

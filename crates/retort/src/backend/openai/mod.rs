@@ -109,6 +109,22 @@ pub enum Endpoint {
     Auto,
 }
 
+impl std::str::FromStr for Endpoint {
+    type Err = Error;
+
+    /// `chat`, `completions` or `auto`.
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "chat" => Ok(Self::Chat),
+            "completions" => Ok(Self::Completions),
+            "auto" => Ok(Self::Auto),
+            other => Err(Error::Invalid(format!(
+                "endpoint `{other}`: expected `chat`, `completions` or `auto`"
+            ))),
+        }
+    }
+}
+
 /// Settings of an [`OpenAiBackend`].
 #[derive(Debug, Clone)]
 pub struct OpenAiOptions {
@@ -277,6 +293,9 @@ impl OpenAiBackend {
             .timeout(options.timeout)
             .connect_timeout(options.timeout.min(Duration::from_secs(30)))
             .pool_max_idle_per_host(options.concurrency)
+            // Below uvicorn's (vLLM's) 5 s keep-alive, so a pooled connection is rarely reused
+            // just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
             .tcp_nodelay(true)
             .user_agent(concat!("retort/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -642,6 +661,8 @@ mod tests {
             redact_userinfo("http://u:p@h:1/v1", "m"),
             "openai:http://h:1/v1#m"
         );
+        assert_eq!("chat".parse::<Endpoint>().ok(), Some(Endpoint::Chat));
+        assert!("both".parse::<Endpoint>().is_err());
         let key = ApiKey::new("sk-123");
         assert_eq!(format!("{key} {key:?}"), "**** ApiKey(****)");
     }
