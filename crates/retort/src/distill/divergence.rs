@@ -11,18 +11,21 @@
 //! Memory and gradients: positions are processed in chunks of rows (about [`CHUNK_ELEMENTS`]
 //! logits per chunk). Under candle's autograd every op keeps its inputs alive until backward, so
 //! chunking alone would not bound memory: the ~10 `[rows, vocab]` temporaries of a divergence
-//! would all stay in the graph. Each chunk is therefore differentiated on the spot (its own small
-//! graph, freed before the next chunk) and only its gradient `G = ∂loss_row/∂logits_row` is kept.
-//! The returned per-token tensor is `value + rowdot(logits, G) - detach(rowdot(logits, G))`, so its
-//! value is exact and its gradient with respect to the student logits is exactly `G` per row;
-//! what stays alive for backward is one `[b·t, v]` tensor (`G`) besides the logits themselves.
-//! When the student logits carry no graph (evaluation), no gradient is computed at all. The
+//! would all stay in the graph. Instead each chunk is computed on plain tensors (no graph) and
+//! its gradient `G = ∂D_row/∂logits_row` is written in closed form on the spot
+//! ([`log_prob_sensitivity`] pushed through the softmax); the chunk's temporaries are freed before
+//! the next chunk. The returned per-token tensor is
+//! `value + rowdot(logits, G) − detach(rowdot(logits, G))`: its value is exact and its gradient
+//! with respect to the student logits is exactly `G` per row, so any reduction downstream
+//! (masked mean, accumulation weights) back-propagates correctly. What stays alive for backward
+//! is one `[b·t, v]` tensor (`G`) besides the logits themselves. When the student logits carry
+//! no graph (evaluation), no gradient is computed at all. The
 //! teacher never receives a gradient. Higher-order derivatives are not supported.
 
 use std::fmt;
 use std::str::FromStr;
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::teacher::{MissingMass, TAIL_FLOOR, TeacherSignal};
@@ -258,22 +261,10 @@ pub fn per_token_chunked(
         let len = chunk_rows.min(rows - start);
         let student_chunk = student_data.narrow(0, start, len)?;
         let teacher_chunk = flat_teacher.narrow(start, len)?;
-        if track {
-            // A fresh leaf per chunk: its graph is differentiated and dropped here, so only the
-            // chunk's gradient outlives the loop.
-            let leaf = Var::from_tensor(&student_chunk)?;
-            let chunk_values = teacher_chunk.per_row(leaf.as_tensor(), divergence, temperature)?;
-            let grads = chunk_values.sum_all()?.backward()?;
-            let gradient = match grads.get(leaf.as_tensor()) {
-                Some(gradient) => gradient.clone(),
-                // A constant divergence (e.g. skew KL at α = 1) has no path to the logits.
-                None => leaf.as_tensor().zeros_like()?,
-            };
-            values.push(chunk_values.detach());
-            gradients.push(gradient);
-        } else {
-            values.push(teacher_chunk.per_row(&student_chunk, divergence, temperature)?);
-        }
+        let (chunk_values, gradient) =
+            teacher_chunk.per_row(&student_chunk, divergence, temperature, track)?;
+        values.push(chunk_values);
+        gradients.extend(gradient);
         start += len;
     }
     let values = if values.is_empty() {
@@ -469,19 +460,38 @@ impl FlatTeacher {
         })
     }
 
-    /// The divergence for each row of `student` (`[rows, v]`, compute dtype): `[rows]`.
+    /// The divergence for each row of `student` (`[rows, v]`, compute dtype): `[rows]`, and with
+    /// `want_gradient` its closed-form gradient with respect to `student` (`[rows, v]`).
+    ///
+    /// The values are built from differentiable ops (tests run candle's autograd through them as
+    /// a second oracle); the gradient is `(u − q·Σu) / T` per row, where `u = ∂D/∂log q` from
+    /// [`log_prob_sensitivity`] and `q` the student's distribution over the compared outcomes.
     fn per_row(
         &self,
         student: &Tensor,
         divergence: Divergence,
         temperature: f64,
-    ) -> Result<Tensor> {
+        want_gradient: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let inverse = 1.0 / temperature;
+        // Gradient of D with respect to logits z, from u = ∂D/∂log_softmax(z).
+        let through_softmax = |u: &Tensor, log_q: &Tensor| -> Result<Tensor> {
+            let q = log_q.exp()?;
+            u.broadcast_sub(&q.broadcast_mul(&u.sum_keepdim(1)?)?)?
+                .affine(inverse, 0.0)
+        };
         match self {
             Self::Dense(teacher) => {
                 let teacher = log_softmax_rows(&teacher.affine(inverse, 0.0)?)?;
                 let student = log_softmax_rows(&student.affine(inverse, 0.0)?)?;
-                from_log_probs(&teacher, &student, divergence)
+                let values = from_log_probs(&teacher, &student, divergence)?;
+                let gradient = if want_gradient {
+                    let u = log_prob_sensitivity(&teacher, &student, divergence)?;
+                    Some(through_softmax(&u, &student)?)
+                } else {
+                    None
+                };
+                Ok((values, gradient))
             }
             Self::Sparse {
                 indices,
@@ -497,9 +507,18 @@ impl FlatTeacher {
                         // Renormalising over the set cancels the full-vocabulary normaliser, so
                         // the student's set logits suffice (same value, no [rows, v] softmax).
                         let student_set = student.gather(indices, 1)?.affine(inverse, 0.0)?;
-                        let student = log_softmax_rows(&student_set)?;
+                        let student_set = log_softmax_rows(&student_set)?;
                         let teacher = log_softmax_rows(&logprobs.affine(rescale, 0.0)?)?;
-                        from_log_probs(&teacher, &student, divergence)
+                        let values = from_log_probs(&teacher, &student_set, divergence)?;
+                        let gradient = if want_gradient {
+                            let u = log_prob_sensitivity(&teacher, &student_set, divergence)?;
+                            let set_gradient = through_softmax(&u, &student_set)?;
+                            // Ids are distinct (validated), so a plain scatter places each once.
+                            Some(student.zeros_like()?.scatter(indices, &set_gradient, 1)?)
+                        } else {
+                            None
+                        };
+                        Ok((values, gradient))
                     }
                     MissingMass::Tail => {
                         let student_full = log_softmax_rows(&student.affine(inverse, 0.0)?)?;
@@ -511,11 +530,10 @@ impl FlatTeacher {
                             .zeros_like()?
                             .scatter(indices, &ones, 1)?
                             .affine(-1.0, 1.0)?;
-                        let student_tail = (student_full.exp()? * outside)?
-                            .sum_keepdim(1)?
-                            .maximum(TAIL_FLOOR)?
-                            .log()?;
-                        let student = Tensor::cat(&[&student_set, &student_tail], 1)?;
+                        let outside_probs = (student_full.exp()? * &outside)?;
+                        let tail_mass = outside_probs.sum_keepdim(1)?;
+                        let student_tail = tail_mass.maximum(TAIL_FLOOR)?.log()?;
+                        let student_buckets = Tensor::cat(&[&student_set, &student_tail], 1)?;
 
                         let tail = logprobs.exp()?.sum_keepdim(1)?.affine(-1.0, 1.0)?;
                         let tail = tail
@@ -527,10 +545,71 @@ impl FlatTeacher {
                         // approximation otherwise (how the tail spreads over tokens is unknown).
                         let teacher = Tensor::cat(&[logprobs, &tail], 1)?.affine(rescale, 0.0)?;
                         let teacher = log_softmax_rows(&teacher)?;
-                        from_log_probs(&teacher, &student, divergence)
+                        let values = from_log_probs(&teacher, &student_buckets, divergence)?;
+                        let gradient = if want_gradient {
+                            let k = indices.dim(1)?;
+                            let u = log_prob_sensitivity(&teacher, &student_buckets, divergence)?;
+                            let u_set = u.narrow(1, 0, k)?.contiguous()?;
+                            let u_tail = u.narrow(1, k, 1)?;
+                            // ∂ log(tail)/∂ log q_j = q_j / tail for j outside the set; zero where
+                            // the tail sits at its floor (as the clamp's subgradient).
+                            let live = tail_mass.gt(TAIL_FLOOR)?;
+                            let per_mass = live.where_cond(
+                                &(u_tail / tail_mass.maximum(TAIL_FLOOR)?)?,
+                                &tail_mass.zeros_like()?,
+                            )?;
+                            let u_full = outside_probs
+                                .broadcast_mul(&per_mass)?
+                                .scatter(indices, &u_set, 1)?;
+                            Some(through_softmax(&u_full, &student_full)?)
+                        } else {
+                            None
+                        };
+                        Ok((values, gradient))
                     }
                 }
             }
+        }
+    }
+}
+
+/// `u = ∂D/∂log q_s` per outcome, holding `q_s = exp(log q_s)` tied to it, for the divergence
+/// `D` of [`from_log_probs`] (teacher log-probs `lt`, student log-probs `ls`, `[rows, n]`).
+///
+/// Closed forms (`p` teacher, `q` student, `m` the mixture in each definition):
+/// fkl `−p`; rkl `q·(ls − lt + 1)`; jsd `(1−β)·q·(ls − lm)` (the mixture terms cancel);
+/// skl `−(1−α)·p·q/m`; srkl `q·(ls − lm + 1) − α·q²/m`; tvd `½·sign(q − p)·q`.
+fn log_prob_sensitivity(lt: &Tensor, ls: &Tensor, divergence: Divergence) -> Result<Tensor> {
+    let reverse = || ls.exp()? * (ls - lt)?.affine(1.0, 1.0)?;
+    match divergence {
+        Divergence::ForwardKl
+        | Divergence::Jsd { beta: 0.0 }
+        | Divergence::SkewForwardKl { alpha: 0.0 } => lt.exp()?.neg(),
+        Divergence::ReverseKl
+        | Divergence::Jsd { beta: 1.0 }
+        | Divergence::SkewReverseKl { alpha: 0.0 } => reverse(),
+        Divergence::SkewForwardKl { alpha: 1.0 } | Divergence::SkewReverseKl { alpha: 1.0 } => {
+            ls.zeros_like()
+        }
+        Divergence::Jsd { beta } => {
+            let mixture = log_mixture(lt, beta, ls)?;
+            (ls.exp()? * (ls - mixture)?)?.affine(1.0 - beta, 0.0)
+        }
+        Divergence::SkewForwardKl { alpha } => {
+            let mixture = log_mixture(lt, alpha, ls)?;
+            ((lt + ls)? - mixture)?.exp()?.affine(alpha - 1.0, 0.0)
+        }
+        Divergence::SkewReverseKl { alpha } => {
+            let mixture = log_mixture(ls, alpha, lt)?;
+            let first = (ls.exp()? * (ls - &mixture)?.affine(1.0, 1.0)?)?;
+            let second = (ls.affine(2.0, 0.0)? - mixture)?
+                .exp()?
+                .affine(alpha, 0.0)?;
+            first - second
+        }
+        Divergence::Tvd => {
+            let q = ls.exp()?;
+            ((&q - lt.exp()?)?.sign()? * q)?.affine(0.5, 0.0)
         }
     }
 }
@@ -844,6 +923,45 @@ mod tests {
             }
         }
         println!("finite differences: worst relative gradient error {overall:.3e}");
+    }
+
+    #[test]
+    fn closed_form_gradient_matches_candle_autograd() {
+        // A second oracle besides finite differences: candle's autograd through the value ops.
+        let mut rng = Rng(12);
+        let (b, t, v) = (2, 3, 9);
+        let student = rng.tensor((b, t, v), 3.0);
+        let teacher = rng.tensor((b, t, v), 3.0);
+        let student_rows = student.reshape((b * t, v)).unwrap();
+        let mut overall = 0.0f64;
+        for signal in [
+            TeacherSignal::dense(teacher.clone()),
+            top_k(&teacher, 4, MissingMass::Tail),
+            top_k(&teacher, 4, MissingMass::Renormalize),
+            full_top_k(&teacher, 1.0, MissingMass::Tail),
+        ] {
+            let flat = FlatTeacher::new(&signal, b * t, DType::F64).unwrap();
+            for divergence in all_divergences() {
+                for temperature in [1.0, 2.5] {
+                    let leaf = Var::from_tensor(&student_rows).unwrap();
+                    let (value, _) = flat
+                        .per_row(leaf.as_tensor(), divergence, temperature, false)
+                        .unwrap();
+                    let grads = value.sum_all().unwrap().backward().unwrap();
+                    let autograd = match grads.get(leaf.as_tensor()) {
+                        Some(g) => values(g),
+                        None => vec![0.0; b * t * v],
+                    };
+                    let (_, closed) = flat
+                        .per_row(&student_rows, divergence, temperature, true)
+                        .unwrap();
+                    let diff = max_abs_diff(&autograd, &values(&closed.unwrap()));
+                    overall = overall.max(diff);
+                    assert!(diff < 1e-12, "{divergence} T={temperature}: {diff:.3e}");
+                }
+            }
+        }
+        println!("closed form vs candle autograd: max_abs_diff {overall:.3e}");
     }
 
     #[test]
