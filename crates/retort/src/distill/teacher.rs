@@ -185,3 +185,109 @@ impl TeacherSignal {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::{MissingMass, TeacherSignal};
+    use crate::distill::divergence::tests::{
+        Rng, all_divergences, full_top_k, max_abs_diff, top_k, values,
+    };
+    use crate::distill::divergence::{Divergence, per_token, per_token_chunked};
+
+    #[test]
+    fn sparse_with_k_equal_to_vocabulary_equals_dense() {
+        let mut rng = Rng(4);
+        let student = rng.tensor((2, 3, 10), 3.0);
+        let teacher = rng.tensor((2, 3, 10), 3.0);
+        let dense = TeacherSignal::dense(teacher.clone());
+        let mut overall = 0.0f64;
+        for policy in [MissingMass::Tail, MissingMass::Renormalize] {
+            for (signal_temperature, temperature) in
+                [(1.0, 1.0), (1.0, 2.0), (2.0, 2.0), (1.0, 0.7)]
+            {
+                let sparse = full_top_k(&teacher, signal_temperature, policy);
+                for divergence in all_divergences() {
+                    let expect = |signal: &TeacherSignal| {
+                        let leaf = Var::from_tensor(&student).unwrap();
+                        let per_token =
+                            per_token_chunked(leaf.as_tensor(), signal, divergence, temperature, 4)
+                                .unwrap();
+                        let gradient = per_token.sum_all().unwrap().backward().unwrap();
+                        (
+                            values(&per_token),
+                            values(gradient.get(leaf.as_tensor()).unwrap()),
+                        )
+                    };
+                    let (dense_values, dense_gradient) = expect(&dense);
+                    let (sparse_values, sparse_gradient) = expect(&sparse);
+                    let diff = max_abs_diff(&dense_values, &sparse_values)
+                        .max(max_abs_diff(&dense_gradient, &sparse_gradient));
+                    overall = overall.max(diff);
+                    assert!(
+                        diff < 1e-10,
+                        "{policy:?} {divergence} T_signal={signal_temperature} T={temperature}: \
+                         max_abs_diff {diff:.3e}"
+                    );
+                }
+            }
+        }
+        println!("top-k = vocabulary vs dense (values and gradients): max_abs_diff {overall:.3e}");
+    }
+
+    #[test]
+    fn tail_policy_lower_bounds_the_dense_divergence() {
+        // At the signal's temperature the tail bucket is an exact coarse-graining, so every
+        // (f-)divergence here can only shrink (data processing inequality).
+        let mut rng = Rng(5);
+        let student = rng.tensor((2, 4, 12), 2.0);
+        let teacher = rng.tensor((2, 4, 12), 2.0);
+        let dense = TeacherSignal::dense(teacher.clone());
+        for k in [1, 3, 6, 11] {
+            let sparse = top_k(&teacher, k, MissingMass::Tail);
+            for divergence in all_divergences() {
+                let full = values(&per_token(&student, &dense, divergence, 1.0).unwrap());
+                let coarse = values(&per_token(&student, &sparse, divergence, 1.0).unwrap());
+                for (c, f) in coarse.iter().zip(&full) {
+                    assert!(
+                        *c >= -1e-12 && *c <= f + 1e-12,
+                        "{divergence} k={k}: {c} > {f}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn renormalize_ignores_student_mass_outside_the_set_and_tail_does_not() {
+        let mut rng = Rng(6);
+        let teacher = rng.tensor((1, 2, 8), 2.0);
+        let student = rng.tensor((1, 2, 8), 2.0);
+        let renorm = top_k(&teacher, 3, MissingMass::Renormalize);
+        let tail = top_k(&teacher, 3, MissingMass::Tail);
+        // Raise the student's logits on the tokens outside the teacher's top-3 only.
+        let TeacherSignal::Sparse { indices, .. } = &renorm else {
+            unreachable!()
+        };
+        let set = Tensor::zeros((1, 2, 8), DType::F64, &Device::Cpu)
+            .unwrap()
+            .scatter(
+                indices,
+                &Tensor::ones((1, 2, 3), DType::F64, &Device::Cpu).unwrap(),
+                2,
+            )
+            .unwrap();
+        let boosted =
+            (&student + set.affine(-1.0, 1.0).unwrap().affine(4.0, 0.0).unwrap()).unwrap();
+        let eval = |signal: &TeacherSignal, logits: &Tensor| {
+            values(&per_token(logits, signal, Divergence::ForwardKl, 1.0).unwrap())
+        };
+        assert!(max_abs_diff(&eval(&renorm, &student), &eval(&renorm, &boosted)) < 1e-12);
+        let (before, after) = (eval(&tail, &student), eval(&tail, &boosted));
+        assert!(
+            before.iter().zip(&after).all(|(b, a)| a > b),
+            "{before:?} {after:?}"
+        );
+    }
+}
