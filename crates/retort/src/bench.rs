@@ -1,0 +1,1023 @@
+//! `retort bench`: training, scoring, generation, KD and verification throughput on fixed
+//! configs, printed as one JSON line shaped like `shared/bench/torch_bench.py`'s output
+//! (`results.<config>.<figure>.tokens_per_s`) so the two compare key by key (DESIGN.md §7).
+//!
+//! The two configs ([`BENCH_TINY`], [`BENCH_SMALL`]) are Qwen2 models (untied, RoPE θ 1e4, RMSNorm
+//! ε 1e-6) with random f32 weights from a seeded ChaCha stream (candle's CPU `set_seed` fails):
+//! matrices `N(0, 0.02)`, norm weights 1, biases 0, as transformers initialises them. The
+//! figures run the product's own code paths:
+//! - `train`: [`CausalLm::forward`] + [`causal_lm_loss`] + [`Trainer`] (backward, AdamW, lr 1e-4,
+//!   no weight decay) on `[batch, seq]` random ids; `tokens = batch·seq` per step.
+//! - `score`: [`score_batch`] on frozen weights (plain tensors, not `Var`s); `tokens = batch·seq`.
+//! - `generate_b1`, `generate_b8`: greedy [`generate`], 16-token prompt, exactly 128 new tokens
+//!   (no EOS), prefill included; `tokens = batch·128`.
+//! - `kd_small_to_tiny`: frozen bench-small teacher forward, bench-tiny-shaped student with the
+//!   teacher's vocabulary, forward KL (token mean) through [`divergence::per_token`], backward and
+//!   AdamW; `tokens = batch·seq` of bench-small.
+//! - `verify`: [`retort_verify::verify`] on embedded answer pairs, one thread; `pairs_per_s`.
+//!
+//! Timing follows the reference: warmup iterations (2; 1 for generation), then at least
+//! [`BenchOptions::min_iters`] iterations and until [`BenchOptions::seconds`] have passed;
+//! median, min and max. Training and KD entries also carry `phases_ms`, the median time of each
+//! phase of a step (forward, loss, backward, optimizer), for profiling.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use retort_model::train::{
+    AdamWConfig, LrSchedule, TrainConfig, Trainer, causal_lm_loss, named_vars,
+};
+use retort_model::{CausalLm, GenerationParams, ModelConfig, Tokenizer, generate, score_batch};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+
+use crate::distill::divergence::{self, Divergence};
+use crate::distill::teacher::TeacherSignal;
+use crate::error::{Error, Result};
+
+/// The candle version the workspace requires (reported in `versions`).
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+/// Most timed iterations of one figure, whatever `seconds` allows.
+const MAX_ITERS: usize = 200;
+/// Passes over the embedded pairs per timed `verify` iteration.
+const VERIFY_PASSES: usize = 10;
+
+/// One benchmark model shape and its workload, as `torch_bench.py`'s `CONFIGS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BenchConfig {
+    /// `bench-tiny` or `bench-small` (the key under `results`).
+    #[serde(skip)]
+    pub name: &'static str,
+    /// Residual width.
+    pub hidden: usize,
+    /// Decoder layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// MLP inner width.
+    pub intermediate: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Sequence length of the train and score batches.
+    pub seq: usize,
+    /// Rows of the train and score batches.
+    pub batch: usize,
+}
+
+/// DESIGN.md §7 bench-tiny.
+pub const BENCH_TINY: BenchConfig = BenchConfig {
+    name: "bench-tiny",
+    hidden: 256,
+    layers: 4,
+    heads: 4,
+    kv_heads: 2,
+    intermediate: 704,
+    vocab: 512,
+    seq: 128,
+    batch: 8,
+};
+
+/// DESIGN.md §7 bench-small.
+pub const BENCH_SMALL: BenchConfig = BenchConfig {
+    name: "bench-small",
+    hidden: 512,
+    layers: 8,
+    heads: 8,
+    kv_heads: 4,
+    intermediate: 1408,
+    vocab: 4096,
+    seq: 256,
+    batch: 4,
+};
+
+/// Both fixed configs, in report order.
+pub const CONFIGS: [BenchConfig; 2] = [BENCH_TINY, BENCH_SMALL];
+
+impl BenchConfig {
+    /// The Qwen2 [`ModelConfig`] of this shape with vocabulary `vocab`.
+    pub fn model_config(&self, vocab: usize) -> Result<ModelConfig> {
+        let value = json!({
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": vocab,
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "intermediate_size": self.intermediate,
+            "max_position_embeddings": 1024,
+            "rope_theta": 10000.0,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": false,
+            "use_sliding_window": false,
+            "hidden_act": "silu",
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 0,
+            "torch_dtype": "float32",
+        });
+        Ok(ModelConfig::from_json(&value, format!("<{}>", self.name))?)
+    }
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Figure {
+    /// Forward + loss + backward + AdamW.
+    Train,
+    /// All-position log-probs, no gradient.
+    Score,
+    /// Greedy generation, batch 1.
+    GenerateB1,
+    /// Greedy generation, batch 8.
+    GenerateB8,
+    /// KD step, bench-small teacher to bench-tiny-shaped student.
+    Kd,
+    /// Answer verification, one thread.
+    Verify,
+}
+
+impl Figure {
+    /// Every figure, in report order.
+    pub const ALL: [Self; 6] = [
+        Self::Train,
+        Self::Score,
+        Self::GenerateB1,
+        Self::GenerateB8,
+        Self::Kd,
+        Self::Verify,
+    ];
+
+    /// The key under `results` (per config for the first four, top level for the others).
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Score => "score",
+            Self::GenerateB1 => "generate_b1",
+            Self::GenerateB8 => "generate_b8",
+            Self::Kd => "kd_small_to_tiny",
+            Self::Verify => "verify",
+        }
+    }
+
+    /// Figures named in `--only` (`train`, `score`, `generate` (both batch sizes),
+    /// `generate_b1`, `generate_b8`, `kd`, `kd_small_to_tiny`, `verify`); empty means all.
+    pub fn parse_list(names: &[String]) -> Result<Vec<Self>> {
+        if names.is_empty() {
+            return Ok(Self::ALL.to_vec());
+        }
+        let mut out = Vec::new();
+        for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+            let figures: &[Self] = match name {
+                "train" => &[Self::Train],
+                "score" => &[Self::Score],
+                "generate" => &[Self::GenerateB1, Self::GenerateB8],
+                "generate_b1" => &[Self::GenerateB1],
+                "generate_b8" => &[Self::GenerateB8],
+                "kd" | "kd_small_to_tiny" => &[Self::Kd],
+                "verify" => &[Self::Verify],
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "unknown figure `{other}` in `--only`; expected `train`, `score`, \
+                         `generate`, `generate_b1`, `generate_b8`, `kd` or `verify`"
+                    )));
+                }
+            };
+            for f in figures {
+                if !out.contains(f) {
+                    out.push(*f);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What to measure and for how long.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Figures to run.
+    pub figures: Vec<Figure>,
+    /// Configs for `train`, `score` and the generation figures.
+    pub configs: Vec<BenchConfig>,
+    /// KD teacher (its vocabulary and batch shape are used).
+    pub kd_teacher: BenchConfig,
+    /// KD student shape (vocabulary replaced by the teacher's).
+    pub kd_student: BenchConfig,
+    /// Seconds of timed iterations per figure (after warmup).
+    pub seconds: f64,
+    /// Untimed iterations first (generation uses at most 1, as the reference).
+    pub warmup: usize,
+    /// Timed iterations at least.
+    pub min_iters: usize,
+    /// Prompt tokens of the generation figures.
+    pub prompt_len: usize,
+    /// New tokens per row of the generation figures.
+    pub new_tokens: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            figures: Figure::ALL.to_vec(),
+            configs: CONFIGS.to_vec(),
+            kd_teacher: BENCH_SMALL,
+            kd_student: BENCH_TINY,
+            seconds: 3.0,
+            warmup: 2,
+            min_iters: 3,
+            prompt_len: 16,
+            new_tokens: 128,
+        }
+    }
+}
+
+impl BenchOptions {
+    /// Options from the command line's `--only`, `--config` (empty: all) and `--seconds`.
+    pub fn from_filters(only: &[String], configs: &[String], seconds: f64) -> Result<Self> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(Error::Invalid(format!(
+                "`--seconds` must be a non-negative number, got {seconds}"
+            )));
+        }
+        let mut chosen = Vec::new();
+        for name in configs.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+            let config = CONFIGS.iter().find(|c| c.name == name).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "unknown config `{name}` in `--config`; expected `bench-tiny` or `bench-small`"
+                ))
+            })?;
+            if !chosen.contains(config) {
+                chosen.push(*config);
+            }
+        }
+        Ok(Self {
+            figures: Figure::parse_list(only)?,
+            configs: if chosen.is_empty() {
+                CONFIGS.to_vec()
+            } else {
+                chosen
+            },
+            seconds,
+            ..Self::default()
+        })
+    }
+}
+
+/// Wall times of one figure's timed iterations.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Timing {
+    /// Median seconds per iteration.
+    pub median_s: f64,
+    /// Fastest iteration.
+    pub min_s: f64,
+    /// Slowest iteration.
+    pub max_s: f64,
+    /// Timed iterations.
+    pub iters: usize,
+    /// Every iteration, rounded to 0.1 ms.
+    pub times_s: Vec<f64>,
+    /// Share of the whole machine's CPU used by other processes while timing (Linux).
+    pub other_procs_cpu_share: Option<f64>,
+}
+
+/// Runs `step` `warmup` times, then at least `min_iters` times and until `seconds` have passed
+/// (at most [`MAX_ITERS`]).
+pub fn time_it(
+    warmup: usize,
+    min_iters: usize,
+    seconds: f64,
+    mut step: impl FnMut() -> Result<()>,
+) -> Result<Timing> {
+    for _ in 0..warmup {
+        step()?;
+    }
+    let machine0 = machine_jiffies();
+    let self0 = self_jiffies();
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.len() < min_iters.max(1)
+        || (start.elapsed().as_secs_f64() < seconds && times.len() < MAX_ITERS)
+    {
+        let t0 = Instant::now();
+        step()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let other = match (machine0, machine_jiffies(), self0, self_jiffies()) {
+        (Some((b0, t0)), Some((b1, t1)), Some(s0), Some(s1)) if t1 > t0 => {
+            let other =
+                (b1.saturating_sub(b0) as f64 - s1.saturating_sub(s0) as f64) / (t1 - t0) as f64;
+            Some((other.max(0.0) * 1000.0).round() / 1000.0)
+        }
+        _ => None,
+    };
+    Ok(Timing {
+        median_s: median(&times),
+        min_s: times.iter().copied().fold(f64::INFINITY, f64::min),
+        max_s: times.iter().copied().fold(0.0, f64::max),
+        iters: times.len(),
+        times_s: times.iter().map(|t| (t * 1e4).round() / 1e4).collect(),
+        other_procs_cpu_share: other,
+    })
+}
+
+/// Median of a non-empty slice (mean of the middle two for an even length), 0 when empty.
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// (busy, total) jiffies over all CPUs from `/proc/stat`.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let text = fs_err::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    let total: u64 = fields.iter().sum();
+    Some((total - idle, total))
+}
+
+/// This process's user + system jiffies from `/proc/self/stat`.
+fn self_jiffies() -> Option<u64> {
+    let text = fs_err::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Peak resident memory (`VmHWM`) in MiB, Linux only.
+pub fn peak_rss_mib() -> Option<f64> {
+    let text = fs_err::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The widest x86 vector extension available (`torch`'s `cpu_capability`).
+fn cpu_capability() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "AVX512";
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return "AVX2";
+        }
+    }
+    "DEFAULT"
+}
+
+/// Random weights for `cfg` in a fresh [`VarMap`] and the model reading them: matrices
+/// `N(0, 0.02)`, rank-1 weights (norms) 1, biases 0, drawn in name order from ChaCha8 `seed`.
+pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<(VarMap, CausalLm)> {
+    let varmap = VarMap::new();
+    // The default VarMap init is the constant 0; every variable is overwritten below.
+    let model = CausalLm::new(
+        cfg,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for (name, var) in named_vars(&varmap) {
+        let n = var.elem_count();
+        let values = if var.rank() >= 2 {
+            normal(&mut rng, n, 0.02)
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            vec![1.0; n]
+        };
+        var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
+    }
+    Ok((varmap, model))
+}
+
+/// A model with the same random weights as [`random_model`], held as plain (frozen) tensors.
+pub fn frozen_model(cfg: &ModelConfig, seed: u64) -> Result<CausalLm> {
+    let (varmap, _) = random_model(cfg, seed)?;
+    let tensors: HashMap<String, Tensor> = named_vars(&varmap)
+        .into_iter()
+        .map(|(name, var)| (name, var.as_detached_tensor()))
+        .collect();
+    Ok(CausalLm::new(
+        cfg,
+        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+    )?)
+}
+
+/// `n` draws of `N(0, std²)` (Box-Muller).
+fn normal(rng: &mut ChaCha8Rng, n: usize, std: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let theta = std::f64::consts::TAU * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+/// `[batch, seq]` random ids in `2..vocab` (as the reference: 0 and 1 are BOS/EOS).
+fn random_ids(batch: usize, seq: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let high = vocab.max(3) as u32;
+    (0..batch)
+        .map(|_| (0..seq).map(|_| rng.random_range(2..high)).collect())
+        .collect()
+}
+
+fn ids_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
+    let (b, s) = (rows.len(), rows.first().map_or(0, Vec::len));
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (b, s), &Device::Cpu)?)
+}
+
+fn trainer_for(varmap: &VarMap) -> Result<Trainer> {
+    let config = TrainConfig {
+        adamw: AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        schedule: LrSchedule::constant(1e-4),
+        max_grad_norm: None,
+    };
+    Ok(Trainer::new(named_vars(varmap), config)?)
+}
+
+/// Times the phases of a step: `phase(i)` ends phase `i` (milliseconds since the last mark).
+struct Phases {
+    names: &'static [&'static str],
+    rows: Vec<Vec<f64>>,
+    mark: Instant,
+}
+
+impl Phases {
+    fn new(names: &'static [&'static str]) -> Self {
+        Self {
+            names,
+            rows: Vec::new(),
+            mark: Instant::now(),
+        }
+    }
+
+    fn start(&mut self) {
+        self.rows.push(Vec::with_capacity(self.names.len()));
+        self.mark = Instant::now();
+    }
+
+    fn end_phase(&mut self) {
+        let now = Instant::now();
+        if let Some(row) = self.rows.last_mut() {
+            row.push((now - self.mark).as_secs_f64() * 1e3);
+        }
+        self.mark = now;
+    }
+
+    /// Median per phase over the last `iters` steps (the timed ones), in ms.
+    fn medians(&self, iters: usize) -> Value {
+        let timed = &self.rows[self.rows.len().saturating_sub(iters)..];
+        let mut out = Map::new();
+        for (i, name) in self.names.iter().enumerate() {
+            let values: Vec<f64> = timed.iter().filter_map(|r| r.get(i).copied()).collect();
+            out.insert(
+                (*name).into(),
+                json!((median(&values) * 100.0).round() / 100.0),
+            );
+        }
+        Value::Object(out)
+    }
+}
+
+fn entry(timing: &Timing, extra: Value) -> Result<Value> {
+    let mut value = serde_json::to_value(timing)
+        .map_err(|e| Error::Invalid(format!("cannot serialise a timing: {e}")))?;
+    if let (Value::Object(map), Value::Object(extra)) = (&mut value, extra) {
+        map.extend(extra);
+    }
+    Ok(value)
+}
+
+fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
+    let cfg = c.model_config(c.vocab)?;
+    let (varmap, model) = random_model(&cfg, 1)?;
+    let mut trainer = trainer_for(&varmap)?;
+    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    let mut phases = Phases::new(&["forward", "loss", "backward", "optimizer"]);
+    let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
+        phases.start();
+        let logits = model.forward(&ids, None, None)?;
+        phases.end_phase();
+        let (loss_sum, n_tokens) = causal_lm_loss(&logits, &ids)?;
+        phases.end_phase();
+        trainer.accumulate(&loss_sum, n_tokens)?;
+        phases.end_phase();
+        trainer.step()?;
+        phases.end_phase();
+        Ok(())
+    })?;
+    let tokens = c.batch * c.seq;
+    let params: usize = named_vars(&varmap)
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    entry(
+        &timing,
+        json!({
+            "tokens_per_step": tokens,
+            "tokens_per_s": tokens as f64 / timing.median_s,
+            "params": params,
+            "phases_ms": phases.medians(timing.iters),
+        }),
+    )
+}
+
+fn bench_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
+    let model = frozen_model(&c.model_config(c.vocab)?, 2)?;
+    // Prompt = the first token, completion = the rest: every position 0..seq-1 predicts the next.
+    let items: Vec<(Vec<u32>, Vec<u32>)> = random_ids(c.batch, c.seq, c.vocab, 12)
+        .into_iter()
+        .map(|row| (row[..1].to_vec(), row[1..].to_vec()))
+        .collect();
+    let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
+        score_batch(&model, &items, 0)?;
+        Ok(())
+    })?;
+    let tokens = c.batch * c.seq;
+    entry(
+        &timing,
+        json!({"tokens_per_call": tokens, "tokens_per_s": tokens as f64 / timing.median_s}),
+    )
+}
+
+/// A tokenizer for [`generate`]'s final decode: a one-token WordLevel vocabulary (every other id
+/// decodes to nothing). `retort_model::Tokenizer` loads from a file only, so it is written to a
+/// fresh temporary folder and removed at once.
+fn placeholder_tokenizer() -> Result<Tokenizer> {
+    const JSON: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],
+"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,
+"model":{"type":"WordLevel","vocab":{"<unk>":0},"unk_token":"<unk>"}}"#;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("retort-bench-{}-{nanos}", std::process::id()));
+    fs_err::create_dir_all(&dir)?;
+    let path = dir.join("tokenizer.json");
+    let loaded = fs_err::write(&path, JSON)
+        .map_err(Error::from)
+        .and_then(|()| Tokenizer::from_file(&path).map_err(Error::from));
+    // Best effort: a leftover temporary folder is harmless.
+    let _ = fs_err::remove_dir_all(&dir);
+    loaded
+}
+
+fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions) -> Result<Value> {
+    let model = frozen_model(&c.model_config(c.vocab)?, 3)?;
+    let tokenizer = placeholder_tokenizer()?;
+    let prompts = random_ids(batch, o.prompt_len, c.vocab, 13);
+    let params = GenerationParams {
+        max_new_tokens: o.new_tokens,
+        temperature: 0.0,
+        eos_ids: Vec::new(),
+        ..GenerationParams::default()
+    };
+    let new_tokens = o.new_tokens;
+    let timing = time_it(o.warmup.min(1), o.min_iters, o.seconds, || {
+        let out = generate(&model, &tokenizer, &prompts, &params)?;
+        if let Some(row) = out.iter().find(|g| g.token_ids.len() != new_tokens) {
+            return Err(Error::Invalid(format!(
+                "bench: a row generated {} tokens, expected exactly {new_tokens}",
+                row.token_ids.len()
+            )));
+        }
+        Ok(())
+    })?;
+    entry(
+        &timing,
+        json!({
+            "batch": batch,
+            "new_tokens": new_tokens,
+            "tokens_per_s": (batch * new_tokens) as f64 / timing.median_s,
+            "ms_per_step": 1000.0 * timing.median_s / new_tokens.max(1) as f64,
+        }),
+    )
+}
+
+fn bench_kd(o: &BenchOptions) -> Result<Value> {
+    let (tc, sc) = (&o.kd_teacher, &o.kd_student);
+    let teacher = frozen_model(&tc.model_config(tc.vocab)?, 4)?;
+    let (varmap, student) = random_model(&sc.model_config(tc.vocab)?, 5)?;
+    let mut trainer = trainer_for(&varmap)?;
+    let (b, s) = (tc.batch, tc.seq);
+    let ids = ids_tensor(&random_ids(b, s, tc.vocab, 14))?;
+    let mask = Tensor::ones((b, s), DType::F32, &Device::Cpu)?;
+    let mut phases = Phases::new(&[
+        "teacher_forward",
+        "student_forward",
+        "divergence",
+        "backward",
+        "optimizer",
+    ]);
+    let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
+        phases.start();
+        let teacher_logits = teacher.forward(&ids, None, None)?;
+        phases.end_phase();
+        let student_logits = student.forward(&ids, None, None)?;
+        phases.end_phase();
+        let signal = TeacherSignal::dense(teacher_logits);
+        let per_token =
+            divergence::per_token(&student_logits, &signal, Divergence::ForwardKl, 1.0)?;
+        let loss_sum = divergence::masked_sum(&per_token, &mask)?;
+        phases.end_phase();
+        trainer.accumulate(&loss_sum, b * s)?;
+        phases.end_phase();
+        trainer.step()?;
+        phases.end_phase();
+        Ok(())
+    })?;
+    let count = |vm: &VarMap| -> usize { named_vars(vm).iter().map(|(_, v)| v.elem_count()).sum() };
+    let teacher_params: usize = teacher_param_count(tc)?;
+    entry(
+        &timing,
+        json!({
+            "batch": b,
+            "seq": s,
+            "tokens_per_s": (b * s) as f64 / timing.median_s,
+            "student_params": count(&varmap),
+            "teacher_params": teacher_params,
+            "phases_ms": phases.medians(timing.iters),
+        }),
+    )
+}
+
+/// Parameters of an untied Qwen2 of shape `c` (q/k/v biases included).
+fn teacher_param_count(c: &BenchConfig) -> Result<usize> {
+    let cfg = c.model_config(c.vocab)?;
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let attention = h * q + q + 2 * (h * kv + kv) + q * h;
+    let layer = attention + 3 * h * i + 2 * h;
+    Ok(2 * v * h + cfg.num_hidden_layers * layer + h)
+}
+
+fn bench_verify(o: &BenchOptions) -> Result<Value> {
+    let pairs = verify_pairs();
+    let options = retort_verify::VerifyOptions::default();
+    let mut correct = 0usize;
+    let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
+        correct = 0;
+        for _ in 0..VERIFY_PASSES {
+            for (response, gold) in &pairs {
+                correct += usize::from(retort_verify::verify(response, gold, &options).correct);
+            }
+        }
+        Ok(())
+    })?;
+    let per_iter = pairs.len() * VERIFY_PASSES;
+    entry(
+        &timing,
+        json!({
+            "pairs": pairs.len(),
+            "pairs_per_iter": per_iter,
+            "correct_share": correct as f64 / per_iter.max(1) as f64,
+            "pairs_per_s": per_iter as f64 / timing.median_s,
+            "threads": 1,
+        }),
+    )
+}
+
+/// Runs the selected figures and returns the report (one JSON object); `progress` gets a line
+/// per finished figure.
+pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Value> {
+    let start = Instant::now();
+    let wants = |f: Figure| options.figures.contains(&f);
+    let mut results = Map::new();
+    let mut report_line = |name: &str, figure: &str, value: &Value| {
+        let rate = value
+            .get("tokens_per_s")
+            .map(|r| format!("{:.0} tokens/s", r.as_f64().unwrap_or(0.0)))
+            .or_else(|| {
+                value
+                    .get("pairs_per_s")
+                    .map(|r| format!("{:.0} pairs/s", r.as_f64().unwrap_or(0.0)))
+            })
+            .unwrap_or_default();
+        let median = value.get("median_s").and_then(Value::as_f64).unwrap_or(0.0);
+        progress(&format!(
+            "{name} {figure}: {:.1} ms median, {rate}",
+            median * 1e3
+        ));
+    };
+    for c in &options.configs {
+        let mut figures = Map::new();
+        for figure in [
+            Figure::Train,
+            Figure::Score,
+            Figure::GenerateB1,
+            Figure::GenerateB8,
+        ] {
+            if !wants(figure) {
+                continue;
+            }
+            let value = match figure {
+                Figure::Train => bench_train(c, options)?,
+                Figure::Score => bench_score(c, options)?,
+                Figure::GenerateB1 => bench_generate(c, 1, options)?,
+                _ => bench_generate(c, 8, options)?,
+            };
+            report_line(c.name, figure.key(), &value);
+            figures.insert(figure.key().into(), value);
+        }
+        if !figures.is_empty() {
+            results.insert(c.name.into(), Value::Object(figures));
+        }
+    }
+    if wants(Figure::Kd) {
+        let value = bench_kd(options)?;
+        report_line("", Figure::Kd.key(), &value);
+        results.insert(Figure::Kd.key().into(), value);
+    }
+    if wants(Figure::Verify) {
+        let value = bench_verify(options)?;
+        report_line("", Figure::Verify.key(), &value);
+        results.insert(Figure::Verify.key().into(), value);
+    }
+    let configs: Map<String, Value> = options
+        .configs
+        .iter()
+        .map(|c| (c.name.to_string(), json!(c)))
+        .collect();
+    Ok(json!({
+        "bench": "retort",
+        "versions": {"retort": env!("CARGO_PKG_VERSION"), "candle": CANDLE_VERSION},
+        "threads": candle_core::utils::get_num_threads(),
+        "rayon_threads": rayon::current_num_threads(),
+        "cpu_capability": cpu_capability(),
+        "dtype": "float32",
+        "configs": configs,
+        "results": results,
+        "total_wall_s": start.elapsed().as_secs_f64(),
+        "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+/// About three hundred (response, gold) pairs in the shapes real math answers take: integers,
+/// thousands separators, fractions, decimals, roots, percents, tuples, intervals, sets,
+/// polynomials, π, units, degrees, multiple choice, wrong answers and responses without an
+/// answer, each after a few sentences of worked arithmetic. Deterministic.
+pub fn verify_pairs() -> Vec<(String, String)> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0xBE4C);
+    let mut pairs = Vec::with_capacity(300);
+    for index in 0..300usize {
+        let a: i64 = rng.random_range(2..60);
+        let b: i64 = rng.random_range(2..40);
+        let (gold, answer) = match index % 22 {
+            0 => (a.to_string(), a.to_string()),
+            1 => ((a * 1_000_003).to_string(), thousands(a * 1_000_003)),
+            2 => (format!("\\frac{{{a}}}{{{b}}}"), format!("{a}/{b}")),
+            3 => ("0.5".into(), "\\frac{1}{2}".into()),
+            4 => (
+                format!("{b}\\sqrt{{3}}"),
+                format!("\\sqrt{{{}}}", 3 * b * b),
+            ),
+            5 => (format!("{b}\\%"), format!("{}", b as f64 / 100.0)),
+            6 => (format!("({a}, {b})"), format!("({a},{b})")),
+            7 => (format!("[{b}, {a})"), format!("[{b},{a})")),
+            8 => (
+                format!("x^2 + {}x + {}", 2 * b, b * b),
+                format!("(x+{b})^2"),
+            ),
+            9 => (format!("\\frac{{\\pi}}{{{b}}}"), format!("\\pi/{b}")),
+            10 => ("B".into(), "(B)".into()),
+            11 => (a.to_string(), (a + 1).to_string()),
+            12 => (a.to_string(), format!("{a} \\text{{ cm}}")),
+            13 => (
+                format!("\\{{{a}, {b}, {}\\}}", a + b),
+                format!("\\{{{}, {b}, {a}\\}}", a + b),
+            ),
+            14 => (a.to_string(), String::new()),
+            15 => (format!("x^2 - {}", b * b), format!("x^2 + {}", b * b)),
+            16 => ("-\\frac{3}{4}".into(), "-0.75".into()),
+            17 => (format!("{b}"), format!("{b}^\\circ")),
+            18 => (format!("y = {a}x + {b}"), format!("y={a}x+{b}")),
+            19 => (
+                format!("\\begin{{pmatrix}} {a} \\\\ {b} \\end{{pmatrix}}"),
+                format!("\\begin{{pmatrix}}{a}\\\\{b}\\end{{pmatrix}}"),
+            ),
+            20 => (format!("{a}.{b}"), format!("{a}.{b}0")),
+            _ => (
+                format!("\\frac{{{a}\\sqrt{{2}}}}{{{b}}}"),
+                format!("{a}\\sqrt{{2}}/{b}"),
+            ),
+        };
+        let mut response = String::new();
+        for step in 0..rng.random_range(1..10) {
+            let (x, y): (i64, i64) = (rng.random_range(1..500), rng.random_range(1..90));
+            response.push_str(&match step % 4 {
+                0 => format!("First, we compute ${x} + {y} = {}$. ", x + y),
+                1 => format!("Then multiplying gives ${x} \\times {y} = {}$. ", x * y),
+                2 => format!("So $\\frac{{{x}}}{{{y}}}$ is the ratio we need. "),
+                _ => format!("Subtracting, {x} - {y} = {}, which we keep.\n\n", x - y),
+            });
+        }
+        if answer.is_empty() {
+            response.push_str("Now we need to check the remaining case, where");
+        } else {
+            response.push_str(&match index % 4 {
+                0 => format!("Therefore, the final answer is $\\boxed{{{answer}}}$."),
+                1 => format!("**Final Answer**\n\\[\n\\boxed{{{answer}}}\n\\]"),
+                2 => format!("The answer is {answer}."),
+                _ => format!("Answer: ${answer}$"),
+            });
+        }
+        pairs.push((response, gold));
+    }
+    pairs
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shrunk shape: the same code paths in milliseconds.
+    const MINI: BenchConfig = BenchConfig {
+        name: "bench-mini",
+        hidden: 32,
+        layers: 1,
+        heads: 2,
+        kv_heads: 1,
+        intermediate: 48,
+        vocab: 64,
+        seq: 12,
+        batch: 2,
+    };
+
+    fn mini_options() -> BenchOptions {
+        BenchOptions {
+            figures: Figure::ALL.to_vec(),
+            configs: vec![MINI],
+            kd_teacher: BenchConfig {
+                name: "bench-mini-teacher",
+                hidden: 48,
+                layers: 2,
+                vocab: 96,
+                ..MINI
+            },
+            kd_student: MINI,
+            seconds: 0.0,
+            warmup: 1,
+            min_iters: 1,
+            prompt_len: 3,
+            new_tokens: 4,
+        }
+    }
+
+    fn positive(value: &Value, path: &str, key: &str) {
+        let rate = value.get(key).and_then(Value::as_f64);
+        assert!(
+            rate.is_some_and(|r| r.is_finite() && r > 0.0),
+            "{path}.{key} = {rate:?}"
+        );
+        for k in ["median_s", "min_s", "max_s", "iters", "times_s"] {
+            assert!(value.get(k).is_some(), "{path} lacks `{k}`");
+        }
+    }
+
+    #[test]
+    fn every_figure_reports_the_reference_shape() {
+        let mut lines = Vec::new();
+        let report = run(&mini_options(), &mut |l| lines.push(l.to_string())).expect("bench runs");
+        let text = serde_json::to_string(&report).expect("serialises");
+        assert!(!text.contains('\n'));
+        for key in [
+            "versions",
+            "threads",
+            "dtype",
+            "configs",
+            "results",
+            "total_wall_s",
+        ] {
+            assert!(report.get(key).is_some(), "report lacks `{key}`");
+        }
+        assert_eq!(report["bench"], "retort");
+        assert_eq!(report["configs"]["bench-mini"]["hidden"], 32);
+        let mini = &report["results"]["bench-mini"];
+        for figure in ["train", "score", "generate_b1", "generate_b8"] {
+            positive(&mini[figure], figure, "tokens_per_s");
+        }
+        assert_eq!(mini["train"]["tokens_per_step"], 24);
+        assert_eq!(mini["generate_b8"]["batch"], 8);
+        assert!(mini["train"]["phases_ms"]["backward"].as_f64().is_some());
+        positive(&report["results"]["kd_small_to_tiny"], "kd", "tokens_per_s");
+        positive(&report["results"]["verify"], "verify", "pairs_per_s");
+        assert_eq!(report["results"]["verify"]["threads"], 1);
+        assert_eq!(lines.len(), 6, "{lines:?}");
+    }
+
+    #[test]
+    fn filters_select_figures_and_configs() {
+        let o = BenchOptions::from_filters(
+            &["generate".into(), "kd".into()],
+            &["bench-small".into()],
+            1.0,
+        )
+        .expect("valid filters");
+        assert_eq!(
+            o.figures,
+            vec![Figure::GenerateB1, Figure::GenerateB8, Figure::Kd]
+        );
+        assert_eq!(o.configs, vec![BENCH_SMALL]);
+        assert!(BenchOptions::from_filters(&["fast".into()], &[], 1.0).is_err());
+        assert!(BenchOptions::from_filters(&[], &["bench-huge".into()], 1.0).is_err());
+        assert!(BenchOptions::from_filters(&[], &[], f64::NAN).is_err());
+        let all = BenchOptions::from_filters(&[], &[], 1.0).expect("defaults");
+        assert_eq!(all.figures.len(), 6);
+        assert_eq!(all.configs, CONFIGS.to_vec());
+    }
+
+    #[test]
+    fn random_weights_are_seeded_and_shaped_like_transformers() {
+        let cfg = MINI.model_config(MINI.vocab).expect("config");
+        let (a, _) = random_model(&cfg, 7).expect("model");
+        let (b, _) = random_model(&cfg, 7).expect("model");
+        let (c, _) = random_model(&cfg, 8).expect("model");
+        let get = |vm: &VarMap, name: &str| -> Vec<f32> {
+            let vars = named_vars(vm);
+            let var = &vars
+                .iter()
+                .find(|(n, _)| n == name)
+                .expect("weight exists")
+                .1;
+            var.as_tensor()
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .expect("f32")
+        };
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        assert_eq!(get(&a, q), get(&b, q));
+        assert_ne!(get(&a, q), get(&c, q));
+        let values = get(&a, q);
+        let std = (values.iter().map(|v| v * v).sum::<f32>() / values.len() as f32).sqrt();
+        assert!((std - 0.02).abs() < 0.004, "std {std}");
+        assert!(get(&a, "model.norm.weight").iter().all(|&v| v == 1.0));
+        assert!(
+            get(&a, "model.layers.0.self_attn.q_proj.bias")
+                .iter()
+                .all(|&v| v == 0.0)
+        );
+        let params: usize = named_vars(&a).iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(params, teacher_param_count(&MINI).expect("count"));
+    }
+
+    #[test]
+    fn verify_pairs_are_varied_and_mostly_correct() {
+        let pairs = verify_pairs();
+        assert_eq!(pairs.len(), 300);
+        let options = retort_verify::VerifyOptions::default();
+        let correct = pairs
+            .iter()
+            .filter(|(r, g)| retort_verify::verify(r, g, &options).correct)
+            .count();
+        // Wrong answers and answerless responses are 3 of every 22 kinds.
+        assert!((150..290).contains(&correct), "{correct} correct");
+        assert_eq!(thousands(1234567), "1,234,567");
+        assert_eq!(thousands(-1000), "-1,000");
+    }
+}
