@@ -255,16 +255,27 @@ pub fn per_token_chunked(
     let chunk_rows = chunk_rows.max(1);
 
     let mut values = Vec::with_capacity(rows.div_ceil(chunk_rows));
-    let mut gradients = Vec::with_capacity(if track { values.capacity() } else { 0 });
+    // Filled chunk by chunk in place, so the chunks and their concatenation never coexist.
+    let gradient = if track {
+        Some(Tensor::zeros(
+            (rows, vocab),
+            dtype,
+            student_logits.device(),
+        )?)
+    } else {
+        None
+    };
     let mut start = 0;
     while start < rows {
         let len = chunk_rows.min(rows - start);
         let student_chunk = student_data.narrow(0, start, len)?;
         let teacher_chunk = flat_teacher.narrow(start, len)?;
-        let (chunk_values, gradient) =
+        let (chunk_values, chunk_gradient) =
             teacher_chunk.per_row(&student_chunk, divergence, temperature, track)?;
         values.push(chunk_values);
-        gradients.extend(gradient);
+        if let (Some(full), Some(chunk)) = (&gradient, chunk_gradient) {
+            full.slice_set(&chunk.contiguous()?, 0, start)?;
+        }
         start += len;
     }
     let values = if values.is_empty() {
@@ -272,8 +283,7 @@ pub fn per_token_chunked(
     } else {
         Tensor::cat(&values, 0)?
     };
-    let per_token = if track && rows > 0 {
-        let gradient = Tensor::cat(&gradients, 0)?;
+    let per_token = if let Some(gradient) = gradient.filter(|_| rows > 0) {
         // rowdot(logits, G) - detach(rowdot(logits, G)) is exactly 0 in value and has gradient G
         // per row. A batched [1, v] x [v, 1] matmul keeps only the logits and G for backward (an
         // elementwise product would keep a third [rows, v] tensor).
