@@ -1,2 +1,3 @@
 //! Integration tests of the retort library (one binary to keep link time low).
+mod distill;
 mod openai;

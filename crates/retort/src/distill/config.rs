@@ -1,0 +1,295 @@
+//! The distillation run's settings: [`DistillOptions`], one struct for the CLI flags and the
+//! `--config FILE` TOML (same keys as the flags, kebab-case, unknown keys rejected), and the
+//! [`Objective`] it trains.
+//!
+//! The resolved options are saved beside the model as `config.toml` and inside every
+//! `trainer_state.json`, so a run can be reproduced and resumed from its output folder alone.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::distill::divergence::Divergence;
+use crate::error::{Error, Result};
+use crate::records::InputFormat;
+
+/// What the student is trained to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Objective {
+    /// Cross-entropy on the completion tokens.
+    #[default]
+    Sft,
+    /// Token-level KD against a local teacher's logits, mixed with SFT by `kd-weight`.
+    Kd,
+    /// The student samples, the teacher scores its tokens (not built yet).
+    OnPolicy,
+    /// REDI on positive and negative traces (not built yet).
+    Redi,
+}
+
+impl Objective {
+    /// The name used on the command line and in TOML.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Kd => "kd",
+            Self::OnPolicy => "on-policy",
+            Self::Redi => "redi",
+        }
+    }
+}
+
+/// Every setting of a `retort distill` run. TOML keys are the flag names (`max-steps`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct DistillOptions {
+    /// The student: a model folder or `hf:ORG/NAME[@REV]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub student: Option<String>,
+    /// Training records (JSONL or JSON array).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// Output folder: the final model, `checkpoint-N/`, `metrics.jsonl`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
+    /// The teacher (required by `kd`): a model folder or `hf:` spec sharing the student's
+    /// vocabulary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
+    /// The training objective.
+    pub objective: Objective,
+    /// KD divergence: `fkl`, `rkl`, `jsd`, `skl`, `srkl`, `tvd`.
+    pub divergence: String,
+    /// β of `jsd` (TRL's semantics: the teacher's weight in the mixture).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
+    /// α of `skl`/`srkl` (DistiLLM's skew).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// KD temperature (divides both logit sets).
+    pub temperature: f64,
+    /// Weight `w` of the KD term: per token `loss = (1 - w) * sft + w * kd`.
+    pub kd_weight: f64,
+    /// Optimizer steps; wins over `epochs` when both are set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<usize>,
+    /// Passes over the data when `max-steps` is not set.
+    pub epochs: usize,
+    /// Sequences per optimizer step.
+    pub batch_size: usize,
+    /// Sequences per forward/backward (gradient accumulation); default: the batch size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub micro_batch_size: Option<usize>,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// Cosine floor as a fraction of the peak learning rate.
+    pub min_lr_ratio: f64,
+    /// AdamW decoupled weight decay (not applied to biases and norms).
+    pub weight_decay: f64,
+    /// Clip the gradient to this global norm (0 or absent: no clipping).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the data order (a pure function of seed and epoch).
+    pub seed: u64,
+    /// Longest training sequence (prompt + completion); longer ones are cut at the end.
+    pub max_seq_len: usize,
+    /// Train only on records whose `verdict.correct` is true.
+    pub only_correct: bool,
+    /// Shape of the prompt in the records (`auto` detects it).
+    pub input_format: InputFormat,
+    /// Held-out records for the evaluation loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps (and at the end) when `eval-data` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<usize>,
+    /// Write `OUTPUT/checkpoint-N` every N steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<usize>,
+    /// Continue from the latest checkpoint in the output folder.
+    pub resume: bool,
+    /// Test hook: make the loss of this (1-based) step non-finite. Never saved.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub inject_non_finite_at_step: Option<usize>,
+    /// Test hook: stop (as if killed) after this many steps, without the final save.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub stop_after_step: Option<usize>,
+}
+
+impl Default for DistillOptions {
+    fn default() -> Self {
+        Self {
+            student: None,
+            data: None,
+            output: None,
+            teacher: None,
+            objective: Objective::Sft,
+            divergence: "fkl".into(),
+            beta: None,
+            alpha: None,
+            temperature: 1.0,
+            kd_weight: 1.0,
+            max_steps: None,
+            epochs: 1,
+            batch_size: 8,
+            micro_batch_size: None,
+            lr: 1e-5,
+            warmup_steps: 0,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            seed: 0,
+            max_seq_len: 4096,
+            only_correct: false,
+            input_format: InputFormat::Auto,
+            eval_data: None,
+            eval_every: None,
+            checkpoint_every: None,
+            resume: false,
+            inject_non_finite_at_step: None,
+            stop_after_step: None,
+        }
+    }
+}
+
+impl DistillOptions {
+    /// Reads a TOML config file (keys as the flags; unknown keys are an error that names them).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = fs_err::read_to_string(path)?;
+        Self::from_toml_str(&text).map_err(|e| match e {
+            Error::Invalid(message) => Error::Invalid(format!("{}: {message}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml_str(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Invalid(format!("invalid config: {e}")))
+    }
+
+    /// The options as TOML (what `config.toml` holds).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::Invalid(format!("cannot write config: {e}")))
+    }
+
+    /// The KD divergence named by `divergence`, `beta` and `alpha`.
+    pub fn divergence(&self) -> Result<Divergence> {
+        Divergence::from_name(&self.divergence, self.beta, self.alpha)
+            .map_err(|e| Error::Invalid(format!("field `divergence`: {e}")))
+    }
+
+    /// Sequences per forward/backward.
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch_size.unwrap_or(self.batch_size).max(1)
+    }
+
+    /// Checks ranges and required fields; returns the student, data and output.
+    pub fn validate(&self) -> Result<(&str, &Path, &Path)> {
+        let missing = |name: &str| Error::Invalid(format!("missing `{name}` (flag `--{name}`)"));
+        let student = self.student.as_deref().ok_or_else(|| missing("student"))?;
+        let data = self.data.as_deref().ok_or_else(|| missing("data"))?;
+        let output = self.output.as_deref().ok_or_else(|| missing("output"))?;
+        let bad = |field: &str, why: String| Error::Invalid(format!("field `{field}`: {why}"));
+        if self.batch_size == 0 {
+            return Err(bad("batch-size", "must be at least 1".into()));
+        }
+        if let Some(micro) = self.micro_batch_size
+            && (micro == 0 || micro > self.batch_size)
+        {
+            return Err(bad(
+                "micro-batch-size",
+                format!("must lie in 1..={}, got {micro}", self.batch_size),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return Err(bad(
+                "lr",
+                format!("expected a non-negative number, got {}", self.lr),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(bad(
+                "min-lr-ratio",
+                format!("must lie in [0, 1], got {}", self.min_lr_ratio),
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(bad(
+                "weight-decay",
+                format!("expected a non-negative number, got {}", self.weight_decay),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.kd_weight) {
+            return Err(bad(
+                "kd-weight",
+                format!("must lie in [0, 1], got {}", self.kd_weight),
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(bad(
+                "temperature",
+                format!("must be positive, got {}", self.temperature),
+            ));
+        }
+        if self.max_seq_len < 2 {
+            return Err(bad("max-seq-len", "must be at least 2".into()));
+        }
+        if self.max_steps.is_none() && self.epochs == 0 {
+            return Err(bad(
+                "epochs",
+                "must be at least 1 (or set `max-steps`)".into(),
+            ));
+        }
+        for (field, value) in [
+            ("eval-every", self.eval_every),
+            ("checkpoint-every", self.checkpoint_every),
+        ] {
+            if value == Some(0) {
+                return Err(bad(field, "must be at least 1".into()));
+            }
+        }
+        match self.objective {
+            Objective::Sft => {}
+            Objective::Kd => {
+                self.divergence()?;
+                if self.teacher.is_none() {
+                    return Err(Error::Invalid(
+                        "objective `kd` needs a teacher: pass `--teacher MODEL`".into(),
+                    ));
+                }
+            }
+            other => {
+                return Err(Error::Invalid(format!(
+                    "objective `{}` is not built yet; use `sft` or `kd`",
+                    other.name()
+                )));
+            }
+        }
+        Ok((student, data, output))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trips_and_rejects_unknown_keys() -> Result<()> {
+        let options = DistillOptions::from_toml_str(
+            "student = \"m\"\nobjective = \"kd\"\ndivergence = \"jsd\"\nbeta = 0.9\nmax-steps = 5\n",
+        )?;
+        assert_eq!(options.objective, Objective::Kd);
+        assert_eq!(options.max_steps, Some(5));
+        assert_eq!(options.divergence()?, Divergence::Jsd { beta: 0.9 });
+        let again = DistillOptions::from_toml_str(&options.to_toml()?)?;
+        assert_eq!(again, options);
+        let err = DistillOptions::from_toml_str("max_stepz = 3\n");
+        assert!(err.is_err_and(|e| e.to_string().contains("max_stepz")));
+        Ok(())
+    }
+}

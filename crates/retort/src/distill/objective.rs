@@ -1,0 +1,193 @@
+//! Objectives: from a micro-batch of examples to the *summed* per-token loss the trainer
+//! accumulates (gradient accumulation divides by the step's total target tokens).
+//!
+//! [`MicroBatch`] lays examples out right-padded (causal attention never lets a real token see
+//! the padding after it, so no mask is needed) and lists the flat positions whose next token is a
+//! completion token. Only those positions go through `lm_head`: the `[b, t, vocab]` logits are
+//! never built for prompt or padding positions, for the student or the teacher.
+//!
+//! [`LossSpec`] is the closed set of objectives: `sft` (cross-entropy) and `kd`
+//! (`(1 - w) * sft + w * divergence(teacher, student)` per token, dense teacher logits computed
+//! under no gradient).
+
+use candle_core::{DType, Device, Tensor};
+use retort_model::CausalLm;
+use retort_model::train::gather_logprobs;
+
+use crate::distill::data::Example;
+use crate::distill::divergence::{Divergence, per_token};
+use crate::distill::teacher::TeacherSignal;
+use crate::error::Result;
+
+/// Right-padded input ids and the positions that carry a loss.
+#[derive(Debug, Clone)]
+pub struct MicroBatch {
+    /// `[b, len]` u32.
+    pub input_ids: Tensor,
+    /// `[n]` u32: flat indices `row * len + position` whose next token is a target.
+    pub positions: Tensor,
+    /// `[1, n]` u32: the target token at each of those positions.
+    pub targets: Tensor,
+    /// `n`: target tokens in the micro-batch.
+    pub tokens: usize,
+    /// Real (unpadded) tokens in the micro-batch.
+    pub input_tokens: usize,
+}
+
+impl MicroBatch {
+    /// Lays out `examples`, padding with `pad_id`.
+    pub fn new(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Self> {
+        let len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(examples.len() * len);
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        let mut input_tokens = 0;
+        for (row, example) in examples.iter().enumerate() {
+            input_tokens += example.ids.len();
+            ids.extend_from_slice(&example.ids);
+            ids.extend(std::iter::repeat_n(pad_id, len - example.ids.len()));
+            // Position p predicts token p + 1; the first target is the first completion token.
+            for p in example.prompt_len.saturating_sub(1)..example.ids.len().saturating_sub(1) {
+                positions.push((row * len + p) as u32);
+                targets.push(example.ids[p + 1]);
+            }
+        }
+        let tokens = targets.len();
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (examples.len(), len), device)?,
+            positions: Tensor::from_vec(positions, tokens, device)?,
+            targets: Tensor::from_vec(targets, (1, tokens), device)?,
+            tokens,
+            input_tokens,
+        })
+    }
+}
+
+/// What the loss is.
+#[derive(Debug, Clone, Copy)]
+pub enum LossSpec<'a> {
+    /// Cross-entropy on completion tokens.
+    Sft,
+    /// Token-level KD against a dense local teacher, mixed with SFT.
+    Kd {
+        /// The teacher (plain tensors; never trained).
+        teacher: &'a CausalLm,
+        /// The divergence.
+        divergence: Divergence,
+        /// Temperature dividing both logit sets.
+        temperature: f64,
+        /// `w` in `(1 - w) * sft + w * kd`.
+        kd_weight: f64,
+    },
+}
+
+/// One micro-batch's loss: the differentiable sum and its terms as numbers.
+#[derive(Debug, Clone)]
+pub struct LossTerms {
+    /// Scalar: the sum over target tokens of the per-token loss (differentiable).
+    pub sum: Tensor,
+    /// Target tokens.
+    pub tokens: usize,
+    /// Sum of the per-token cross-entropy.
+    pub sft_sum: f64,
+    /// Sum of the per-token divergence (KD only).
+    pub kd_sum: Option<f64>,
+}
+
+/// Logits `[1, n, vocab]` at the micro-batch's target positions.
+pub fn logits_at_targets(model: &CausalLm, batch: &MicroBatch) -> Result<Tensor> {
+    let hidden = model.forward_hidden(&batch.input_ids, None, None)?;
+    let (b, t, h) = hidden.dims3()?;
+    let selected = hidden
+        .reshape((b * t, h))?
+        .index_select(&batch.positions, 0)?
+        .unsqueeze(0)?;
+    Ok(model.lm_head(&selected)?)
+}
+
+/// The loss of `student` on `batch` under `spec`.
+pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Result<LossTerms> {
+    if batch.tokens == 0 {
+        let zero = Tensor::zeros((), DType::F32, student.device())?;
+        return Ok(LossTerms {
+            sum: zero,
+            tokens: 0,
+            sft_sum: 0.0,
+            kd_sum: None,
+        });
+    }
+    let logits = logits_at_targets(student, batch)?;
+    let scalar =
+        |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    match *spec {
+        LossSpec::Sft => {
+            let sft = gather_logprobs(&logits, &batch.targets)?.neg()?;
+            let sum = sft.sum_all()?;
+            let sft_sum = scalar(&sum)?;
+            Ok(LossTerms {
+                sum,
+                tokens: batch.tokens,
+                sft_sum,
+                kd_sum: None,
+            })
+        }
+        LossSpec::Kd {
+            teacher,
+            divergence,
+            temperature,
+            kd_weight,
+        } => {
+            let teacher_logits = logits_at_targets(teacher, batch)?.detach();
+            let signal = TeacherSignal::dense(teacher_logits);
+            let kd = per_token(&logits, &signal, divergence, temperature)?;
+            let kd_sum = scalar(&kd)?;
+            let (sum, sft_sum) = if kd_weight >= 1.0 {
+                // The SFT term has no weight: report it without keeping a graph for it.
+                let sft = gather_logprobs(&logits.detach(), &batch.targets)?.neg()?;
+                (kd.sum_all()?, scalar(&sft)?)
+            } else {
+                let sft = gather_logprobs(&logits, &batch.targets)?.neg()?;
+                let sft_sum = scalar(&sft)?;
+                let mixed = (sft.affine(1.0 - kd_weight, 0.0)? + kd.affine(kd_weight, 0.0)?)?;
+                (mixed.sum_all()?, sft_sum)
+            };
+            Ok(LossTerms {
+                sum,
+                tokens: batch.tokens,
+                sft_sum,
+                kd_sum: Some(kd_sum),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_the_completion_tokens() -> Result<()> {
+        let a = Example {
+            ids: vec![1, 2, 3, 4],
+            prompt_len: 2,
+            line: 1,
+            correct: None,
+        };
+        let b = Example {
+            ids: vec![5, 6, 7],
+            prompt_len: 1,
+            line: 2,
+            correct: None,
+        };
+        let batch = MicroBatch::new(&[&a, &b], 0, &Device::Cpu)?;
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>()?,
+            vec![vec![1, 2, 3, 4], vec![5, 6, 7, 0]]
+        );
+        // Row 0 predicts 3 (from p=1) and 4 (p=2); row 1 predicts 6 (p=0) and 7 (p=1).
+        assert_eq!(batch.positions.to_vec1::<u32>()?, vec![1, 2, 4, 5]);
+        assert_eq!(batch.targets.to_vec2::<u32>()?, vec![vec![3, 4, 6, 7]]);
+        assert_eq!((batch.tokens, batch.input_tokens), (4, 7));
+        Ok(())
+    }
+}
