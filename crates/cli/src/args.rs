@@ -34,6 +34,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Per-token log-probs of completions given prompts under a local model.
     Score(ScoreArgs),
+    /// Compare a teacher and a student before distilling: vocabulary, tokenizer, chat template, EOS, scores.
+    Check(CheckArgs),
     /// Print one JSON line of speed figures (tokens/s, pairs/s), shaped like the PyTorch reference.
     Bench(BenchArgs),
 }
@@ -76,6 +78,12 @@ pub struct BackendArgs {
     /// Retries of a failed remote request (429, 5xx, timeouts, resets, malformed bodies).
     #[arg(long, default_value_t = 8)]
     pub max_retries: usize,
+    /// Seconds before the first retry; doubles per retry, with jitter (`Retry-After` wins).
+    #[arg(long, default_value_t = 1.0)]
+    pub backoff_base: f64,
+    /// Longest wait between retries in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub backoff_max: f64,
 }
 
 /// `retort generate`.
@@ -99,6 +107,15 @@ pub struct GenerateArgs {
     /// Work on shard i of n (records whose position modulo n is i), e.g. `--shard 0/4`.
     #[arg(long)]
     pub shard: Option<String>,
+    /// Verify each trace against the record's gold answer and add `verdict`.
+    #[arg(long)]
+    pub verify: bool,
+    /// Rejection sampling: resample each problem until K traces verify correct (implies --verify).
+    #[arg(long, value_name = "K", requires = "max_samples")]
+    pub until_correct: Option<usize>,
+    /// With --until-correct: at most this many samples per problem.
+    #[arg(long, value_name = "M")]
+    pub max_samples: Option<usize>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -190,4 +207,18 @@ pub enum PercentArg {
     Strict,
     /// `%` is ignored: `28%` equals `28` only.
     Ignore,
+}
+
+/// `retort check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Teacher model (folder, `hf:ORG/NAME[@REV]` or `world:teacher`).
+    #[arg(long)]
+    pub teacher: String,
+    /// Student model.
+    #[arg(long)]
+    pub student: String,
+    /// Also print the report as one JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -253,3 +253,177 @@ fn verify_adds_verdicts_and_reports_bad_lines() {
     assert!(stderr.contains("traces.jsonl:2") && stderr.contains("`response`"), "{stderr}");
     assert!(!bad.exists());
 }
+
+mod remote {
+    use std::time::{Duration, Instant};
+
+    use retort::mock_server::{mock_answer, Fault, FaultPlan, MockServer};
+
+    use super::*;
+
+    fn problems(dir: &Path, n: usize, gold: impl Fn(&str) -> String) -> PathBuf {
+        let rows: Vec<Value> = (0..n)
+            .map(|i| {
+                let prompt = format!("Q: problem number {i}?\nA:");
+                json!({"id": format!("p{i}"), "prompt": prompt, "answer": gold(&prompt)})
+            })
+            .collect();
+        let path = dir.join("problems.jsonl");
+        write_jsonl(&path, &rows);
+        path
+    }
+
+    fn generate(server: &MockServer, input: &Path, output: &Path, extra: &[&str]) -> Command {
+        let mut cmd = retort();
+        cmd.args(["generate", "--model", &server.spec("teacher"), "--temperature", "0.7", "--seed", "3"])
+            .args(["--timeout", "1", "--backoff-base", "0.01", "--backoff-max", "0.05"])
+            .args(extra)
+            .arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(output);
+        cmd
+    }
+
+    fn pairs(path: &Path) -> Vec<(String, u64)> {
+        let mut keys: Vec<(String, u64)> = read_jsonl(path)
+            .iter()
+            .map(|t| (t["id"].as_str().unwrap().to_string(), t["sample"].as_u64().unwrap()))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn faults_are_retried_and_every_trace_lands_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = FaultPlan::random(
+            11,
+            vec![
+                (Fault::RateLimited { retry_after_s: 0 }, 0.1),
+                (Fault::Internal, 0.1),
+                (Fault::Unavailable { retry_after_s: None }, 0.05),
+                (Fault::Stall(Duration::from_secs(3)), 0.05),
+                (Fault::MalformedJson, 0.05),
+                (Fault::DropConnection, 0.05),
+            ],
+        );
+        let server = MockServer::start(plan).unwrap();
+        let input = problems(dir.path(), 12, |_| "1".into());
+        let output = dir.path().join("traces.jsonl");
+        generate(&server, &input, &output, &["--samples", "3", "--concurrency", "8", "--max-retries", "12"])
+            .assert()
+            .success();
+        let keys = pairs(&output);
+        let mut want: Vec<(String, u64)> = (0..12).flat_map(|i| (0..3).map(move |s| (format!("p{i}"), s))).collect();
+        want.sort();
+        assert_eq!(keys, want);
+        assert!(server.requests_served() > 36, "faults were injected and retried");
+    }
+
+    #[test]
+    fn rejection_sampling_stops_at_the_first_correct_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = MockServer::start(FaultPlan::none()).unwrap();
+        // The mock answers from (prompt, seed + sample): make sample 2 the first correct one.
+        let input = problems(dir.path(), 4, |prompt| mock_answer(prompt, Some(3 + 2)).to_string());
+        let output = dir.path().join("traces.jsonl");
+        generate(&server, &input, &output, &["--until-correct", "1", "--max-samples", "5"]).assert().success();
+        let traces = read_jsonl(&output);
+        for i in 0..4 {
+            let prompt = format!("Q: problem number {i}?\nA:");
+            let gold = mock_answer(&prompt, Some(5));
+            let first = (0..=2).find(|s| mock_answer(&prompt, Some(3 + s)) == gold).unwrap();
+            let mine: Vec<&Value> = traces.iter().filter(|t| t["id"] == json!(format!("p{i}"))).collect();
+            assert_eq!(mine.len() as u64, first + 1, "p{i}: samples up to the first correct one");
+            assert_eq!(mine.iter().filter(|t| t["verdict"]["correct"] == json!(true)).count(), 1);
+        }
+    }
+
+    #[test]
+    fn a_dead_server_fails_in_bounded_time_with_a_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = MockServer::start(FaultPlan::always(Fault::Internal)).unwrap();
+        let input = problems(dir.path(), 5, |_| "1".into());
+        let output = dir.path().join("traces.jsonl");
+        let start = Instant::now();
+        let assert = generate(&server, &input, &output, &["--max-retries", "2"]).assert().failure();
+        assert!(start.elapsed() < Duration::from_secs(30));
+        let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
+        assert!(stderr.contains("5 of 5 traces failed"), "{stderr}");
+        assert_eq!(server.requests_served(), 15);
+    }
+
+    #[test]
+    fn kill_9_mid_run_then_rerun_gives_every_pair_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut plan = FaultPlan::none();
+        plan.latency = Duration::from_millis(40);
+        let server = MockServer::start(plan).unwrap();
+        let input = problems(dir.path(), 30, |_| "1".into());
+        let output = dir.path().join("traces.jsonl");
+        let mut child = generate(&server, &input, &output, &["--samples", "2", "--concurrency", "2"]).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let lines = fs_err::read_to_string(&output).map(|t| t.lines().count()).unwrap_or(0);
+            if lines >= 8 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let partial = fs_err::read_to_string(&output).unwrap().lines().count();
+        assert!((8..60).contains(&partial), "killed mid-run after {partial} traces");
+        generate(&server, &input, &output, &["--samples", "2", "--concurrency", "2"]).assert().success();
+        let keys = pairs(&output);
+        let mut want: Vec<(String, u64)> = (0..30).flat_map(|i| (0..2).map(move |s| (format!("p{i}"), s))).collect();
+        want.sort();
+        assert_eq!(keys, want, "complete, no duplicates");
+    }
+}
+
+#[test]
+fn check_accepts_the_fixture_pair_and_rejects_a_mismatched_one() {
+    let output = retort()
+        .args(["check", "--json", "--teacher"])
+        .arg(fixtures().join("llama-tiny"))
+        .arg("--student")
+        .arg(fixtures().join("qwen2-tiny"))
+        .assert()
+        .success();
+    let report: Value = serde_json::from_slice(&output.get_output().stdout).unwrap();
+    let statuses: Vec<&str> = report["rows"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses.len(), 5);
+    assert!(statuses.iter().all(|s| *s == "ok"), "{report}");
+
+    // A student whose tokenizer swaps two vocabulary entries and whose EOS differs.
+    let dir = tempfile::tempdir().unwrap();
+    let student = dir.path().join("student");
+    fs_err::create_dir_all(&student).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer_config.json"] {
+        fs_err::copy(fixtures().join("qwen2-tiny").join(file), student.join(file)).unwrap();
+    }
+    let mut tokenizer: Value =
+        serde_json::from_str(&fs_err::read_to_string(fixtures().join("qwen2-tiny/tokenizer.json")).unwrap()).unwrap();
+    let vocab = tokenizer["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["0"].clone(), vocab["1"].clone());
+    vocab.insert("0".into(), b);
+    vocab.insert("1".into(), a);
+    fs_err::write(student.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    fs_err::write(student.join("generation_config.json"), r#"{"eos_token_id": 509}"#).unwrap();
+    let output = retort()
+        .args(["check", "--json", "--teacher"])
+        .arg(fixtures().join("llama-tiny"))
+        .arg("--student")
+        .arg(&student)
+        .assert()
+        .failure();
+    let report: Value = serde_json::from_slice(&output.get_output().stdout).unwrap();
+    let status = |name: &str| {
+        report["rows"].as_array().unwrap().iter().find(|r| r["check"] == name).unwrap()["status"].as_str().unwrap().to_string()
+    };
+    assert_eq!(status("vocabulary"), "error", "{report}");
+    assert_eq!(status("tokenization"), "error", "{report}");
+    assert_eq!(status("eos ids"), "error", "{report}");
+}

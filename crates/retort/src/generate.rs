@@ -5,7 +5,7 @@
 //! kill is dropped and redone) and generates only the rest, so every pair ends up in the output
 //! exactly once. Requests that fail for good are counted and reported, never dropped silently.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -15,9 +15,10 @@ use crate::backend::{Backend, GenerateRequest, RequestOutcome, SamplingParams};
 use crate::error::{Error, Result};
 use crate::io::{Journal, RecordReader};
 use crate::records::{problem_from_record, InputFormat, Problem};
+use retort_verify::VerifyOptions;
 
 /// Options of the generate stage.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
     /// Input problems (JSONL or JSON array).
     pub input: PathBuf,
@@ -33,10 +34,26 @@ pub struct GenerateOptions {
     pub shard: Option<(usize, usize)>,
     /// Requests handed to the backend at a time (bounds memory; the backend bounds concurrency).
     pub chunk_size: usize,
+    /// Verify each trace against the problem's gold answer inline (adds `verdict`).
+    pub verify: Option<VerifyOptions>,
+    /// Rejection sampling: sample each problem until `K` traces verify correct, at most `M`
+    /// samples (sample indices `0..M`); implies verification.
+    pub until_correct: Option<(usize, usize)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ProblemState {
+    done: BTreeSet<usize>,
+    failed: BTreeSet<usize>,
+    correct: usize,
+}
+
+fn is_correct(record: &Map<String, Value>) -> bool {
+    record.get("verdict").and_then(|v| v.get("correct")).and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// Counts from a generate run.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct GenerateSummary {
     /// Problems read (in this shard).
     pub problems: usize,
@@ -48,6 +65,10 @@ pub struct GenerateSummary {
     pub generated: usize,
     /// Pairs that failed for good.
     pub failed: usize,
+    /// Traces verified correct in this run (with verification on).
+    pub correct: usize,
+    /// Problems with at least K correct traces (rejection sampling only).
+    pub satisfied: Option<usize>,
     /// Generated traces that hit the token limit.
     pub truncated: usize,
     /// Prompt tokens counted by the backend in this run.
@@ -77,7 +98,7 @@ pub fn generate(
     options: &GenerateOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<GenerateSummary> {
-    if options.samples == 0 {
+    if options.samples == 0 && options.until_correct.is_none() {
         return Err(Error::Invalid("`--samples` must be at least 1".into()));
     }
     let mut problems = read_problems(&options.input, options.format)?;
@@ -97,92 +118,140 @@ pub fn generate(
             )));
         }
     }
+    if options.verify.is_some() || options.until_correct.is_some() {
+        if let Some((_, problem)) = problems.iter().find(|(_, p)| p.answer.is_none()) {
+            return Err(Error::Invalid(format!(
+                "`{}`: problem `{}` has no gold answer (`answer`, GSM8K `answer` or MATH `solution`) to verify against",
+                options.input.display(),
+                problem.id
+            )));
+        }
+    }
+    if let Some((k, max)) = options.until_correct {
+        if k == 0 || max < k {
+            return Err(Error::Invalid(format!("`--until-correct {k}` needs 1 <= K <= `--max-samples` ({max})")));
+        }
+    }
+    let index: HashMap<&str, usize> = problems.iter().enumerate().map(|(i, (_, p))| (p.id.as_str(), i)).collect();
     let (mut journal, recovered) = Journal::open(&options.output)?;
-    let done: HashSet<(String, usize)> = recovered
-        .records
-        .iter()
-        .filter_map(|r| {
-            let id = match r.get("id")? {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            Some((id, r.get("sample")?.as_u64()? as usize))
-        })
-        .collect();
+    let mut states = vec![ProblemState::default(); problems.len()];
+    for record in &recovered.records {
+        let id = match record.get("id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => continue,
+        };
+        let (Some(&i), Some(sample)) = (index.get(id.as_str()), record.get("sample").and_then(Value::as_u64)) else {
+            continue;
+        };
+        if states[i].done.insert(sample as usize) {
+            states[i].correct += usize::from(is_correct(record));
+        }
+    }
     let mut summary = GenerateSummary {
         problems: problems.len(),
-        requested: problems.len() * options.samples,
+        already_done: states.iter().map(|s| s.done.len()).sum(),
         dropped_torn_line: recovered.dropped_torn_line,
         ..GenerateSummary::default()
     };
-    let mut requests = Vec::new();
-    for (key, (_, problem)) in problems.iter().enumerate() {
-        for sample in 0..options.samples {
-            if done.contains(&(problem.id.clone(), sample)) {
-                summary.already_done += 1;
-            } else {
-                requests.push(GenerateRequest { key, sample, prompt: problem.prompt.clone() });
+    let planned = |states: &[ProblemState]| -> Vec<GenerateRequest> {
+        let mut requests = Vec::new();
+        for (key, state) in states.iter().enumerate() {
+            let (wanted, limit) = match options.until_correct {
+                Some((k, max)) => (k.saturating_sub(state.correct), max),
+                None => (options.samples, options.samples),
+            };
+            let free = (0..limit).filter(|s| !state.done.contains(s) && !state.failed.contains(s));
+            let take = if options.until_correct.is_some() { wanted } else { limit };
+            for sample in free.take(take) {
+                requests.push(GenerateRequest { key, sample, prompt: problems[key].1.prompt.clone() });
             }
         }
-    }
-    let total = summary.requested;
+        requests
+    };
+    let mut total = summary.already_done + planned(&states).len();
     let mut finished = summary.already_done;
     progress(finished, total);
     let mut write_error: Option<Error> = None;
-    for chunk in requests.chunks(options.chunk_size.max(1)) {
-        let mut sink = |outcome: RequestOutcome| {
-            if write_error.is_some() {
-                return;
-            }
-            let (record, problem) = &problems[outcome.key];
-            match outcome.result {
-                Ok(completion) => {
-                    let mut trace = record.clone();
-                    trace.insert("id".into(), json!(problem.id));
-                    trace.insert("sample".into(), json!(outcome.sample));
-                    trace.insert("model".into(), json!(backend.name()));
-                    trace.insert("response".into(), json!(completion.text));
-                    if let Some(reasoning) = &completion.reasoning {
-                        trace.insert("reasoning".into(), json!(reasoning));
-                    }
-                    if let Some(ids) = &completion.token_ids {
-                        trace.insert("response_ids".into(), json!(ids));
-                    }
-                    let finish = match completion.finish_reason {
-                        crate::backend::FinishReason::Stop => "stop",
-                        crate::backend::FinishReason::Length => {
-                            summary.truncated += 1;
-                            "length"
-                        }
-                    };
-                    trace.insert("finish_reason".into(), json!(finish));
-                    trace.insert("num_tokens".into(), json!(completion.completion_tokens));
-                    summary.prompt_tokens += completion.prompt_tokens;
-                    summary.completion_tokens += completion.completion_tokens;
-                    if let Err(e) = journal.append(&Value::Object(trace)) {
-                        write_error = Some(e);
-                        return;
-                    }
-                    summary.generated += 1;
-                }
-                Err(message) => {
-                    summary.failed += 1;
-                    if summary.failures.len() < 10 {
-                        summary.failures.push(format!(
-                            "id `{}` sample {} after {} attempt(s): {message}",
-                            problem.id, outcome.sample, outcome.attempts
-                        ));
-                    }
-                    tracing::warn!("id `{}` sample {} failed: {message}", problem.id, outcome.sample);
-                }
-            }
-            finished += 1;
-            progress(finished, total);
-        };
-        backend.generate(chunk.to_vec(), &options.sampling, &mut sink)?;
-        if let Some(e) = write_error.take() {
-            return Err(e);
+    loop {
+        let requests = planned(&states);
+        if requests.is_empty() {
+            break;
         }
+        total = finished + requests.len();
+        let generated_before = summary.generated;
+        for chunk in requests.chunks(options.chunk_size.max(1)) {
+            let mut sink = |outcome: RequestOutcome| {
+                if write_error.is_some() {
+                    return;
+                }
+                let (record, problem) = &problems[outcome.key];
+                match outcome.result {
+                    Ok(completion) => {
+                        let mut trace = record.clone();
+                        trace.insert("id".into(), json!(problem.id));
+                        trace.insert("sample".into(), json!(outcome.sample));
+                        trace.insert("model".into(), json!(backend.name()));
+                        trace.insert("response".into(), json!(completion.text));
+                        if let Some(reasoning) = &completion.reasoning {
+                            trace.insert("reasoning".into(), json!(reasoning));
+                        }
+                        if let Some(ids) = &completion.token_ids {
+                            trace.insert("response_ids".into(), json!(ids));
+                        }
+                        let finish = match completion.finish_reason {
+                            crate::backend::FinishReason::Stop => "stop",
+                            crate::backend::FinishReason::Length => {
+                                summary.truncated += 1;
+                                "length"
+                            }
+                        };
+                        trace.insert("finish_reason".into(), json!(finish));
+                        trace.insert("num_tokens".into(), json!(completion.completion_tokens));
+                        let policy = options.verify.clone().or_else(|| options.until_correct.map(|_| VerifyOptions::default()));
+                        if let (Some(policy), Some(gold)) = (policy, &problem.answer) {
+                            let verdict = retort_verify::verify(&completion.text, gold, &policy);
+                            summary.correct += usize::from(verdict.correct);
+                            states[outcome.key].correct += usize::from(verdict.correct);
+                            trace.insert("verdict".into(), json!({"correct": verdict.correct, "extracted": verdict.extracted}));
+                        }
+                        summary.prompt_tokens += completion.prompt_tokens;
+                        summary.completion_tokens += completion.completion_tokens;
+                        if let Err(e) = journal.append(&Value::Object(trace)) {
+                            write_error = Some(e);
+                            return;
+                        }
+                        states[outcome.key].done.insert(outcome.sample);
+                        summary.generated += 1;
+                    }
+                    Err(message) => {
+                        summary.failed += 1;
+                        states[outcome.key].failed.insert(outcome.sample);
+                        if summary.failures.len() < 10 {
+                            summary.failures.push(format!(
+                                "id `{}` sample {} after {} attempt(s): {message}",
+                                problem.id, outcome.sample, outcome.attempts
+                            ));
+                        }
+                        tracing::warn!("id `{}` sample {} failed: {message}", problem.id, outcome.sample);
+                    }
+                }
+                finished += 1;
+                progress(finished, total);
+            };
+            backend.generate(chunk.to_vec(), &options.sampling, &mut sink)?;
+            if let Some(e) = write_error.take() {
+                return Err(e);
+            }
+        }
+        // One round for fixed sampling; rejection sampling goes on while rounds make progress.
+        if options.until_correct.is_none() || summary.generated == generated_before {
+            break;
+        }
+    }
+    summary.requested = summary.already_done + summary.generated + summary.failed;
+    if let Some((k, _)) = options.until_correct {
+        summary.satisfied = Some(states.iter().filter(|s| s.correct >= k).count());
     }
     journal.sync()?;
     Ok(summary)

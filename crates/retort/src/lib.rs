@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod check;
 pub mod distill;
 pub mod error;
 pub mod generate;

@@ -30,6 +30,8 @@ pub fn backend_options(args: &BackendArgs) -> BackendOptions {
         concurrency: args.concurrency,
         timeout: Duration::from_secs_f64(args.timeout),
         max_retries: args.max_retries,
+        backoff_base: Duration::from_secs_f64(args.backoff_base),
+        backoff_max: Duration::from_secs_f64(args.backoff_max),
     }
 }
 
@@ -65,6 +67,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         sampling: sampling_params(&args.sampling),
         shard,
         chunk_size: 4096,
+        verify: args.verify.then(retort_verify::VerifyOptions::default),
+        until_correct: args.until_correct.zip(args.max_samples),
     };
     // Read the input before loading the model so bad input fails fast and leaves no output.
     retort::generate::read_problems(&options.input, options.format)?;
@@ -97,6 +101,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             ("already done", summary.already_done.to_string()),
             ("generated now", summary.generated.to_string()),
             ("failed", summary.failed.to_string()),
+            ("verified correct", if options.verify.is_some() || options.until_correct.is_some() { summary.correct.to_string() } else { "-".into() }),
+            ("problems with K correct", summary.satisfied.map_or("-".into(), |n| n.to_string())),
             ("truncated (length)", summary.truncated.to_string()),
             ("prompt tokens", summary.prompt_tokens.to_string()),
             ("completion tokens", summary.completion_tokens.to_string()),

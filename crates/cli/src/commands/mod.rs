@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use crate::args::{Cli, Command};
 
+mod check;
 mod generate;
 mod score;
 mod verify;
@@ -14,6 +15,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify(args) => verify::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
+        Command::Check(args) => check::run(args),
         Command::Bench(_args) => anyhow::bail!("`retort bench` is not built yet"),
     }
 }

@@ -18,11 +18,18 @@ pub struct BackendOptions {
     pub timeout: Duration,
     /// Retries of a failed server request.
     pub max_retries: usize,
+    /// First retry delay (doubles per retry).
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
 }
 
 impl Default for BackendOptions {
     fn default() -> Self {
-        Self { batch_size: 16, concurrency: 64, timeout: Duration::from_secs(600), max_retries: 8 }
+        Self { batch_size: 16, concurrency: 64, timeout: Duration::from_secs(600), max_retries: 8,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
     }
 }
 
@@ -34,6 +41,8 @@ pub fn open_backend(spec: &str, options: &BackendOptions) -> Result<Box<dyn Back
             concurrency: options.concurrency,
             timeout: options.timeout,
             max_retries: options.max_retries,
+            backoff_base: options.backoff_base,
+            backoff_max: options.backoff_max,
             ..OpenAiOptions::default()
         };
         Ok(Box::new(OpenAiBackend::new(spec, openai)?))

@@ -1,0 +1,41 @@
+//! `retort check`.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use retort::backend::open::resolve_local_spec;
+use retort::check::{check_pair, Status};
+use retort_model::load::{load, LoadOptions};
+
+use crate::args::CheckArgs;
+
+pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let open = |spec: &str| {
+        if spec.starts_with("openai:") {
+            anyhow::bail!("`retort check` compares local models (folders or `hf:` specs); `{spec}` is a server");
+        }
+        load(&resolve_local_spec(spec), &LoadOptions::default()).with_context(|| format!("cannot open model `{spec}`"))
+    };
+    let teacher = open(&args.teacher)?;
+    let student = open(&args.student)?;
+    let report = check_pair(&teacher, &student)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    let width = report.rows.iter().map(|r| r.check.len()).max().unwrap_or(0);
+    eprintln!("teacher `{}` vs student `{}`", args.teacher, args.student);
+    for row in &report.rows {
+        let status = match row.status {
+            Status::Ok => "ok   ",
+            Status::Warn => "warn ",
+            Status::Error => "ERROR",
+        };
+        eprintln!("  {status}  {:<width$}  {}", row.check, row.detail);
+    }
+    if report.compatible() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: this pair is not safe for token-level distillation (see ERROR rows); text-only SFT on teacher traces still works");
+        Ok(ExitCode::FAILURE)
+    }
+}
