@@ -727,10 +727,12 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
             })
             .unwrap_or_default();
         let median = value.get("median_s").and_then(Value::as_f64).unwrap_or(0.0);
-        progress(&format!(
-            "{name} {figure}: {:.1} ms median, {rate}",
-            median * 1e3
-        ));
+        let label = if name.is_empty() {
+            figure.to_string()
+        } else {
+            format!("{name} {figure}")
+        };
+        progress(&format!("{label}: {:.1} ms median, {rate}", median * 1e3));
     };
     for c in &options.configs {
         let mut figures = Map::new();
