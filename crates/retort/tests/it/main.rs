@@ -1,3 +1,4 @@
 //! Integration tests of the retort library (one binary to keep link time low).
 mod distill;
 mod openai;
+mod provenance;
