@@ -14,6 +14,7 @@ pub mod mock_server;
 pub mod provenance;
 pub mod records;
 pub mod score;
+pub mod select;
 pub mod verify;
 pub mod world;
 

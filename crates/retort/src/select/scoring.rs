@@ -1,0 +1,313 @@
+//! Model scores for selection: the [`Scorer`] seam (per-token log-probs, byte offsets and
+//! optionally ranks of a response under the student or the teacher), its local implementation
+//! [`LocalScorer`], and the three scores built on it:
+//!
+//! - **student perplexity**: `exp(-mean token log-prob)` of the response under the student;
+//! - **Rank-Surprisal Ratio** (Yang et al., 2026): mean token rank over mean surprisal
+//!   (`-log p`) under the student, ranks counted from 1 and capped at `rank_cap` so one absurd
+//!   token cannot dominate; lower is better (tokens the student ranks high yet finds surprising);
+//! - **teacher-guided**: the response is cut into sentences; each sentence's mean token log-prob
+//!   under the teacher minus under the student, averaged over sentences. Higher means the teacher
+//!   prefers the trace more than the student does: what distillation can still teach. Each model
+//!   scores the same text with its own tokenizer, so the two may differ in vocabulary. Sentences
+//!   are the provenance segmenter's actions, so selection and `retort trace` cut alike.
+
+use candle_core::{D, DType, IndexOp, Tensor};
+use retort_model::score::{PaddedBatch, token_logprobs_from_logits};
+
+use crate::backend::local::LocalBackend;
+use crate::backend::{Backend, Prompt};
+use crate::error::{Error, Result};
+
+/// Which model scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelRole {
+    /// The student being trained.
+    Student,
+    /// The teacher.
+    Teacher,
+}
+
+/// One response to score.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreInput<'a> {
+    /// The prompt it answers.
+    pub prompt: &'a Prompt,
+    /// The response text.
+    pub response: &'a str,
+}
+
+/// Per-token scores of one response.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenScores {
+    /// Log-prob of each response token given the prompt and the tokens before it.
+    pub logprobs: Vec<f32>,
+    /// Byte range of each token in the response.
+    pub offsets: Vec<(usize, usize)>,
+    /// 1-based rank of each token among the vocabulary (empty unless asked for).
+    pub ranks: Vec<u32>,
+}
+
+/// Something that scores responses under the student and, optionally, the teacher.
+pub trait Scorer {
+    /// Whether a model for `role` is available.
+    fn has(&self, role: ModelRole) -> bool;
+    /// Scores every item under the `role` model; `ranks` asks for token ranks too.
+    fn score(
+        &self,
+        role: ModelRole,
+        items: &[ScoreInput<'_>],
+        ranks: bool,
+    ) -> Result<Vec<TokenScores>>;
+}
+
+/// Scores with local models, `batch_size` responses per forward pass.
+pub struct LocalScorer<'a> {
+    /// The student.
+    pub student: Option<&'a LocalBackend>,
+    /// The teacher.
+    pub teacher: Option<&'a LocalBackend>,
+    /// Responses per forward pass.
+    pub batch_size: usize,
+}
+
+impl Scorer for LocalScorer<'_> {
+    fn has(&self, role: ModelRole) -> bool {
+        match role {
+            ModelRole::Student => self.student.is_some(),
+            ModelRole::Teacher => self.teacher.is_some(),
+        }
+    }
+
+    fn score(
+        &self,
+        role: ModelRole,
+        items: &[ScoreInput<'_>],
+        ranks: bool,
+    ) -> Result<Vec<TokenScores>> {
+        let backend = match role {
+            ModelRole::Student => self.student,
+            ModelRole::Teacher => self.teacher,
+        }
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "selection needs a {role:?} model; give `--{}`",
+                role_flag(role)
+            ))
+        })?;
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.batch_size.max(1)) {
+            out.extend(score_chunk(backend, chunk, ranks)?);
+        }
+        Ok(out)
+    }
+}
+
+fn role_flag(role: ModelRole) -> &'static str {
+    match role {
+        ModelRole::Student => "student",
+        ModelRole::Teacher => "teacher",
+    }
+}
+
+/// One left-padded forward pass over `items`: log-probs (the computation of
+/// [`retort_model::score::score_batch`]) and, when asked, ranks from the same logits.
+fn score_chunk(
+    backend: &LocalBackend,
+    items: &[ScoreInput<'_>],
+    ranks: bool,
+) -> Result<Vec<TokenScores>> {
+    let model = backend.model();
+    let mut rows = Vec::with_capacity(items.len());
+    for item in items {
+        let prompt_ids = backend.prompt_ids(item.prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(Error::Invalid(format!(
+                "model `{}`: a prompt is empty after tokenization",
+                backend.name()
+            )));
+        }
+        let encoding = model
+            .tokenizer
+            .inner()
+            .encode(item.response, false)
+            .map_err(|e| Error::Backend {
+                backend: backend.name().to_string(),
+                message: format!("cannot encode a response: {e}"),
+            })?;
+        rows.push((
+            prompt_ids,
+            encoding.get_ids().to_vec(),
+            encoding.get_offsets().to_vec(),
+        ));
+    }
+    let vocab = model.config.vocab_size as u32;
+    let seqs: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|(p, c, _)| p.iter().chain(c).copied().collect())
+        .collect();
+    if let Some(bad) = seqs.iter().flatten().find(|&&t| t >= vocab) {
+        return Err(Error::Invalid(format!(
+            "token id {bad} is out of range for a vocabulary of {vocab}"
+        )));
+    }
+    let net = &model.model;
+    let batch = PaddedBatch::left(&seqs, model.pad_id(), net.device())?;
+    let mask = batch.has_padding().then_some(&batch.attention_mask);
+    let hidden = net.forward_hidden(&batch.input_ids, mask, Some(&batch.position_ids))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (row, (prompt, completion, offsets)) in rows.into_iter().enumerate() {
+        if completion.is_empty() {
+            out.push(TokenScores::default());
+            continue;
+        }
+        // Position p predicts token p + 1.
+        let start = batch.pad_lens[row] + prompt.len() - 1;
+        let h = hidden.i((row..row + 1, start..start + completion.len()))?;
+        let logits = net.lm_head(&h)?.to_dtype(DType::F32)?;
+        let targets = Tensor::from_slice(&completion, (1, completion.len()), net.device())?;
+        let logprobs = token_logprobs_from_logits(&logits, &targets)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        let ranks = if ranks {
+            // Rank = 1 + the number of tokens with a strictly larger logit than the target.
+            let target_logits =
+                logits.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
+            let above = logits
+                .broadcast_gt(&target_logits)?
+                .to_dtype(DType::F32)?
+                .sum(D::Minus1)?;
+            above
+                .squeeze(0)?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(|n| n as u32 + 1)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.push(TokenScores {
+            logprobs,
+            offsets,
+            ranks,
+        });
+    }
+    Ok(out)
+}
+
+/// Student perplexity: `exp(-mean log-prob)`; `None` without tokens.
+pub fn perplexity(scores: &TokenScores) -> Option<f64> {
+    mean(scores.logprobs.iter().map(|&x| f64::from(x))).map(|m| (-m).exp())
+}
+
+/// Rank-Surprisal Ratio: mean rank (capped at `rank_cap`) over mean surprisal; `None` without
+/// tokens or ranks. A zero mean surprisal (every token certain) gives infinity.
+pub fn rank_surprisal_ratio(scores: &TokenScores, rank_cap: u32) -> Option<f64> {
+    if scores.ranks.is_empty() || scores.ranks.len() != scores.logprobs.len() {
+        return None;
+    }
+    let rank = mean(
+        scores
+            .ranks
+            .iter()
+            .map(|&r| f64::from(r.min(rank_cap.max(1)))),
+    )?;
+    let surprisal = mean(scores.logprobs.iter().map(|&x| -f64::from(x)))?;
+    Some(if surprisal > 0.0 {
+        rank / surprisal
+    } else {
+        f64::INFINITY
+    })
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+/// Sentences of `text` as byte ranges covering it end to end: the provenance segmenter's actions
+/// ([`crate::provenance::segment`]), which keep decimals, abbreviations and LaTeX whole.
+pub fn sentences(text: &str) -> Vec<(usize, usize)> {
+    crate::provenance::segment(text)
+        .into_iter()
+        .map(|s| (s.start, s.end))
+        .collect()
+}
+
+/// Mean log-prob of the tokens of each sentence: a token belongs to the sentence holding its first
+/// non-whitespace byte. Sentences without tokens get `None`.
+pub fn sentence_means(
+    text: &str,
+    scores: &TokenScores,
+    sentences: &[(usize, usize)],
+) -> Vec<Option<f64>> {
+    let mut sums = vec![0.0f64; sentences.len()];
+    let mut counts = vec![0usize; sentences.len()];
+    for (&(start, end), &lp) in scores.offsets.iter().zip(&scores.logprobs) {
+        let span = text.get(start..end.max(start)).unwrap_or("");
+        let lead = span.len() - span.trim_start().len();
+        let position = if lead < span.len() {
+            start + lead
+        } else {
+            start
+        };
+        let index = sentences
+            .partition_point(|s| s.0 <= position)
+            .saturating_sub(1);
+        if let Some(sum) = sums.get_mut(index) {
+            *sum += f64::from(lp);
+            counts[index] += 1;
+        }
+    }
+    sums.into_iter()
+        .zip(counts)
+        .map(|(s, n)| (n > 0).then(|| s / n as f64))
+        .collect()
+}
+
+/// The teacher-guided score of one response: the mean over sentences (scored by both models) of
+/// the sentence's mean teacher log-prob minus its mean student log-prob.
+pub fn teacher_guided_score(
+    text: &str,
+    teacher: &TokenScores,
+    student: &TokenScores,
+) -> Option<f64> {
+    let cuts = sentences(text);
+    let t = sentence_means(text, teacher, &cuts);
+    let s = sentence_means(text, student, &cuts);
+    mean(t.iter().zip(&s).filter_map(|(t, s)| Some((*t)? - (*s)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentence_cuts_keep_decimals_and_cover_the_text() {
+        let text = "x = 3.5 here. Then y!\nDone.";
+        let cuts = sentences(text);
+        let parts: Vec<&str> = cuts.iter().map(|&(a, b)| &text[a..b]).collect();
+        assert_eq!(parts, ["x = 3.5 here.", " Then y!", "\nDone."]);
+    }
+
+    #[test]
+    fn scores_from_constructed_tokens() {
+        let text = "Ab. Cd.";
+        let teacher = TokenScores {
+            logprobs: vec![-1.0, -1.0, -2.0],
+            offsets: vec![(0, 3), (3, 6), (6, 7)],
+            ranks: vec![],
+        };
+        let student = TokenScores {
+            logprobs: vec![-2.0, -3.0],
+            offsets: vec![(0, 3), (3, 7)],
+            ranks: vec![1, 3],
+        };
+        // Sentences "Ab." and " Cd.": teacher means -1, -1.5; student -2, -3 → diffs 1, 1.5.
+        assert_eq!(teacher_guided_score(text, &teacher, &student), Some(1.25));
+        assert!((perplexity(&student).unwrap() - 2.5f64.exp()).abs() < 1e-12);
+        assert_eq!(rank_surprisal_ratio(&student, 100), Some(2.0 / 2.5));
+        assert_eq!(rank_surprisal_ratio(&student, 2), Some(1.5 / 2.5));
+        assert_eq!(rank_surprisal_ratio(&teacher, 100), None);
+    }
+}
