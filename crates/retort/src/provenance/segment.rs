@@ -207,6 +207,14 @@ fn is_abbreviation(word: &str) -> bool {
         })
 }
 
+/// Delimited blocks: opening, closing, and whether the block is a display block.
+const DELIMITERS: &[(&str, &str, bool)] = &[
+    ("```", "```", true),
+    ("$$", "$$", true),
+    ("\\[", "\\]", true),
+    ("\\(", "\\)", false),
+];
+
 /// Byte ranges that must not be split, sorted by start and non-overlapping, each with whether it
 /// is a display block (everything but inline `$…$` and `\(…\)`).
 fn protected_spans(text: &str) -> Vec<(usize, usize, bool)> {
@@ -215,14 +223,16 @@ fn protected_spans(text: &str) -> Vec<(usize, usize, bool)> {
     let mut i = 0;
     while i < bytes.len() {
         let rest = &text[i..];
-        let found = if rest.starts_with("```") {
-            rest[3..].find("```").map(|j| (i + 3 + j + 3, true))
-        } else if rest.starts_with("$$") {
-            rest[2..].find("$$").map(|j| (i + 2 + j + 2, true))
-        } else if rest.starts_with("\\[") {
-            rest[2..].find("\\]").map(|j| (i + 2 + j + 2, true))
-        } else if rest.starts_with("\\(") {
-            rest[2..].find("\\)").map(|j| (i + 2 + j + 2, false))
+        let delimited = DELIMITERS.iter().find_map(|&(open, close, display)| {
+            let inner = rest.strip_prefix(open)?;
+            Some(
+                inner
+                    .find(close)
+                    .map(|j| (i + open.len() + j + close.len(), display)),
+            )
+        });
+        let found = if let Some(found) = delimited {
+            found
         } else if let Some(env) = rest
             .strip_prefix("\\begin{")
             .and_then(|r| r.find('}').map(|j| &r[..j]))

@@ -1,0 +1,161 @@
+//! `retort trace`: sentence provenance of responses under a teacher, the base student and the
+//! distilled student, with a summary table of category shares.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use retort::backend::local::LocalBackend;
+use retort::backend::open::{open_local, resolve_local_spec};
+use retort::manifest::Manifest;
+use retort::provenance::{Category, Thresholds, TraceOptions, trace};
+
+use crate::args::FormatArg;
+use crate::ui;
+
+/// `retort trace`.
+#[derive(Debug, clap::Args)]
+pub struct TraceArgs {
+    /// The teacher: a Hugging Face folder, `hf:ORG/NAME[@REV]` or `world:teacher`.
+    #[arg(long)]
+    pub teacher: String,
+    /// The student before distillation.
+    #[arg(long)]
+    pub base: String,
+    /// The student after distillation.
+    #[arg(long)]
+    pub distilled: String,
+    /// Records with a prompt (any input shape) and a response, e.g. traces from `retort generate`.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output JSONL: each record with `actions` (text, start, end, logprob, category) added.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// A model finds an action likely when its mean token log-prob is at least this (ln 0.5).
+    #[arg(long, default_value_t = -std::f64::consts::LN_2, allow_negative_numbers = true)]
+    pub likely: f64,
+    /// An action likely under both is boosted when distilled minus base exceeds this (nats/token).
+    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
+    pub boost_margin: f64,
+    /// Field holding the response.
+    #[arg(long, default_value = "response")]
+    pub response_field: String,
+    /// Input shape (for the prompt).
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    pub format: FormatArg,
+    /// Records scored together in one forward pass per model.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+}
+
+fn opt(x: Option<f64>, digits: usize) -> String {
+    x.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// Runs `retort trace`.
+pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
+    let start = Instant::now();
+    let specs = [
+        args.teacher.as_str(),
+        args.base.as_str(),
+        args.distilled.as_str(),
+    ];
+    if let Some(remote) = specs.iter().find(|s| s.starts_with("openai:")) {
+        anyhow::bail!(
+            "`retort trace` scores with local models; `{remote}` is a server (give a folder or `hf:ORG/NAME`)"
+        );
+    }
+    // A spec given twice is loaded once (and scored once).
+    let mut loaded: Vec<(&str, LocalBackend)> = Vec::new();
+    for spec in specs {
+        if !loaded.iter().any(|(s, _)| *s == spec) {
+            let backend = open_local(spec, args.batch_size)
+                .with_context(|| format!("cannot open model `{spec}`"))?;
+            loaded.push((spec, backend));
+        }
+    }
+    let get = |spec: &str| -> &LocalBackend {
+        &loaded
+            .iter()
+            .find(|(s, _)| *s == spec)
+            .expect("every spec was loaded above")
+            .1
+    };
+    let mut options = TraceOptions::new(&args.input, &args.output);
+    options.format = super::generate::format(args.format);
+    options.response_field = args.response_field.clone();
+    options.thresholds = Thresholds {
+        likely: args.likely,
+        boost_margin: args.boost_margin,
+    };
+    options.batch_size = args.batch_size;
+    let bar = ui::progress(Some(0), "trace");
+    let summary = trace(
+        get(&args.teacher),
+        get(&args.base),
+        get(&args.distilled),
+        &options,
+        &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        },
+    )
+    .with_context(|| format!("cannot trace `{}`", args.input.display()))?;
+    bar.finish_and_clear();
+
+    let mut manifest = Manifest::new(serde_json::json!({
+        "thresholds": options.thresholds,
+        "response_field": args.response_field,
+        "roles": {"teacher": args.teacher, "base": args.base, "distilled": args.distilled},
+    }));
+    manifest.add_input(&args.input)?;
+    for (spec, _) in &loaded {
+        let dir = resolve_local_spec(spec);
+        manifest.add_model(spec, Some(Path::new(&dir)).filter(|p| p.is_dir()))?;
+    }
+    manifest.counts = serde_json::to_value(&summary)?;
+    manifest.wall_seconds = start.elapsed().as_secs_f64();
+    manifest.write_beside(&args.output)?;
+
+    let mut rows: Vec<(String, String)> = vec![
+        ("records".into(), summary.records.to_string()),
+        ("actions".into(), summary.actions.to_string()),
+    ];
+    for category in Category::ALL {
+        let share = summary.counts.share(category).unwrap_or(0.0);
+        rows.push((
+            format!("{} actions", category.as_str()),
+            format!(
+                "{:>6}  {:5.1}%",
+                summary.counts.get(category),
+                100.0 * share
+            ),
+        ));
+    }
+    if summary.correct.records + summary.incorrect.records > 0 {
+        rows.push((
+            format!("teacher share, correct ({})", summary.correct.records),
+            opt(summary.correct.teacher_share.map(|x| 100.0 * x), 1) + "%",
+        ));
+        rows.push((
+            format!("teacher share, incorrect ({})", summary.incorrect.records),
+            opt(summary.incorrect.teacher_share.map(|x| 100.0 * x), 1) + "%",
+        ));
+    }
+    let lp = summary.mean_logprob;
+    rows.push(("mean log-prob teacher".into(), opt(lp.teacher, 3)));
+    rows.push(("mean log-prob base".into(), opt(lp.base, 3)));
+    rows.push(("mean log-prob distilled".into(), opt(lp.distilled, 3)));
+    rows.push((
+        "thresholds".into(),
+        format!(
+            "likely >= {:.3}, boost > {:.3}",
+            options.thresholds.likely, options.thresholds.boost_margin
+        ),
+    ));
+    rows.push(("output".into(), args.output.display().to_string()));
+    let rows: Vec<(&str, String)> = rows.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    ui::table("trace", &rows);
+    Ok(ExitCode::SUCCESS)
+}
