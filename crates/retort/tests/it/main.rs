@@ -2,3 +2,4 @@
 mod distill;
 mod openai;
 mod provenance;
+mod select;
