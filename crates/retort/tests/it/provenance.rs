@@ -286,3 +286,72 @@ fn eval_on_a_fixture_model_writes_the_summary_keys() {
     assert_eq!(again.overall, summary.overall);
     assert_eq!(again.generation.as_ref().map(|g| g.already_done), Some(6));
 }
+
+#[test]
+fn eval_against_a_remote_model_matches_hand_computed_pass_at_k() {
+    use retort::backend::open::{BackendOptions, open_backend};
+    use retort::eval::pass_at_k;
+    use retort::mock_server::{FaultPlan, MockServer, mock_answer};
+
+    let server = MockServer::start(FaultPlan::none()).expect("mock server");
+    let backend = open_backend(&server.spec("mock"), &BackendOptions::default()).unwrap();
+    let (samples, seed) = (4usize, 40u64);
+    let prompts = ["Problem one?", "Problem two?", "Problem three?"];
+    // The mock answers sample s of prompt p with mock_answer(p, seed + s); gold = sample g's answer.
+    let answers: Vec<Vec<u64>> = prompts
+        .iter()
+        .map(|p| {
+            (0..samples)
+                .map(|s| mock_answer(p, Some(seed + s as u64)))
+                .collect()
+        })
+        .collect();
+    let gold: Vec<u64> = vec![answers[0][0], answers[1][2], 1000];
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("problems.jsonl");
+    let records: Vec<Value> = prompts
+        .iter()
+        .zip(&gold)
+        .enumerate()
+        .map(|(i, (p, g))| json!({"id": format!("p{i}"), "prompt": p, "answer": g.to_string()}))
+        .collect();
+    write_jsonl(&input, &records);
+    let mut options = EvalOptions::new(&input);
+    options.samples = samples;
+    options.sampling = SamplingParams {
+        temperature: 0.6,
+        top_p: 0.95,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    };
+    let summary = evaluate(backend.as_ref(), &options, &mut |_, _| {}).unwrap();
+    let correct: Vec<usize> = answers
+        .iter()
+        .zip(&gold)
+        .map(|(a, g)| a.iter().filter(|x| *x == g).count())
+        .collect();
+    assert!(correct[0] >= 1 && correct[1] >= 1 && correct[2] == 0);
+    let expected_accuracy = correct
+        .iter()
+        .map(|&c| c as f64 / samples as f64)
+        .sum::<f64>()
+        / 3.0;
+    assert!((summary.overall.accuracy - expected_accuracy).abs() < 1e-12);
+    for k in [1, 2, 4] {
+        let expected = correct
+            .iter()
+            .map(|&c| pass_at_k(samples, c, k))
+            .sum::<f64>()
+            / 3.0;
+        assert!(
+            (summary.overall.pass_at_k[&k] - expected).abs() < 1e-12,
+            "pass@{k}"
+        );
+    }
+    assert_eq!(summary.overall.no_answer_rate, 0.0);
+    assert_eq!(summary.generation.as_ref().map(|g| g.failed), Some(0));
+    assert!(
+        !dir.path().join("traces.jsonl").exists(),
+        "no output asked, none kept"
+    );
+}
