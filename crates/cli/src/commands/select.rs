@@ -1,0 +1,236 @@
+//! `retort select`: curate traces into a training set (strategies compose in the order given).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use retort::backend::local::LocalBackend;
+use retort::backend::open::{open_local, resolve_local_spec};
+use retort::select::{DedupOn, LocalScorer, Scorer, SelectOptions, Strategy, select_file};
+
+use crate::ui;
+
+/// A selection strategy (see `retort::select` for the table of what each does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyArg {
+    /// Keep records whose `verdict.correct` is true.
+    Correct,
+    /// Drop truncated records (`finish_reason: "length"`).
+    Finished,
+    /// Keep records within `--min-tokens`/`--max-tokens`.
+    Length,
+    /// Drop exact duplicates and MinHash near-duplicates (`--jaccard`).
+    Dedup,
+    /// Drop records sharing an n-gram with the prompts of `--eval-files`.
+    Decontaminate,
+    /// Keep problems whose student pass rate is within `--min-pass-rate`..`--max-pass-rate`.
+    Difficulty,
+    /// Order by student perplexity, lowest first (needs `--student`).
+    StudentPpl,
+    /// Order by Rank-Surprisal Ratio under the student, lowest first (needs `--student`).
+    Rsr,
+    /// Order by how much the teacher prefers the trace's sentences over the student (needs both).
+    TeacherGuided,
+    /// Seeded shuffle.
+    Random,
+    /// Fewest tokens first.
+    Shortest,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(arg: StrategyArg) -> Self {
+        match arg {
+            StrategyArg::Correct => Self::Correct,
+            StrategyArg::Finished => Self::Finished,
+            StrategyArg::Length => Self::Length,
+            StrategyArg::Dedup => Self::Dedup,
+            StrategyArg::Decontaminate => Self::Decontaminate,
+            StrategyArg::Difficulty => Self::Difficulty,
+            StrategyArg::StudentPpl => Self::StudentPpl,
+            StrategyArg::Rsr => Self::Rsr,
+            StrategyArg::TeacherGuided => Self::TeacherGuided,
+            StrategyArg::Random => Self::Random,
+            StrategyArg::Shortest => Self::Shortest,
+        }
+    }
+}
+
+/// Which text `dedup` compares.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum DedupOnArg {
+    /// Prompt and response together.
+    Both,
+    /// The response only.
+    Response,
+    /// The prompt only.
+    Prompt,
+}
+
+/// `retort select` arguments.
+#[derive(Debug, clap::Args)]
+pub struct SelectArgs {
+    /// Input traces (JSONL, JSON array or Parquet as the readers accept).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output JSONL (written atomically; a manifest is written beside it).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Strategies, applied in the order given (comma-separated or repeated).
+    #[arg(long = "strategy", value_enum, value_delimiter = ',', required = true)]
+    pub strategies: Vec<StrategyArg>,
+    /// Keep at most this many records (applied last).
+    #[arg(long)]
+    pub budget: Option<usize>,
+    /// Keep at most this many records per problem id (before the budget).
+    #[arg(long)]
+    pub per_problem: Option<usize>,
+    /// Seed of `random` and of the MinHash functions.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Teacher model (local folder, `hf:ORG/NAME`, `world:teacher`) for `teacher-guided`.
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// Student model for `student-ppl`, `rsr` and `teacher-guided`.
+    #[arg(long)]
+    pub student: Option<String>,
+    /// Responses scored per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Eval files whose prompts must not leak into training (`decontaminate`).
+    #[arg(long, num_args = 1..)]
+    pub eval_files: Vec<PathBuf>,
+    /// Words per n-gram for `decontaminate`.
+    #[arg(long, default_value_t = 13)]
+    pub ngram: usize,
+    /// `length`: fewest tokens kept.
+    #[arg(long)]
+    pub min_tokens: Option<usize>,
+    /// `length`: most tokens kept.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Drop truncated records first (the `finished` strategy before the others).
+    #[arg(long)]
+    pub drop_truncated: bool,
+    /// `dedup`: near-duplicates at estimated Jaccard similarity at or above this.
+    #[arg(long, default_value_t = 0.8)]
+    pub jaccard: f64,
+    /// `dedup`: words per shingle.
+    #[arg(long, default_value_t = 5)]
+    pub shingle: usize,
+    /// `dedup`: MinHash functions.
+    #[arg(long, default_value_t = 128)]
+    pub num_perm: usize,
+    /// `dedup`: which text is compared.
+    #[arg(long, value_enum, default_value = "both")]
+    pub dedup_on: DedupOnArg,
+    /// `difficulty`: the student's samples with verdicts (default: the input's own verdicts).
+    #[arg(long)]
+    pub difficulty_from: Option<PathBuf>,
+    /// `difficulty`: lowest pass rate kept.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_pass_rate: f64,
+    /// `difficulty`: highest pass rate kept.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_pass_rate: f64,
+    /// `student-ppl`: most perplexing first instead of least.
+    #[arg(long)]
+    pub ppl_highest: bool,
+    /// `rsr`: ranks above this count as this.
+    #[arg(long, default_value_t = 100)]
+    pub rsr_rank_cap: u32,
+    /// Field holding the response text.
+    #[arg(long, default_value = "response")]
+    pub response_field: String,
+}
+
+fn open(
+    spec: &Option<String>,
+    role: &str,
+    batch_size: usize,
+) -> anyhow::Result<Option<LocalBackend>> {
+    let Some(spec) = spec else { return Ok(None) };
+    if spec.starts_with("openai:") {
+        anyhow::bail!(
+            "`--{role}`: selection scores with local models; give a Hugging Face folder or `hf:ORG/NAME`"
+        );
+    }
+    Ok(Some(
+        open_local(spec, batch_size).with_context(|| format!("cannot open {role} `{spec}`"))?,
+    ))
+}
+
+/// Runs `retort select`.
+pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
+    let mut strategies: Vec<Strategy> = args.strategies.iter().map(|&s| s.into()).collect();
+    if args.drop_truncated && !strategies.contains(&Strategy::Finished) {
+        strategies.insert(0, Strategy::Finished);
+    }
+    let options = SelectOptions {
+        strategies,
+        budget: args.budget,
+        per_problem: args.per_problem,
+        seed: args.seed,
+        min_tokens: args.min_tokens,
+        max_tokens: args.max_tokens,
+        jaccard: args.jaccard,
+        shingle: args.shingle,
+        num_perm: args.num_perm,
+        dedup_on: match args.dedup_on {
+            DedupOnArg::Both => DedupOn::Both,
+            DedupOnArg::Response => DedupOn::Response,
+            DedupOnArg::Prompt => DedupOn::Prompt,
+        },
+        eval_files: args.eval_files.clone(),
+        ngram: args.ngram,
+        difficulty_from: args.difficulty_from.clone(),
+        min_pass_rate: args.min_pass_rate,
+        max_pass_rate: args.max_pass_rate,
+        ppl_highest: args.ppl_highest,
+        rsr_rank_cap: args.rsr_rank_cap,
+        response_field: args.response_field.clone(),
+        source: Some(args.input.clone()),
+    };
+    let teacher = open(&args.teacher, "teacher", args.batch_size)?;
+    let student = open(&args.student, "student", args.batch_size)?;
+    let scorer = LocalScorer {
+        student: student.as_ref(),
+        teacher: teacher.as_ref(),
+        batch_size: args.batch_size,
+    };
+    let models: Vec<(String, Option<PathBuf>)> = [&args.teacher, &args.student]
+        .into_iter()
+        .flatten()
+        .map(|spec| {
+            let dir = PathBuf::from(resolve_local_spec(spec));
+            (spec.clone(), Path::new(&dir).is_dir().then_some(dir))
+        })
+        .collect();
+    let scorer_ref: Option<&dyn Scorer> =
+        (teacher.is_some() || student.is_some()).then_some(&scorer as &dyn Scorer);
+    let summary = select_file(&args.input, &args.output, &options, scorer_ref, &models)
+        .with_context(|| format!("cannot select from `{}`", args.input.display()))?;
+    let mut rows: Vec<(String, String)> = vec![
+        ("input records".into(), summary.input.to_string()),
+        ("kept".into(), summary.kept.to_string()),
+        ("kept problems".into(), summary.kept_problems.to_string()),
+    ];
+    for step in &summary.steps {
+        rows.push((
+            format!("step {}", step.step),
+            format!("{} → {}", step.before, step.after),
+        ));
+    }
+    for (reason, count) in &summary.dropped {
+        rows.push((format!("dropped: {reason}"), count.to_string()));
+    }
+    for stats in &summary.scores {
+        rows.push((
+            format!("{} score", stats.strategy),
+            format!("{:.4} / {:.4} / {:.4}", stats.min, stats.mean, stats.max),
+        ));
+    }
+    rows.push(("output".into(), args.output.display().to_string()));
+    let borrowed: Vec<(&str, String)> = rows.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    ui::table("select", &borrowed);
+    Ok(ExitCode::SUCCESS)
+}
