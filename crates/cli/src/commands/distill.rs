@@ -1,0 +1,290 @@
+//! `retort distill`: flags (or `--config FILE`, TOML with the same keys; flags win) →
+//! [`retort::distill::DistillOptions`] → [`retort::distill::distill`], with a progress bar
+//! (loss, tokens/s) and a summary table on stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use retort::distill::{DistillOptions, Objective};
+use retort::manifest::Manifest;
+use retort::records::InputFormat;
+
+use crate::ui;
+
+/// Train a student: SFT or token-level KD from a local teacher, resumable, Hugging Face output.
+#[derive(Debug, clap::Args)]
+pub struct DistillArgs {
+    /// TOML file with the same keys as these flags (`max-steps = 100`); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The student: a model folder or `hf:ORG/NAME[@REV]`.
+    #[arg(long)]
+    pub student: Option<String>,
+    /// Training records (JSONL or JSON array): `prompt`/`messages`/`prompt_ids` with `response`,
+    /// `completion` or `completion_ids`.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output folder: the final model, `checkpoint-N/`, `metrics.jsonl`, `config.toml`.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// The teacher for `kd` (same vocabulary as the student).
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// Training objective.
+    #[arg(long, value_enum)]
+    pub objective: Option<ObjectiveArg>,
+    /// KD divergence.
+    #[arg(long, value_enum)]
+    pub divergence: Option<DivergenceArg>,
+    /// β of `jsd`: the teacher's weight in the mixture (TRL's semantics).
+    #[arg(long)]
+    pub beta: Option<f64>,
+    /// α of `skl`/`srkl` (DistiLLM's skew).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// KD temperature [default: 1].
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Weight w of KD: per token `(1 - w) * sft + w * kd` [default: 1].
+    #[arg(long)]
+    pub kd_weight: Option<f64>,
+    /// Optimizer steps (wins over `--epochs`).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the data when `--max-steps` is not given [default: 1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Sequences per optimizer step [default: 8].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Sequences per forward/backward (gradient accumulation) [default: the batch size].
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
+    /// Peak learning rate [default: 1e-5].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Linear warmup steps [default: 0].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Cosine floor as a fraction of the peak learning rate [default: 0.1].
+    #[arg(long)]
+    pub min_lr_ratio: Option<f64>,
+    /// AdamW weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Gradient clipping norm, 0 for none [default: 1].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the data order [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Longest sequence in tokens; longer ones are cut (counted in the summary) [default: 4096].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Train only on records whose `verdict.correct` is true.
+    #[arg(long)]
+    pub only_correct: bool,
+    /// Prompt shape of the records [default: auto].
+    #[arg(long, value_enum)]
+    pub input_format: Option<InputFormatArg>,
+    /// Held-out records for the evaluation loss.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write `OUTPUT/checkpoint-N` every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Continue from the latest checkpoint in the output folder.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// `--objective`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObjectiveArg {
+    /// Cross-entropy on completion tokens.
+    Sft,
+    /// Token-level KD from `--teacher`, mixed with SFT by `--kd-weight`.
+    Kd,
+    /// On-policy distillation (not built yet).
+    OnPolicy,
+    /// REDI on positive and negative traces (not built yet).
+    Redi,
+}
+
+/// `--divergence`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DivergenceArg {
+    /// Forward KL(teacher ‖ student).
+    Fkl,
+    /// Reverse KL(student ‖ teacher).
+    Rkl,
+    /// Generalised JSD (`--beta`).
+    Jsd,
+    /// Skew forward KL (`--alpha`).
+    Skl,
+    /// Skew reverse KL (`--alpha`).
+    Srkl,
+    /// Total variation distance.
+    Tvd,
+}
+
+/// `--input-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormatArg {
+    /// Detect from the fields present.
+    Auto,
+    /// `prompt_ids`.
+    Ids,
+    /// `messages`.
+    Messages,
+    /// ShareGPT `conversations`.
+    Sharegpt,
+    /// `prompt` text.
+    Prompt,
+    /// GSM8K `question`.
+    Gsm8k,
+    /// MATH `problem`.
+    Math,
+}
+
+/// The options from `--config` (if any) with every given flag applied on top.
+pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
+    let mut o = match &args.config {
+        Some(path) => DistillOptions::from_toml_file(path)
+            .with_context(|| format!("cannot read the config `{}`", path.display()))?,
+        None => DistillOptions::default(),
+    };
+    macro_rules! set {
+        ($($field:ident),*) => {$(
+            if let Some(value) = &args.$field {
+                o.$field = value.clone().into();
+            }
+        )*};
+    }
+    set!(
+        student,
+        data,
+        output,
+        teacher,
+        beta,
+        alpha,
+        max_steps,
+        micro_batch_size,
+        eval_data
+    );
+    set!(eval_every, checkpoint_every, max_grad_norm);
+    set!(
+        temperature,
+        kd_weight,
+        epochs,
+        batch_size,
+        lr,
+        warmup_steps,
+        min_lr_ratio
+    );
+    set!(weight_decay, seed, max_seq_len);
+    if let Some(objective) = args.objective {
+        o.objective = match objective {
+            ObjectiveArg::Sft => Objective::Sft,
+            ObjectiveArg::Kd => Objective::Kd,
+            ObjectiveArg::OnPolicy => Objective::OnPolicy,
+            ObjectiveArg::Redi => Objective::Redi,
+        };
+    }
+    if let Some(divergence) = args.divergence {
+        let name = match divergence {
+            DivergenceArg::Fkl => "fkl",
+            DivergenceArg::Rkl => "rkl",
+            DivergenceArg::Jsd => "jsd",
+            DivergenceArg::Skl => "skl",
+            DivergenceArg::Srkl => "srkl",
+            DivergenceArg::Tvd => "tvd",
+        };
+        o.divergence = name.into();
+    }
+    if let Some(format) = args.input_format {
+        o.input_format = match format {
+            InputFormatArg::Auto => InputFormat::Auto,
+            InputFormatArg::Ids => InputFormat::Ids,
+            InputFormatArg::Messages => InputFormat::Messages,
+            InputFormatArg::Sharegpt => InputFormat::Sharegpt,
+            InputFormatArg::Prompt => InputFormat::Prompt,
+            InputFormatArg::Gsm8k => InputFormat::Gsm8k,
+            InputFormatArg::Math => InputFormat::Math,
+        };
+    }
+    o.only_correct |= args.only_correct;
+    o.resume |= args.resume;
+    Ok(o)
+}
+
+/// Runs `retort distill`.
+pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
+    let start = Instant::now();
+    let options = options(&args)?;
+    let bar = ui::progress(options.max_steps.map(|n| n as u64), "distill");
+    let mut last = Instant::now();
+    let mut on_step = |stats: &retort_model::train::StepStats| {
+        let seconds = last.elapsed().as_secs_f64().max(1e-9);
+        last = Instant::now();
+        bar.set_position(stats.step as u64);
+        bar.set_prefix(format!(
+            "loss {:.4}  lr {:.2e}  {:.0} target tok/s",
+            stats.loss,
+            stats.lr,
+            stats.tokens as f64 / seconds
+        ));
+    };
+    let summary =
+        retort::distill::distill(&options, &mut on_step).context("distillation failed")?;
+    bar.finish_and_clear();
+
+    let output = summary.output.clone();
+    let mut manifest = Manifest::new(serde_json::to_value(&options)?);
+    if let Some(data) = &options.data {
+        manifest.add_input(data)?;
+    }
+    if let Some(eval) = &options.eval_data {
+        manifest.add_input(eval)?;
+    }
+    for spec in [&options.student, &options.teacher].into_iter().flatten() {
+        let dir = PathBuf::from(spec);
+        manifest.add_model(spec, dir.is_dir().then_some(dir.as_path()))?;
+    }
+    manifest.counts = serde_json::to_value(&summary)?;
+    manifest.wall_seconds = start.elapsed().as_secs_f64();
+    manifest.write_beside(&output)?;
+
+    let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
+    let resumed = summary
+        .resumed_from
+        .map_or_else(|| "-".to_string(), |s| format!("step {s}"));
+    ui::table(
+        "distill",
+        &[
+            ("objective", options.objective.name().to_string()),
+            ("examples", summary.data.examples.to_string()),
+            (
+                "skipped (only-correct)",
+                summary.data.skipped_incorrect.to_string(),
+            ),
+            ("truncated", summary.data.truncated.to_string()),
+            ("dropped", summary.data.dropped.to_string()),
+            ("resumed from", resumed),
+            ("steps", summary.steps.to_string()),
+            ("first loss", fmt(summary.first_loss)),
+            ("final loss", fmt(summary.final_loss)),
+            ("eval loss", fmt(summary.eval_loss)),
+            ("target tokens", summary.target_tokens.to_string()),
+            ("tokens/s", format!("{:.0}", summary.tokens_per_s)),
+            ("wall time", format!("{:.1} s", summary.wall_seconds)),
+            ("output", output.display().to_string()),
+        ],
+    );
+    Ok(ExitCode::SUCCESS)
+}
