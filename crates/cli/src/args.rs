@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// retort: reasoning distillation from teacher traces to a small student, in one binary.
 #[derive(Debug, Parser)]
-#[command(name = "retort", version, about, max_term_width = 100)]
+#[command(name = "retort", version, max_term_width = 100)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -34,6 +34,14 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Per-token log-probs of completions given prompts under a local model.
     Score(ScoreArgs),
+    /// Select training data: filters, dedup, decontamination, student-ppl, RSR, teacher-guided.
+    Select(crate::commands::select::SelectArgs),
+    /// Distill into a student: SFT or token-level KD; checkpoints, --resume, metrics.jsonl.
+    Distill(crate::commands::distill::DistillArgs),
+    /// Evaluate a model: pass@1 over k samples, pass@k, maj@k, mean tokens, truncation.
+    Eval(crate::commands::eval::EvalArgs),
+    /// Sentence provenance: teacher / student / shared / boosted per sentence of each response.
+    Trace(crate::commands::trace::TraceArgs),
     /// Compare a teacher and a student before distilling: vocabulary, tokenizer, chat template, EOS, scores.
     Check(CheckArgs),
     /// Print one JSON line of speed figures (tokens/s, pairs/s), shaped like the PyTorch reference.

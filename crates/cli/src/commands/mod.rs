@@ -4,9 +4,14 @@ use std::process::ExitCode;
 
 use crate::args::{Cli, Command};
 
+mod bench;
 mod check;
+pub mod distill;
+pub mod eval;
 mod generate;
 mod score;
+pub mod select;
+pub mod trace;
 mod verify;
 
 /// Runs the parsed command line.
@@ -16,6 +21,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
         Command::Check(args) => check::run(args),
-        Command::Bench(_args) => anyhow::bail!("`retort bench` is not built yet"),
+        Command::Bench(args) => bench::run(args),
+        Command::Select(args) => select::run(args),
+        Command::Distill(args) => distill::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Trace(args) => trace::run(args),
     }
 }
