@@ -13,6 +13,7 @@ pub mod manifest;
 pub mod mock_server;
 pub mod provenance;
 pub mod records;
+pub mod report;
 pub mod score;
 pub mod select;
 pub mod verify;

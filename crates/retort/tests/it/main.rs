@@ -3,3 +3,4 @@ mod distill;
 mod openai;
 mod provenance;
 mod select;
+mod report;
