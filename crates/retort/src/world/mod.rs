@@ -2,8 +2,11 @@
 //! problems with difficulty levels ([`problems`]), a teacher solution style with every
 //! intermediate result and a terser base-student style ([`styles`]).
 
+pub mod eval;
 pub mod problems;
 pub mod styles;
+pub mod tokenizer;
+pub mod train;
 
 pub use problems::{generate_problems, Op, WorldProblem};
 pub use styles::{student_corpus, teacher_solution, terse_solution};

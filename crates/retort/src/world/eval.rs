@@ -1,0 +1,233 @@
+//! Accuracy of a world model: greedy, batched generation on held-out problems, each response
+//! verified ("The answer is N.") against the gold answer, reported per level.
+
+use std::collections::HashSet;
+
+use retort_model::generate::{GenerationParams, generate};
+use retort_model::{CausalLm, Tokenizer};
+use serde::Serialize;
+
+use super::EOS;
+use super::problems::{WorldProblem, generate_problems};
+use super::train::training_problems;
+use crate::{Error, Result};
+
+/// Added to the training seed to draw held-out problems.
+pub const HELD_OUT_SEED_OFFSET: u64 = 1_000_003;
+
+/// `per_level` held-out problems for each of levels 1-5 (5 is harder than any training problem),
+/// from another seed than the training problems of `train_seed` and sharing no question with the
+/// first `train_per_level` of them per level. Ids are `heldout-N`.
+pub fn held_out_problems(
+    train_seed: u64,
+    train_per_level: usize,
+    per_level: usize,
+) -> Vec<WorldProblem> {
+    let exclude: HashSet<String> = training_problems(train_seed, train_per_level)
+        .into_iter()
+        .map(|p| p.question)
+        .collect();
+    generate_problems(
+        train_seed.wrapping_add(HELD_OUT_SEED_OFFSET),
+        &[1, 2, 3, 4, 5],
+        per_level,
+        "heldout",
+        &exclude,
+    )
+}
+
+/// Accuracy on one level.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LevelAccuracy {
+    /// Number of operations.
+    pub level: usize,
+    /// Problems.
+    pub problems: usize,
+    /// Verified correct.
+    pub correct: usize,
+    /// `correct / problems`.
+    pub accuracy: f64,
+}
+
+/// One problem's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProblemResult {
+    /// The problem id.
+    pub id: String,
+    /// Its level.
+    pub level: usize,
+    /// The generated completion.
+    pub response: String,
+    /// Whether it verified.
+    pub correct: bool,
+}
+
+/// Accuracy per level and over levels 1-4 (the training levels).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalReport {
+    /// Accuracy over the problems of levels 1-4.
+    pub accuracy: f64,
+    /// Per level, ascending.
+    pub levels: Vec<LevelAccuracy>,
+    /// Every problem's outcome, in input order.
+    #[serde(skip)]
+    pub results: Vec<ProblemResult>,
+}
+
+impl EvalReport {
+    /// The accuracy on `level`, if it was evaluated.
+    pub fn level(&self, level: usize) -> Option<f64> {
+        self.levels
+            .iter()
+            .find(|l| l.level == level)
+            .map(|l| l.accuracy)
+    }
+}
+
+/// Greedy answers of `model` to `problems` in batches of `batch_size`, verified against gold.
+pub fn evaluate(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    problems: &[WorldProblem],
+    batch_size: usize,
+) -> Result<EvalReport> {
+    let eos = tokenizer.token_to_id(EOS).ok_or_else(|| {
+        Error::Invalid(format!(
+            "tokenizer `{}` has no `{EOS}`",
+            tokenizer.path().display()
+        ))
+    })?;
+    let mut results = Vec::with_capacity(problems.len());
+    for chunk in problems.chunks(batch_size.max(1)) {
+        let prompts = chunk
+            .iter()
+            .map(|p| tokenizer.encode(&p.prompt(), false))
+            .collect::<retort_model::Result<Vec<_>>>()?;
+        let deepest = chunk.iter().map(WorldProblem::level).max().unwrap_or(1);
+        let params = GenerationParams {
+            max_new_tokens: 16 * deepest + 32,
+            eos_ids: vec![eos],
+            ..Default::default()
+        };
+        let outputs = generate(model, tokenizer, &prompts, &params)?;
+        for (problem, output) in chunk.iter().zip(outputs) {
+            let verdict = retort_verify::verify(
+                &output.text,
+                &problem.answer.to_string(),
+                &Default::default(),
+            );
+            results.push(ProblemResult {
+                id: problem.id.clone(),
+                level: problem.level(),
+                response: output.text,
+                correct: verdict.correct,
+            });
+        }
+    }
+    Ok(report(results))
+}
+
+fn report(results: Vec<ProblemResult>) -> EvalReport {
+    let mut levels: Vec<usize> = results.iter().map(|r| r.level).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    let levels: Vec<LevelAccuracy> = levels
+        .into_iter()
+        .map(|level| {
+            let problems = results.iter().filter(|r| r.level == level).count();
+            let correct = results
+                .iter()
+                .filter(|r| r.level == level && r.correct)
+                .count();
+            LevelAccuracy {
+                level,
+                problems,
+                correct,
+                accuracy: correct as f64 / problems.max(1) as f64,
+            }
+        })
+        .collect();
+    let train: Vec<&LevelAccuracy> = levels
+        .iter()
+        .filter(|l| (1..=4).contains(&l.level))
+        .collect();
+    let (correct, total) = train
+        .iter()
+        .fold((0, 0), |(c, n), l| (c + l.correct, n + l.problems));
+    EvalReport {
+        accuracy: correct as f64 / total.max(1) as f64,
+        levels,
+        results,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::world::styles::teacher_solution;
+    use crate::world::train::{DEFAULT_SEED, TRAIN_PER_LEVEL};
+
+    fn assets(name: &str) -> String {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/world/").to_string() + name
+    }
+
+    #[test]
+    fn held_out_is_disjoint_from_training() {
+        let train: HashSet<String> = training_problems(4, 30)
+            .into_iter()
+            .map(|p| p.question)
+            .collect();
+        let held = held_out_problems(4, 30, 10);
+        assert_eq!(held.len(), 50);
+        assert!(held.iter().all(|p| !train.contains(&p.question)));
+        assert_eq!(held.iter().filter(|p| p.level() == 5).count(), 10);
+    }
+
+    #[test]
+    fn report_counts_per_level() {
+        let result = |level, correct| ProblemResult {
+            id: String::new(),
+            level,
+            response: String::new(),
+            correct,
+        };
+        let r = report(vec![
+            result(1, true),
+            result(1, false),
+            result(2, true),
+            result(5, false),
+        ]);
+        assert_eq!(r.level(1), Some(0.5));
+        assert_eq!(r.level(5), Some(0.0));
+        assert!((r.accuracy - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    /// The shipped teacher loads and solves three fixed held-out problems (levels 2-4) greedily:
+    /// checks that the committed weights and tokenizer are intact.
+    #[test]
+    fn shipped_teacher_answers_held_out_problems() {
+        let loaded = retort_model::load(&assets("teacher"), &Default::default())
+            .expect("load the shipped teacher");
+        let problems: Vec<WorldProblem> = held_out_problems(DEFAULT_SEED, TRAIN_PER_LEVEL, 1)
+            .into_iter()
+            .filter(|p| (2..=4).contains(&p.level()))
+            .collect();
+        assert_eq!(problems.len(), 3);
+        let report = evaluate(&loaded.model, &loaded.tokenizer, &problems, 3).expect("evaluate");
+        for (problem, result) in problems.iter().zip(&report.results) {
+            assert!(
+                result.correct,
+                "{}: got {:?}, want {:?}",
+                problem.question,
+                result.response,
+                teacher_solution(problem)
+            );
+        }
+        let student = retort_model::load(&assets("student"), &Default::default())
+            .expect("load the shipped student");
+        assert_eq!(
+            student.tokenizer.vocab_size(),
+            loaded.tokenizer.vocab_size()
+        );
+    }
+}
