@@ -25,9 +25,9 @@
 //! A kept record gets `"selection": {"strategy", "score"}` from the last scoring strategy, and
 //! `"selection_scores"` with every scoring strategy's value when more than one ran.
 
-mod minhash;
-mod scoring;
-mod strategies;
+pub mod minhash;
+pub mod scoring;
+pub mod strategies;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
