@@ -50,6 +50,9 @@ pub struct DistillArgs {
     /// Weight w of KD: per token `(1 - w) * sft + w * kd` [default: 1].
     #[arg(long)]
     pub kd_weight: Option<f64>,
+    /// REDI's α: weight of the negative traces [default: 0.8].
+    #[arg(long)]
+    pub redi_alpha: Option<f64>,
     /// Optimizer steps (wins over `--epochs`).
     #[arg(long)]
     pub max_steps: Option<usize>,
@@ -112,7 +115,7 @@ pub enum ObjectiveArg {
     Kd,
     /// On-policy distillation (not built yet).
     OnPolicy,
-    /// REDI on positive and negative traces (not built yet).
+    /// REDI on positive and negative traces (`verdict.correct`), after an SFT stage.
     Redi,
 }
 
@@ -187,7 +190,7 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
         warmup_steps,
         min_lr_ratio
     );
-    set!(weight_decay, seed, max_seq_len);
+    set!(weight_decay, seed, max_seq_len, redi_alpha);
     if let Some(objective) = args.objective {
         o.objective = match objective {
             ObjectiveArg::Sft => Objective::Sft,

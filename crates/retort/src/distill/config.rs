@@ -24,7 +24,8 @@ pub enum Objective {
     Kd,
     /// The student samples, the teacher scores its tokens (not built yet).
     OnPolicy,
-    /// REDI on positive and negative traces (not built yet).
+    /// REDI on positive and negative traces (`verdict.correct`), after an SFT stage: the
+    /// length-normalised log-likelihood of positives minus `redi-alpha` times that of negatives.
     Redi,
 }
 
@@ -71,6 +72,8 @@ pub struct DistillOptions {
     pub temperature: f64,
     /// Weight `w` of the KD term: per token `loss = (1 - w) * sft + w * kd`.
     pub kd_weight: f64,
+    /// REDI's α: weight of the negative traces' length-normalised log-likelihood.
+    pub redi_alpha: f64,
     /// Optimizer steps; wins over `epochs` when both are set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<usize>,
@@ -134,6 +137,7 @@ impl Default for DistillOptions {
             alpha: None,
             temperature: 1.0,
             kd_weight: 1.0,
+            redi_alpha: 0.8,
             max_steps: None,
             epochs: 1,
             batch_size: 8,
@@ -263,9 +267,23 @@ impl DistillOptions {
                     ));
                 }
             }
+            Objective::Redi => {
+                if !(0.0..=1.0).contains(&self.redi_alpha) {
+                    return Err(bad(
+                        "redi-alpha",
+                        format!("must lie in [0, 1], got {}", self.redi_alpha),
+                    ));
+                }
+                if self.only_correct {
+                    return Err(bad(
+                        "only-correct",
+                        "objective `redi` trains on negative traces too".into(),
+                    ));
+                }
+            }
             other => {
                 return Err(Error::Invalid(format!(
-                    "objective `{}` is not built yet; use `sft` or `kd`",
+                    "objective `{}` is not built yet; use `sft`, `kd` or `redi`",
                     other.name()
                 )));
             }

@@ -32,6 +32,10 @@ pub struct MicroBatch {
     pub tokens: usize,
     /// Real (unpadded) tokens in the micro-batch.
     pub input_tokens: usize,
+    /// The row of each target.
+    pub target_rows: Vec<usize>,
+    /// `verdict.correct` of each row.
+    pub row_correct: Vec<Option<bool>>,
 }
 
 impl MicroBatch {
@@ -42,6 +46,7 @@ impl MicroBatch {
         let mut positions = Vec::new();
         let mut targets = Vec::new();
         let mut input_tokens = 0;
+        let mut target_rows = Vec::new();
         for (row, example) in examples.iter().enumerate() {
             input_tokens += example.ids.len();
             ids.extend_from_slice(&example.ids);
@@ -50,6 +55,7 @@ impl MicroBatch {
             for p in example.prompt_len.saturating_sub(1)..example.ids.len().saturating_sub(1) {
                 positions.push((row * len + p) as u32);
                 targets.push(example.ids[p + 1]);
+                target_rows.push(row);
             }
         }
         let tokens = targets.len();
@@ -59,6 +65,8 @@ impl MicroBatch {
             targets: Tensor::from_vec(targets, (1, tokens), device)?,
             tokens,
             input_tokens,
+            target_rows,
+            row_correct: examples.iter().map(|e| e.correct).collect(),
         })
     }
 }
@@ -79,6 +87,13 @@ pub enum LossSpec<'a> {
         /// `w` in `(1 - w) * sft + w * kd`.
         kd_weight: f64,
     },
+    /// REDI: length-normalised log-likelihood of positive traces minus `negative_weight` times
+    /// that of negative ones (every row needs a verdict). The normaliser is the number of
+    /// sequences, not tokens.
+    Redi {
+        /// α: weight of the negative term (REDI's recommended 0.8).
+        negative_weight: f64,
+    },
 }
 
 /// One micro-batch's loss: the differentiable sum and its terms as numbers.
@@ -86,8 +101,10 @@ pub enum LossSpec<'a> {
 pub struct LossTerms {
     /// Scalar: the sum over target tokens of the per-token loss (differentiable).
     pub sum: Tensor,
-    /// Target tokens.
+    /// What the sum is normalised by: target tokens (sequences for REDI).
     pub tokens: usize,
+    /// Target tokens.
+    pub target_tokens: usize,
     /// Sum of the per-token cross-entropy.
     pub sft_sum: f64,
     /// Sum of the per-token divergence (KD only).
@@ -112,6 +129,7 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
         return Ok(LossTerms {
             sum: zero,
             tokens: 0,
+            target_tokens: 0,
             sft_sum: 0.0,
             kd_sum: None,
         });
@@ -127,6 +145,7 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
             Ok(LossTerms {
                 sum,
                 tokens: batch.tokens,
+                target_tokens: batch.tokens,
                 sft_sum,
                 kd_sum: None,
             })
@@ -154,8 +173,40 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
             Ok(LossTerms {
                 sum,
                 tokens: batch.tokens,
+                target_tokens: batch.tokens,
                 sft_sum,
                 kd_sum: Some(kd_sum),
+            })
+        }
+        LossSpec::Redi { negative_weight } => {
+            let logprobs = gather_logprobs(&logits, &batch.targets)?;
+            let rows = batch.row_correct.len();
+            let mut lengths = vec![0usize; rows];
+            for &row in &batch.target_rows {
+                lengths[row] += 1;
+            }
+            let mut weights = Vec::with_capacity(batch.tokens);
+            for &row in &batch.target_rows {
+                let sign = match batch.row_correct[row] {
+                    Some(true) => 1.0,
+                    Some(false) => -negative_weight,
+                    None => {
+                        return Err(crate::error::Error::Invalid(
+                            "redi: every record needs `verdict.correct`".into(),
+                        ));
+                    }
+                };
+                weights.push((sign / lengths[row] as f64) as f32);
+            }
+            let weights = Tensor::from_vec(weights, (1, batch.tokens), student.device())?;
+            let sum = logprobs.mul(&weights)?.sum_all()?.neg()?;
+            let sft_sum = -scalar(&logprobs)?;
+            Ok(LossTerms {
+                sum,
+                tokens: lengths.iter().filter(|&&n| n > 0).count(),
+                target_tokens: batch.tokens,
+                sft_sum,
+                kd_sum: None,
             })
         }
     }

@@ -159,6 +159,23 @@ pub fn distill_trained(
         Some(path) => Some(data::load_examples(path, &view, &data_options)?.0),
         None => None,
     };
+    if options.objective == Objective::Redi {
+        let eval_path = options.eval_data.as_deref().unwrap_or(data_path);
+        for (path, set) in [
+            (data_path, Some(&examples)),
+            (eval_path, eval_examples.as_ref()),
+        ] {
+            if let Some(example) = set.and_then(|s| s.iter().find(|e| e.correct.is_none())) {
+                return Err(Error::Input {
+                    path: path.to_path_buf(),
+                    line: example.line,
+                    message: "missing field `verdict.correct`: objective `redi` needs a verdict \
+                              on every record (run `retort verify` first)"
+                        .into(),
+                });
+            }
+        }
+    }
     let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
     let batches_per_epoch = data::batches_per_epoch(examples.len(), options.batch_size);
     let total_steps = options
@@ -208,6 +225,9 @@ pub fn distill_trained(
             divergence: options.divergence()?,
             temperature: options.temperature,
             kd_weight: options.kd_weight,
+        },
+        (_, Objective::Redi) => LossSpec::Redi {
+            negative_weight: options.redi_alpha,
         },
         _ => LossSpec::Sft,
     };
@@ -266,6 +286,7 @@ pub fn distill_trained(
         };
         let step_start = Instant::now();
         let (mut sft_sum, mut kd_sum, mut input_tokens) = (0.0, None::<f64>, 0usize);
+        let mut target_tokens = 0usize;
         for chunk in batch.chunks(micro) {
             let rows: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
             let micro_batch = MicroBatch::new(&rows, pad_id, &device)?;
@@ -286,6 +307,7 @@ pub fn distill_trained(
                 .accumulate(&terms.sum, terms.tokens)
                 .map_err(|e| non_finite(step, &e.to_string(), last_checkpoint.as_deref()))?;
             sft_sum += terms.sft_sum;
+            target_tokens += terms.target_tokens;
             if let Some(kd) = terms.kd_sum {
                 *kd_sum.get_or_insert(0.0) += kd;
             }
@@ -296,14 +318,14 @@ pub fn distill_trained(
         let seconds = step_start.elapsed().as_secs_f64();
         train_seconds += seconds;
         input_tokens_total += input_tokens;
-        tokens_seen += stats.tokens;
-        summary.target_tokens += stats.tokens;
+        tokens_seen += target_tokens;
+        summary.target_tokens += target_tokens;
         summary.steps = step;
         summary.steps_this_run += 1;
         summary.first_loss.get_or_insert(stats.loss);
         summary.final_loss = Some(stats.loss);
 
-        let denominator = stats.tokens.max(1) as f64;
+        let denominator = target_tokens.max(1) as f64;
         let mut line = json!({
             "step": step,
             "epoch": epoch,
@@ -311,7 +333,7 @@ pub fn distill_trained(
             "sft_loss": sft_sum / denominator,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
-            "tokens": stats.tokens,
+            "tokens": target_tokens,
             "input_tokens": input_tokens,
             "tokens_per_s": input_tokens as f64 / seconds.max(1e-9),
             "step_seconds": seconds,
@@ -388,6 +410,7 @@ pub fn evaluate(
     let mut order: Vec<&Example> = examples.iter().collect();
     order.sort_by_key(|e| e.ids.len());
     let (mut total, mut sft, mut kd, mut tokens) = (0.0, 0.0, None::<f64>, 0usize);
+    let mut target_tokens = 0usize;
     for rows in order.chunks(micro.max(1)) {
         let batch = MicroBatch::new(rows, pad_id, model.device())?;
         let terms = loss(model, &batch, spec)?;
@@ -397,12 +420,13 @@ pub fn evaluate(
             *kd.get_or_insert(0.0) += value;
         }
         tokens += terms.tokens;
+        target_tokens += terms.target_tokens;
     }
-    let n = tokens.max(1) as f64;
+    let targets = target_tokens.max(1) as f64;
     Ok(EvalLoss {
-        loss: total / n,
-        sft: sft / n,
-        kd: kd.map(|k| k / n),
+        loss: total / tokens.max(1) as f64,
+        sft: sft / targets,
+        kd: kd.map(|k| k / targets),
     })
 }
 

@@ -272,6 +272,56 @@ fn non_finite_loss_stops_with_last_checkpoint_intact() -> TestResult {
 }
 
 #[test]
+fn redi_lowers_its_loss_and_needs_verdicts() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut lines = String::new();
+    for i in 0..8u32 {
+        let (a, b) = (i + 2, 2 * i + 1);
+        let correct = i % 2 == 0;
+        let answer = if correct { a + b } else { a + b + 7 };
+        let record = json!({
+            "prompt": format!("Q: {a} + {b} = ?\nA:"),
+            "response": format!(" The answer is {answer}."),
+            "finish_reason": "stop",
+            "verdict": {"correct": correct},
+        });
+        lines.push_str(&format!("{record}\n"));
+    }
+    let data = dir.path().join("redi.jsonl");
+    fs_err::write(&data, &lines)?;
+    let mut options = base_options(dir.path(), "out")?;
+    options.data = Some(data.clone());
+    options.eval_data = Some(data.clone());
+    options.eval_every = Some(1);
+    options.objective = Objective::Redi;
+    let summary = distill(&options, &mut |_| {})?;
+    let lines = metrics(&summary.output)?;
+    let first = lines[0]["eval_loss"].as_f64().ok_or("eval_loss")?;
+    let last = lines[11]["eval_loss"].as_f64().ok_or("eval_loss")?;
+    eprintln!("redi eval_loss: {first:.4} -> {last:.4}");
+    assert!(last < first - 0.5, "{first} -> {last}");
+
+    // A record without a verdict is an error at its line.
+    fs_err::write(
+        &data,
+        format!(
+            "{lines_text}{{\"prompt\": \"x\", \"response\": \"y\"}}\n",
+            lines_text = fs_err::read_to_string(&data)?
+        ),
+    )?;
+    options.output = Some(dir.path().join("out2"));
+    let message = distill(&options, &mut |_| {})
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
+    assert!(
+        message.contains(":9:") && message.contains("verdict.correct"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[test]
 fn bad_records_name_file_line_and_field() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut options = base_options(dir.path(), "out")?;
