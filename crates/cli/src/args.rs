@@ -30,6 +30,8 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Add a `verdict` to every record by checking its response's final answer against the gold.
     Verify(VerifyArgs),
+    /// Run the whole pipeline on the bundled synthetic world (the main job; minutes on a CPU).
+    Demo(crate::commands::demo::DemoArgs),
     /// Sample reasoning traces from a model (local or OpenAI-compatible); resumable, exactly once.
     Generate(GenerateArgs),
     /// Per-token log-probs of completions given prompts under a local model.

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod check;
+pub mod demo;
 pub mod distill;
 pub mod error;
 pub mod eval;

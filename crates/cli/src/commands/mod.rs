@@ -6,6 +6,7 @@ use crate::args::{Cli, Command};
 
 mod bench;
 mod check;
+pub mod demo;
 pub mod distill;
 pub mod eval;
 mod generate;
@@ -17,6 +18,7 @@ mod verify;
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Score(args) => score::run(args),
