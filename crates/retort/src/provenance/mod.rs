@@ -250,6 +250,13 @@ pub fn trace(
     options: &TraceOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TraceSummary> {
+    let t = options.thresholds;
+    if !t.likely.is_finite() || !t.boost_margin.is_finite() {
+        return Err(Error::Invalid(format!(
+            "thresholds must be finite numbers, got `likely` {} and `boost_margin` {}",
+            t.likely, t.boost_margin
+        )));
+    }
     let mut pending = Vec::new();
     for item in RecordReader::open(&options.input)? {
         let (line, record) = item?;
