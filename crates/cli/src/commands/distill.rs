@@ -13,7 +13,8 @@ use retort::records::InputFormat;
 
 use crate::ui;
 
-/// Train a student: SFT or token-level KD from a local teacher, resumable, Hugging Face output.
+/// Train a student: SFT, token-level KD or on-policy KD from a local teacher, or REDI;
+/// resumable, Hugging Face output.
 #[derive(Debug, clap::Args)]
 pub struct DistillArgs {
     /// TOML file with the same keys as these flags (`max-steps = 100`); flags override it.
@@ -50,6 +51,15 @@ pub struct DistillArgs {
     /// Weight w of KD: per token `(1 - w) * sft + w * kd` [default: 1].
     #[arg(long)]
     pub kd_weight: Option<f64>,
+    /// On-policy: probability that a step trains on student samples (GKD's λ) [default: 0.5].
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// On-policy: most new tokens per student sample [default: 128].
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// On-policy: the student's sampling temperature [default: 1].
+    #[arg(long)]
+    pub sample_temperature: Option<f64>,
     /// REDI's α: weight of the negative traces [default: 0.8].
     #[arg(long)]
     pub redi_alpha: Option<f64>,
@@ -113,7 +123,7 @@ pub enum ObjectiveArg {
     Sft,
     /// Token-level KD from `--teacher`, mixed with SFT by `--kd-weight`.
     Kd,
-    /// On-policy distillation (not built yet).
+    /// GKD: the student samples (with probability `--lambda`), the teacher scores its tokens.
     OnPolicy,
     /// REDI on positive and negative traces (`verdict.correct`), after an SFT stage.
     Redi,
@@ -191,6 +201,7 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
         min_lr_ratio
     );
     set!(weight_decay, seed, max_seq_len, redi_alpha);
+    set!(lambda, max_new_tokens, sample_temperature);
     if let Some(objective) = args.objective {
         o.objective = match objective {
             ObjectiveArg::Sft => Objective::Sft,

@@ -22,7 +22,8 @@ pub enum Objective {
     Sft,
     /// Token-level KD against a local teacher's logits, mixed with SFT by `kd-weight`.
     Kd,
-    /// The student samples, the teacher scores its tokens (not built yet).
+    /// GKD: each step, with probability `lambda`, the student samples the completions and the
+    /// KD divergence against the teacher is taken on its own tokens (else on the dataset's).
     OnPolicy,
     /// REDI on positive and negative traces (`verdict.correct`), after an SFT stage: the
     /// length-normalised log-likelihood of positives minus `redi-alpha` times that of negatives.
@@ -72,6 +73,12 @@ pub struct DistillOptions {
     pub temperature: f64,
     /// Weight `w` of the KD term: per token `loss = (1 - w) * sft + w * kd`.
     pub kd_weight: f64,
+    /// On-policy: probability that a step trains on student samples (GKD's λ).
+    pub lambda: f64,
+    /// On-policy: most new tokens per student sample.
+    pub max_new_tokens: usize,
+    /// On-policy: sampling temperature of the student.
+    pub sample_temperature: f64,
     /// REDI's α: weight of the negative traces' length-normalised log-likelihood.
     pub redi_alpha: f64,
     /// Optimizer steps; wins over `epochs` when both are set.
@@ -138,6 +145,9 @@ impl Default for DistillOptions {
             temperature: 1.0,
             kd_weight: 1.0,
             redi_alpha: 0.8,
+            lambda: 0.5,
+            max_new_tokens: 128,
+            sample_temperature: 1.0,
             max_steps: None,
             epochs: 1,
             batch_size: 8,
@@ -259,11 +269,27 @@ impl DistillOptions {
         }
         match self.objective {
             Objective::Sft => {}
-            Objective::Kd => {
+            Objective::Kd | Objective::OnPolicy => {
                 self.divergence()?;
                 if self.teacher.is_none() {
-                    return Err(Error::Invalid(
-                        "objective `kd` needs a teacher: pass `--teacher MODEL`".into(),
+                    return Err(Error::Invalid(format!(
+                        "objective `{}` needs a teacher: pass `--teacher MODEL`",
+                        self.objective.name()
+                    )));
+                }
+                if !(0.0..=1.0).contains(&self.lambda) {
+                    return Err(bad(
+                        "lambda",
+                        format!("must lie in [0, 1], got {}", self.lambda),
+                    ));
+                }
+                if self.objective == Objective::OnPolicy && self.max_new_tokens == 0 {
+                    return Err(bad("max-new-tokens", "must be at least 1".into()));
+                }
+                if !(self.sample_temperature.is_finite() && self.sample_temperature >= 0.0) {
+                    return Err(bad(
+                        "sample-temperature",
+                        format!("must be >= 0, got {}", self.sample_temperature),
                     ));
                 }
             }
@@ -280,12 +306,6 @@ impl DistillOptions {
                         "objective `redi` trains on negative traces too".into(),
                     ));
                 }
-            }
-            other => {
-                return Err(Error::Invalid(format!(
-                    "objective `{}` is not built yet; use `sft`, `kd` or `redi`",
-                    other.name()
-                )));
             }
         }
         Ok((student, data, output))

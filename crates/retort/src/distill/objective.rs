@@ -212,6 +212,85 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
     }
 }
 
+/// What the student's samples of one on-policy step looked like (DESIGN.md §5 diagnostics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct SampleStats {
+    /// Samples drawn.
+    pub samples: usize,
+    /// Mean new tokens per sample.
+    pub mean_length: f64,
+    /// Fraction cut at `max-new-tokens`.
+    pub truncation_rate: f64,
+    /// Fraction that ended with an EOS token.
+    pub eos_rate: f64,
+}
+
+/// The student's own completions for the prompts of `examples` (GKD's on-policy sequences).
+///
+/// Row `i` samples with seed `seeds[i]`, so the samples are a pure function of the weights, the
+/// prompts and the seeds (resume-exact). Empty samples are left out.
+pub fn sample_completions(
+    student: &retort_model::LoadedModel,
+    examples: &[&Example],
+    seeds: &[u64],
+    max_new_tokens: usize,
+    temperature: f64,
+) -> Result<(Vec<Example>, SampleStats)> {
+    let prompts: Vec<Vec<u32>> = examples
+        .iter()
+        .map(|e| e.ids[..e.prompt_len].to_vec())
+        .collect();
+    let eos_ids = student.eos_ids();
+    let params = retort_model::GenerationParams {
+        max_new_tokens,
+        temperature,
+        eos_ids: eos_ids.clone(),
+        ..Default::default()
+    };
+    let generated = retort_model::generate::generate_with_seeds(
+        &student.model,
+        &student.tokenizer,
+        &prompts,
+        seeds,
+        &params,
+    )?;
+    let mut out = Vec::with_capacity(examples.len());
+    let mut stats = SampleStats {
+        samples: generated.len(),
+        ..SampleStats::default()
+    };
+    let (mut total, mut truncated, mut eos) = (0usize, 0usize, 0usize);
+    for (example, sample) in examples.iter().zip(generated) {
+        total += sample.token_ids.len();
+        if sample.finish_reason == retort_model::FinishReason::Length {
+            truncated += 1;
+        }
+        if sample
+            .token_ids
+            .last()
+            .is_some_and(|id| eos_ids.contains(id))
+        {
+            eos += 1;
+        }
+        if sample.token_ids.is_empty() {
+            continue;
+        }
+        let mut ids = example.ids[..example.prompt_len].to_vec();
+        ids.extend_from_slice(&sample.token_ids);
+        out.push(Example {
+            ids,
+            prompt_len: example.prompt_len,
+            line: example.line,
+            correct: None,
+        });
+    }
+    let n = stats.samples.max(1) as f64;
+    stats.mean_length = total as f64 / n;
+    stats.truncation_rate = truncated as f64 / n;
+    stats.eos_rate = eos as f64 / n;
+    Ok((out, stats))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

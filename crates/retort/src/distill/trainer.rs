@@ -24,7 +24,7 @@ use crate::distill::checkpoint::{
 };
 use crate::distill::config::{DistillOptions, Objective};
 use crate::distill::data::{self, DataOptions, DataStats, Example, TokenizerView};
-use crate::distill::objective::{LossSpec, MicroBatch, loss};
+use crate::distill::objective::{LossSpec, MicroBatch, loss, sample_completions};
 use crate::error::{Error, Result};
 use crate::io::{AtomicFile, Journal};
 
@@ -132,7 +132,7 @@ pub fn distill_trained(
     };
     let (student, varmap) = retort_model::load_trainable(&student_dir)?;
     let teacher = match options.objective {
-        Objective::Kd => {
+        Objective::Kd | Objective::OnPolicy => {
             let spec = options.teacher.as_deref().unwrap_or_default();
             Some(load_teacher(spec, &student)?)
         }
@@ -220,7 +220,7 @@ pub fn distill_trained(
     let mut metrics = open_metrics(output, start_step)?;
 
     let spec = match (&teacher, options.objective) {
-        (Some(teacher), Objective::Kd) => LossSpec::Kd {
+        (Some(teacher), Objective::Kd | Objective::OnPolicy) => LossSpec::Kd {
             teacher: &teacher.model,
             divergence: options.divergence()?,
             temperature: options.temperature,
@@ -287,9 +287,36 @@ pub fn distill_trained(
         let step_start = Instant::now();
         let (mut sft_sum, mut kd_sum, mut input_tokens) = (0.0, None::<f64>, 0usize);
         let mut target_tokens = 0usize;
-        for chunk in batch.chunks(micro) {
-            let rows: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-            let micro_batch = MicroBatch::new(&rows, pad_id, &device)?;
+        let mut rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
+        let sampled;
+        let mut sample_stats = None;
+        if options.objective == Objective::OnPolicy && on_policy_step(options, step) {
+            let seeds: Vec<u64> = (0..rows.len())
+                .map(|row| sample_seed(options.seed, step, row))
+                .collect();
+            let (samples, stats) = sample_completions(
+                &student,
+                &rows,
+                &seeds,
+                options.max_new_tokens,
+                options.sample_temperature,
+            )?;
+            if stats.truncation_rate > 0.5 {
+                tracing::warn!(
+                    "step {step}: {:.0}% of the student's samples ran to `max-new-tokens` ({}): \
+                     runaway length (check EOS agreement with `retort check`)",
+                    100.0 * stats.truncation_rate,
+                    options.max_new_tokens
+                );
+            }
+            sampled = samples;
+            sample_stats = Some(stats);
+            if !sampled.is_empty() {
+                rows = sampled.iter().collect();
+            }
+        }
+        for chunk in rows.chunks(micro) {
+            let micro_batch = MicroBatch::new(chunk, pad_id, &device)?;
             input_tokens += micro_batch.input_tokens;
             let mut terms = loss(&student.model, &micro_batch, &spec)?;
             if options.inject_non_finite_at_step == Some(step) {
@@ -340,6 +367,14 @@ pub fn distill_trained(
         });
         if let Some(kd) = kd_sum {
             line["kd_loss"] = json!(kd / denominator);
+        }
+        if options.objective == Objective::OnPolicy {
+            line["on_policy"] = json!(sample_stats.is_some());
+            if let Some(stats) = sample_stats {
+                line["sample_length"] = json!(stats.mean_length);
+                line["sample_truncation_rate"] = json!(stats.truncation_rate);
+                line["sample_eos_rate"] = json!(stats.eos_rate);
+            }
         }
         let eval_now = options.eval_every.is_some_and(|n| step % n == 0) || step == total_steps;
         if let (Some(eval), true) = (&eval_examples, eval_now) {
@@ -428,6 +463,24 @@ pub fn evaluate(
         sft: sft / targets,
         kd: kd.map(|k| k / targets),
     })
+}
+
+/// Whether on-policy step `step` trains on student samples: a draw with probability `lambda`
+/// from a stream of the seed (a pure function of seed and step).
+fn on_policy_step(options: &DistillOptions, step: usize) -> bool {
+    use rand::Rng;
+    let mut rng = data::epoch_rng(options.seed ^ 0x6f6e_706f_6c69_6379, step);
+    rng.random::<f64>() < options.lambda
+}
+
+/// The sampling seed of row `row` at step `step` (splitmix64 of the three).
+fn sample_seed(seed: u64, step: usize, row: usize) -> u64 {
+    let mut z = seed
+        .wrapping_add((step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .wrapping_add((row as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn scalar(tensor: &Tensor) -> Result<f64> {
