@@ -12,7 +12,7 @@ use super::html::escape;
 
 const WIDTH: f64 = 640.0;
 const HEIGHT: f64 = 300.0;
-const LEFT: f64 = 60.0;
+const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 30.0;
 const BOTTOM: f64 = 50.0;
@@ -35,7 +35,7 @@ pub fn format_number(x: f64) -> String {
     } else if a >= 0.01 || a == 0.0 {
         format!("{x:.3}")
     } else {
-        format!("{x:.2e}")
+        format!("{x:.1e}")
     };
     if s.contains('.') && !s.contains('e') {
         s.trim_end_matches('0').trim_end_matches('.').to_string()
@@ -85,7 +85,7 @@ fn axes(out: &mut String, y_lo: f64, y_hi: f64, y_label: &str) {
     }
     let _ = write!(
         out,
-        r#"<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{b}"/><line class="axis" x1="{LEFT}" y1="{b}" x2="{r}" y2="{b}"/><text class="axis-label" x="14" y="{my}" text-anchor="middle" transform="rotate(-90 14 {my})">{label}</text>"#,
+        r#"<line class="axis" x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{b}"/><line class="axis" x1="{LEFT}" y1="{b}" x2="{r}" y2="{b}"/><text class="axis-label" x="12" y="{my}" text-anchor="middle" transform="rotate(-90 12 {my})">{label}</text>"#,
         b = HEIGHT - BOTTOM,
         r = WIDTH - RIGHT,
         my = TOP + plot_h / 2.0,
@@ -201,6 +201,9 @@ pub fn line_chart(
                 path.join(" ")
             );
         }
+        if series.len() < 2 {
+            continue;
+        }
         let ly = TOP + 4.0 + 14.0 * i as f64;
         let lx = WIDTH - RIGHT - 150.0;
         let _ = write!(
@@ -304,7 +307,7 @@ mod tests {
         );
         assert_eq!(format_number(0.5), "0.5");
         assert_eq!(format_number(12345.6), "12346");
-        assert_eq!(format_number(0.0001234), "1.23e-4");
+        assert_eq!(format_number(0.0001234), "1.2e-4");
     }
 
     #[test]
@@ -315,7 +318,10 @@ mod tests {
             "t",
             "x",
             "y",
-            &[("s&".into(), vec![(0.0, 1.0), (1.0, f64::NAN), (2.0, 0.5)])],
+            &[
+                ("s&".into(), vec![(0.0, 1.0), (1.0, f64::NAN), (2.0, 0.5)]),
+                ("two".into(), vec![(1.0, 2.0)]),
+            ],
         );
         assert!(svg.contains("s&amp;") && svg.contains("<polyline"));
         let svg = stacked_bars(

@@ -395,6 +395,9 @@ fn scored_input() -> Vec<Value> {
     .collect()
 }
 
+/// Per-token log-probs, ranks and byte offsets of a response.
+type Direct = (Vec<f32>, Vec<u32>, Vec<(usize, usize)>);
+
 /// Per-token (log-prob, rank) of `response` under `backend`, unbatched, from full logits.
 fn direct(
     backend: &LocalBackend,
@@ -485,12 +488,7 @@ fn model_scored_strategies_follow_direct_scores_on_the_fixture_models() {
         batch_size: 3,
     };
     let input = scored_input();
-    let direct_scores: Vec<(
-        String,
-        (Vec<f32>, Vec<u32>, Vec<(usize, usize)>),
-        (Vec<f32>, Vec<u32>, Vec<(usize, usize)>),
-        String,
-    )> = input
+    let direct_scores: Vec<(String, Direct, Direct, String)> = input
         .iter()
         .map(|r| {
             let (id, prompt, response) = (
