@@ -28,12 +28,12 @@ pub struct GlobalArgs {
 /// The pipeline's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Add a `verdict` to every record by checking its response's final answer against the gold.
-    Verify(VerifyArgs),
     /// Run the whole pipeline on the bundled synthetic world (the main job; minutes on a CPU).
     Demo(crate::commands::demo::DemoArgs),
     /// Sample reasoning traces from a model (local or OpenAI-compatible); resumable, exactly once.
     Generate(GenerateArgs),
+    /// Add a `verdict` to every record by checking its response's final answer against the gold.
+    Verify(VerifyArgs),
     /// Per-token log-probs of completions given prompts under a local model.
     Score(ScoreArgs),
     /// Select training data: filters, dedup, decontamination, student-ppl, RSR, teacher-guided.
@@ -44,6 +44,10 @@ pub enum Command {
     Eval(crate::commands::eval::EvalArgs),
     /// Sentence provenance: teacher / student / shared / boosted per sentence of each response.
     Trace(crate::commands::trace::TraceArgs),
+    /// Write a self-contained HTML report of a run folder: accuracy, training curves, provenance.
+    Report(crate::commands::report::ReportArgs),
+    /// The synthetic demo world: train the bundled teacher and base student.
+    World(crate::commands::world::WorldArgs),
     /// Compare a teacher and a student before distilling: vocabulary, tokenizer, chat template, EOS, scores.
     Check(CheckArgs),
     /// Print one JSON line of speed figures (tokens/s, pairs/s), shaped like the PyTorch reference.

@@ -10,10 +10,12 @@ pub mod demo;
 pub mod distill;
 pub mod eval;
 mod generate;
+pub mod report;
 mod score;
 pub mod select;
 pub mod trace;
 mod verify;
+pub mod world;
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -28,5 +30,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Distill(args) => distill::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Trace(args) => trace::run(args),
+        Command::Report(args) => report::run(args),
+        Command::World(args) => world::run(args),
     }
 }
