@@ -33,13 +33,21 @@ pub fn progress(len: Option<u64>, message: &str) -> ProgressBar {
         None => ProgressBar::new_spinner(),
     };
     let hidden = QUIET.load(Ordering::Relaxed) || !std::io::stderr().is_terminal();
-    bar.set_draw_target(if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() });
+    bar.set_draw_target(if hidden {
+        ProgressDrawTarget::hidden()
+    } else {
+        ProgressDrawTarget::stderr()
+    });
     let template = if len.is_some() {
         "{msg:>10} [{bar:30.cyan/blue}] {pos}/{len} ({per_sec}, eta {eta}) {prefix}"
     } else {
         "{msg:>10} {spinner} {pos} ({per_sec}) {prefix}"
     };
-    bar.set_style(ProgressStyle::with_template(template).expect("static template is valid").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("static template is valid")
+            .progress_chars("=> "),
+    );
     bar.set_message(message.to_string());
     bar
 }
@@ -49,8 +57,16 @@ pub fn table(title: &str, rows: &[(&str, String)]) {
     if QUIET.load(Ordering::Relaxed) {
         return;
     }
-    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
-    let value_width = rows.iter().map(|(_, v)| v.chars().count()).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    let value_width = rows
+        .iter()
+        .map(|(_, v)| v.chars().count())
+        .max()
+        .unwrap_or(0);
     let rule = "─".repeat(width + value_width + 5);
     eprintln!("{title}");
     eprintln!("{rule}");
@@ -78,9 +94,13 @@ pub fn print_error(err: &anyhow::Error) {
 fn hint_for(err: &anyhow::Error) -> Option<&'static str> {
     let text = format!("{err:#}");
     if text.contains("pytorch_model.bin") {
-        Some("convert the weights to safetensors first (e.g. with transformers: `model.save_pretrained(dir, safe_serialization=True)`)")
+        Some(
+            "convert the weights to safetensors first (e.g. with transformers: `model.save_pretrained(dir, safe_serialization=True)`)",
+        )
     } else if text.contains("No such file or directory") {
-        Some("check the path; model specs are a folder, `hf:ORG/NAME[@REV]`, `openai:URL#MODEL` or `world:teacher`")
+        Some(
+            "check the path; model specs are a folder, `hf:ORG/NAME[@REV]`, `openai:URL#MODEL` or `world:teacher`",
+        )
     } else {
         None
     }

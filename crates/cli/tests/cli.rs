@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use assert_cmd::prelude::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
@@ -27,7 +27,11 @@ fn write_jsonl(path: &Path, rows: &[Value]) {
 }
 
 fn read_jsonl(path: &Path) -> Vec<Value> {
-    fs_err::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    fs_err::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 const MODELS: [&str; 3] = ["qwen2-tiny", "llama-tiny", "qwen3-tiny"];
@@ -65,20 +69,38 @@ fn score_matches_pytorch_goldens() {
         assert_eq!(out.len(), rows.len());
         let mut max_abs_diff = 0.0f64;
         for (i, s) in g["scoring"].as_array().unwrap().iter().enumerate() {
-            let want: Vec<f64> = s["logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let want: Vec<f64> = s["logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
             for record in &out[2 * i..2 * i + 2] {
-                let got: Vec<f64> = record["token_logprobs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+                let got: Vec<f64> = record["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
                 assert_eq!(got.len(), want.len(), "{model} {}", record["id"]);
                 for (a, b) in got.iter().zip(&want) {
                     max_abs_diff = max_abs_diff.max((a - b).abs());
                 }
                 assert_eq!(record["num_tokens"], json!(want.len()));
             }
-            assert_eq!(out[2 * i + 1]["keep"], json!(1), "unknown fields are carried through");
+            assert_eq!(
+                out[2 * i + 1]["keep"],
+                json!(1),
+                "unknown fields are carried through"
+            );
         }
         println!("{model}: score max_abs_diff {max_abs_diff:.2e}");
         assert!(max_abs_diff < 1e-4, "{model}: {max_abs_diff}");
-        assert!(output.with_file_name(format!("{model}-out.jsonl.manifest.json")).exists());
+        assert!(
+            output
+                .with_file_name(format!("{model}-out.jsonl.manifest.json"))
+                .exists()
+        );
     }
 }
 
@@ -88,13 +110,22 @@ fn greedy_generate_matches_pytorch_goldens() {
     for model in MODELS {
         let g = golden(model);
         let gens = g["generation"].as_array().unwrap();
-        let rows: Vec<Value> =
-            gens.iter().map(|s| json!({"id": s["name"], "prompt_ids": s["prompt_ids"]})).collect();
+        let rows: Vec<Value> = gens
+            .iter()
+            .map(|s| json!({"id": s["name"], "prompt_ids": s["prompt_ids"]}))
+            .collect();
         let input = dir.path().join(format!("{model}-gen.jsonl"));
         let output = dir.path().join(format!("{model}-traces.jsonl"));
         write_jsonl(&input, &rows);
         retort()
-            .args(["generate", "--temperature", "0", "--max-new-tokens", "24", "--model"])
+            .args([
+                "generate",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "24",
+                "--model",
+            ])
             .arg(fixtures().join(model))
             .arg("--input")
             .arg(&input)
@@ -105,10 +136,25 @@ fn greedy_generate_matches_pytorch_goldens() {
         let out = read_jsonl(&output);
         assert_eq!(out.len(), gens.len());
         for s in gens {
-            let trace = out.iter().find(|t| t["id"] == s["name"]).expect("every prompt has a trace");
-            assert_eq!(trace["response_ids"], s["new_token_ids"], "{model} {}", s["name"]);
-            assert_eq!(trace["response"], s["text_skip_special"], "{model} {}", s["name"]);
-            let want = if s["stopped_on_eos"].as_bool().unwrap() { "stop" } else { "length" };
+            let trace = out
+                .iter()
+                .find(|t| t["id"] == s["name"])
+                .expect("every prompt has a trace");
+            assert_eq!(
+                trace["response_ids"], s["new_token_ids"],
+                "{model} {}",
+                s["name"]
+            );
+            assert_eq!(
+                trace["response"], s["text_skip_special"],
+                "{model} {}",
+                s["name"]
+            );
+            let want = if s["stopped_on_eos"].as_bool().unwrap() {
+                "stop"
+            } else {
+                "length"
+            };
             assert_eq!(trace["finish_reason"], json!(want));
             assert_eq!(trace["sample"], json!(0));
         }
@@ -119,11 +165,25 @@ fn greedy_generate_matches_pytorch_goldens() {
 fn seeded_sampling_is_reproducible_and_resumes_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("p.jsonl");
-    let rows: Vec<Value> = (0..3).map(|i| json!({"prompt": format!("Q: {i} + 2 =")})).collect();
+    let rows: Vec<Value> = (0..3)
+        .map(|i| json!({"prompt": format!("Q: {i} + 2 =")}))
+        .collect();
     write_jsonl(&input, &rows);
     let run = |out: &Path, extra: &[&str]| {
         retort()
-            .args(["generate", "--samples", "2", "--temperature", "1.0", "--top-p", "0.9", "--max-new-tokens", "8", "--seed", "7"])
+            .args([
+                "generate",
+                "--samples",
+                "2",
+                "--temperature",
+                "1.0",
+                "--top-p",
+                "0.9",
+                "--max-new-tokens",
+                "8",
+                "--seed",
+                "7",
+            ])
             .args(extra)
             .arg("--model")
             .arg(fixtures().join("qwen2-tiny"))
@@ -138,31 +198,60 @@ fn seeded_sampling_is_reproducible_and_resumes_exactly_once() {
     run(&a, &[]);
     let b = dir.path().join("b.jsonl");
     run(&b, &["--batch-size", "1"]);
-    let key = |v: &Value| (v["id"].as_str().unwrap().to_string(), v["sample"].as_u64().unwrap());
+    let key = |v: &Value| {
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["sample"].as_u64().unwrap(),
+        )
+    };
     let mut ta = read_jsonl(&a);
     let mut tb = read_jsonl(&b);
     ta.sort_by_key(key);
     tb.sort_by_key(key);
     assert_eq!(ta.len(), 6);
-    let ids = |t: &[Value]| t.iter().map(|v| v["response_ids"].clone()).collect::<Vec<_>>();
+    let ids = |t: &[Value]| {
+        t.iter()
+            .map(|v| v["response_ids"].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(&ta), ids(&tb), "a trace does not depend on batching");
-    assert_ne!(ta[0]["response_ids"], ta[1]["response_ids"], "samples differ");
+    assert_ne!(
+        ta[0]["response_ids"], ta[1]["response_ids"],
+        "samples differ"
+    );
 
     // Simulate a kill: keep two complete lines and a torn third, then rerun.
     let text = fs_err::read_to_string(&a).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    fs_err::write(&a, format!("{}\n{}\n{}", lines[0], lines[1], &lines[2][..lines[2].len() / 2])).unwrap();
+    fs_err::write(
+        &a,
+        format!(
+            "{}\n{}\n{}",
+            lines[0],
+            lines[1],
+            &lines[2][..lines[2].len() / 2]
+        ),
+    )
+    .unwrap();
     run(&a, &[]);
     let mut again = read_jsonl(&a);
     again.sort_by_key(key);
-    assert_eq!(ids(&again), ids(&ta), "resumed output equals an uninterrupted run, each pair once");
+    assert_eq!(
+        ids(&again),
+        ids(&ta),
+        "resumed output equals an uninterrupted run, each pair once"
+    );
 }
 
 #[test]
 fn bad_input_names_file_and_line_and_leaves_no_output() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("broken.jsonl");
-    fs_err::write(&input, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \n").unwrap();
+    fs_err::write(
+        &input,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"a\", \n",
+    )
+    .unwrap();
     let output = dir.path().join("out.jsonl");
     let assert = retort()
         .args(["score", "--model"])
@@ -188,15 +277,26 @@ fn bad_input_names_file_and_line_and_leaves_no_output() {
         .assert()
         .failure();
     let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
-    assert!(stderr.contains("broken.jsonl:1") && stderr.contains("`completion`"), "{stderr}");
+    assert!(
+        stderr.contains("broken.jsonl:1") && stderr.contains("`completion`"),
+        "{stderr}"
+    );
     assert!(!output.exists());
 
     let model_dir = dir.path().join("model");
     fs_err::create_dir_all(&model_dir).unwrap();
     for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
-        fs_err::copy(fixtures().join("qwen2-tiny").join(file), model_dir.join(file)).unwrap();
+        fs_err::copy(
+            fixtures().join("qwen2-tiny").join(file),
+            model_dir.join(file),
+        )
+        .unwrap();
     }
-    fs_err::write(model_dir.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+    fs_err::write(
+        model_dir.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+    )
+    .unwrap();
     let assert = retort()
         .args(["generate", "--model"])
         .arg(&model_dir)
@@ -210,7 +310,9 @@ fn bad_input_names_file_and_line_and_leaves_no_output() {
     assert!(stderr.contains("model.safetensors"), "{stderr}");
     assert!(!output.exists());
 
-    let mut config: Value = serde_json::from_str(&fs_err::read_to_string(model_dir.join("config.json")).unwrap()).unwrap();
+    let mut config: Value =
+        serde_json::from_str(&fs_err::read_to_string(model_dir.join("config.json")).unwrap())
+            .unwrap();
     config["architectures"] = json!(["GPT2LMHeadModel"]);
     fs_err::write(model_dir.join("config.json"), config.to_string()).unwrap();
     let assert = retort()
@@ -223,7 +325,10 @@ fn bad_input_names_file_and_line_and_leaves_no_output() {
         .assert()
         .failure();
     let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
-    assert!(stderr.contains("GPT2LMHeadModel") && stderr.contains("Qwen2ForCausalLM"), "{stderr}");
+    assert!(
+        stderr.contains("GPT2LMHeadModel") && stderr.contains("Qwen2ForCausalLM"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -239,25 +344,47 @@ fn verify_adds_verdicts_and_reports_bad_lines() {
         ],
     );
     let output = dir.path().join("verified.jsonl");
-    retort().args(["verify", "--input"]).arg(&input).arg("--output").arg(&output).assert().success();
+    retort()
+        .args(["verify", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .assert()
+        .success();
     let out = read_jsonl(&output);
-    let verdicts: Vec<bool> = out.iter().map(|r| r["verdict"]["correct"].as_bool().unwrap()).collect();
+    let verdicts: Vec<bool> = out
+        .iter()
+        .map(|r| r["verdict"]["correct"].as_bool().unwrap())
+        .collect();
     assert_eq!(verdicts, [true, true, false]);
     assert_eq!(out[0]["extra"], json!([1]));
     assert_eq!(out[2]["verdict"]["extracted"], Value::Null);
 
-    fs_err::write(&input, "{\"answer\": \"1\", \"response\": \"1\"}\n{\"answer\": \"1\"}\n").unwrap();
+    fs_err::write(
+        &input,
+        "{\"answer\": \"1\", \"response\": \"1\"}\n{\"answer\": \"1\"}\n",
+    )
+    .unwrap();
     let bad = dir.path().join("bad.jsonl");
-    let assert = retort().args(["verify", "--input"]).arg(&input).arg("--output").arg(&bad).assert().failure();
+    let assert = retort()
+        .args(["verify", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&bad)
+        .assert()
+        .failure();
     let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
-    assert!(stderr.contains("traces.jsonl:2") && stderr.contains("`response`"), "{stderr}");
+    assert!(
+        stderr.contains("traces.jsonl:2") && stderr.contains("`response`"),
+        "{stderr}"
+    );
     assert!(!bad.exists());
 }
 
 mod remote {
     use std::time::{Duration, Instant};
 
-    use retort::mock_server::{mock_answer, Fault, FaultPlan, MockServer};
+    use retort::mock_server::{Fault, FaultPlan, MockServer, mock_answer};
 
     use super::*;
 
@@ -275,20 +402,40 @@ mod remote {
 
     fn generate(server: &MockServer, input: &Path, output: &Path, extra: &[&str]) -> Command {
         let mut cmd = retort();
-        cmd.args(["generate", "--model", &server.spec("teacher"), "--temperature", "0.7", "--seed", "3"])
-            .args(["--timeout", "1", "--backoff-base", "0.01", "--backoff-max", "0.05"])
-            .args(extra)
-            .arg("--input")
-            .arg(input)
-            .arg("--output")
-            .arg(output);
+        cmd.args([
+            "generate",
+            "--model",
+            &server.spec("teacher"),
+            "--temperature",
+            "0.7",
+            "--seed",
+            "3",
+        ])
+        .args([
+            "--timeout",
+            "1",
+            "--backoff-base",
+            "0.01",
+            "--backoff-max",
+            "0.05",
+        ])
+        .args(extra)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output);
         cmd
     }
 
     fn pairs(path: &Path) -> Vec<(String, u64)> {
         let mut keys: Vec<(String, u64)> = read_jsonl(path)
             .iter()
-            .map(|t| (t["id"].as_str().unwrap().to_string(), t["sample"].as_u64().unwrap()))
+            .map(|t| {
+                (
+                    t["id"].as_str().unwrap().to_string(),
+                    t["sample"].as_u64().unwrap(),
+                )
+            })
             .collect();
         keys.sort();
         keys
@@ -302,7 +449,12 @@ mod remote {
             vec![
                 (Fault::RateLimited { retry_after_s: 0 }, 0.1),
                 (Fault::Internal, 0.1),
-                (Fault::Unavailable { retry_after_s: None }, 0.05),
+                (
+                    Fault::Unavailable {
+                        retry_after_s: None,
+                    },
+                    0.05,
+                ),
                 (Fault::Stall(Duration::from_secs(3)), 0.05),
                 (Fault::MalformedJson, 0.05),
                 (Fault::DropConnection, 0.05),
@@ -311,14 +463,31 @@ mod remote {
         let server = MockServer::start(plan).unwrap();
         let input = problems(dir.path(), 12, |_| "1".into());
         let output = dir.path().join("traces.jsonl");
-        generate(&server, &input, &output, &["--samples", "3", "--concurrency", "8", "--max-retries", "12"])
-            .assert()
-            .success();
+        generate(
+            &server,
+            &input,
+            &output,
+            &[
+                "--samples",
+                "3",
+                "--concurrency",
+                "8",
+                "--max-retries",
+                "12",
+            ],
+        )
+        .assert()
+        .success();
         let keys = pairs(&output);
-        let mut want: Vec<(String, u64)> = (0..12).flat_map(|i| (0..3).map(move |s| (format!("p{i}"), s))).collect();
+        let mut want: Vec<(String, u64)> = (0..12)
+            .flat_map(|i| (0..3).map(move |s| (format!("p{i}"), s)))
+            .collect();
         want.sort();
         assert_eq!(keys, want);
-        assert!(server.requests_served() > 36, "faults were injected and retried");
+        assert!(
+            server.requests_served() > 36,
+            "faults were injected and retried"
+        );
     }
 
     #[test]
@@ -326,17 +495,40 @@ mod remote {
         let dir = tempfile::tempdir().unwrap();
         let server = MockServer::start(FaultPlan::none()).unwrap();
         // The mock answers from (prompt, seed + sample): make sample 2 the first correct one.
-        let input = problems(dir.path(), 4, |prompt| mock_answer(prompt, Some(3 + 2)).to_string());
+        let input = problems(dir.path(), 4, |prompt| {
+            mock_answer(prompt, Some(3 + 2)).to_string()
+        });
         let output = dir.path().join("traces.jsonl");
-        generate(&server, &input, &output, &["--until-correct", "1", "--max-samples", "5"]).assert().success();
+        generate(
+            &server,
+            &input,
+            &output,
+            &["--until-correct", "1", "--max-samples", "5"],
+        )
+        .assert()
+        .success();
         let traces = read_jsonl(&output);
         for i in 0..4 {
             let prompt = format!("Q: problem number {i}?\nA:");
             let gold = mock_answer(&prompt, Some(5));
-            let first = (0..=2).find(|s| mock_answer(&prompt, Some(3 + s)) == gold).unwrap();
-            let mine: Vec<&Value> = traces.iter().filter(|t| t["id"] == json!(format!("p{i}"))).collect();
-            assert_eq!(mine.len() as u64, first + 1, "p{i}: samples up to the first correct one");
-            assert_eq!(mine.iter().filter(|t| t["verdict"]["correct"] == json!(true)).count(), 1);
+            let first = (0..=2)
+                .find(|s| mock_answer(&prompt, Some(3 + s)) == gold)
+                .unwrap();
+            let mine: Vec<&Value> = traces
+                .iter()
+                .filter(|t| t["id"] == json!(format!("p{i}")))
+                .collect();
+            assert_eq!(
+                mine.len() as u64,
+                first + 1,
+                "p{i}: samples up to the first correct one"
+            );
+            assert_eq!(
+                mine.iter()
+                    .filter(|t| t["verdict"]["correct"] == json!(true))
+                    .count(),
+                1
+            );
         }
     }
 
@@ -347,7 +539,9 @@ mod remote {
         let input = problems(dir.path(), 5, |_| "1".into());
         let output = dir.path().join("traces.jsonl");
         let start = Instant::now();
-        let assert = generate(&server, &input, &output, &["--max-retries", "2"]).assert().failure();
+        let assert = generate(&server, &input, &output, &["--max-retries", "2"])
+            .assert()
+            .failure();
         assert!(start.elapsed() < Duration::from_secs(30));
         let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
         assert!(stderr.contains("5 of 5 traces failed"), "{stderr}");
@@ -362,10 +556,19 @@ mod remote {
         let server = MockServer::start(plan).unwrap();
         let input = problems(dir.path(), 30, |_| "1".into());
         let output = dir.path().join("traces.jsonl");
-        let mut child = generate(&server, &input, &output, &["--samples", "2", "--concurrency", "2"]).spawn().unwrap();
+        let mut child = generate(
+            &server,
+            &input,
+            &output,
+            &["--samples", "2", "--concurrency", "2"],
+        )
+        .spawn()
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            let lines = fs_err::read_to_string(&output).map(|t| t.lines().count()).unwrap_or(0);
+            let lines = fs_err::read_to_string(&output)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
             if lines >= 8 {
                 break;
             }
@@ -374,10 +577,22 @@ mod remote {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let partial = fs_err::read_to_string(&output).unwrap().lines().count();
-        assert!((8..60).contains(&partial), "killed mid-run after {partial} traces");
-        generate(&server, &input, &output, &["--samples", "2", "--concurrency", "2"]).assert().success();
+        assert!(
+            (8..60).contains(&partial),
+            "killed mid-run after {partial} traces"
+        );
+        generate(
+            &server,
+            &input,
+            &output,
+            &["--samples", "2", "--concurrency", "2"],
+        )
+        .assert()
+        .success();
         let keys = pairs(&output);
-        let mut want: Vec<(String, u64)> = (0..30).flat_map(|i| (0..2).map(move |s| (format!("p{i}"), s))).collect();
+        let mut want: Vec<(String, u64)> = (0..30)
+            .flat_map(|i| (0..2).map(move |s| (format!("p{i}"), s)))
+            .collect();
         want.sort();
         assert_eq!(keys, want, "complete, no duplicates");
     }
@@ -393,7 +608,12 @@ fn check_accepts_the_fixture_pair_and_rejects_a_mismatched_one() {
         .assert()
         .success();
     let report: Value = serde_json::from_slice(&output.get_output().stdout).unwrap();
-    let statuses: Vec<&str> = report["rows"].as_array().unwrap().iter().map(|r| r["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
     assert_eq!(statuses.len(), 5);
     assert!(statuses.iter().all(|s| *s == "ok"), "{report}");
 
@@ -404,14 +624,20 @@ fn check_accepts_the_fixture_pair_and_rejects_a_mismatched_one() {
     for file in ["config.json", "model.safetensors", "tokenizer_config.json"] {
         fs_err::copy(fixtures().join("qwen2-tiny").join(file), student.join(file)).unwrap();
     }
-    let mut tokenizer: Value =
-        serde_json::from_str(&fs_err::read_to_string(fixtures().join("qwen2-tiny/tokenizer.json")).unwrap()).unwrap();
+    let mut tokenizer: Value = serde_json::from_str(
+        &fs_err::read_to_string(fixtures().join("qwen2-tiny/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
     let vocab = tokenizer["model"]["vocab"].as_object_mut().unwrap();
     let (a, b) = (vocab["0"].clone(), vocab["1"].clone());
     vocab.insert("0".into(), b);
     vocab.insert("1".into(), a);
     fs_err::write(student.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    fs_err::write(student.join("generation_config.json"), r#"{"eos_token_id": 509}"#).unwrap();
+    fs_err::write(
+        student.join("generation_config.json"),
+        r#"{"eos_token_id": 509}"#,
+    )
+    .unwrap();
     let output = retort()
         .args(["check", "--json", "--teacher"])
         .arg(fixtures().join("llama-tiny"))
@@ -421,7 +647,15 @@ fn check_accepts_the_fixture_pair_and_rejects_a_mismatched_one() {
         .failure();
     let report: Value = serde_json::from_slice(&output.get_output().stdout).unwrap();
     let status = |name: &str| {
-        report["rows"].as_array().unwrap().iter().find(|r| r["check"] == name).unwrap()["status"].as_str().unwrap().to_string()
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["check"] == name)
+            .unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     assert_eq!(status("vocabulary"), "error", "{report}");
     assert_eq!(status("tokenization"), "error", "{report}");

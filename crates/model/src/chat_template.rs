@@ -511,7 +511,10 @@ mod tests {
                 {"role": "user", "content": "q2"}
             ]),
         );
-        assert_eq!(out, "<u>q1|False<a>ans</a><u>q2|True<s>", "jinja2 3.1.6 renders the same");
+        assert_eq!(
+            out, "<u>q1|False<a>ans</a><u>q2|True<s>",
+            "jinja2 3.1.6 renders the same"
+        );
     }
 
     #[test]

@@ -94,7 +94,9 @@ pub fn generate(
     prompts: &[Vec<u32>],
     params: &GenerationParams,
 ) -> Result<Vec<Generated>> {
-    let streams: Vec<(u64, u64)> = (0..prompts.len()).map(|i| (params.seed, i as u64)).collect();
+    let streams: Vec<(u64, u64)> = (0..prompts.len())
+        .map(|i| (params.seed, i as u64))
+        .collect();
     generate_rows(model, tokenizer, prompts, &streams, params)
 }
 

@@ -58,14 +58,21 @@ pub const SAMPLE_TEXTS: &[&str] = &[
 ];
 
 fn row(check: &str, status: Status, detail: String) -> CheckRow {
-    CheckRow { check: check.to_string(), status, detail }
+    CheckRow {
+        check: check.to_string(),
+        status,
+        detail,
+    }
 }
 
 /// Compares `teacher` and `student`.
 pub fn check_pair(teacher: &LoadedModel, student: &LoadedModel) -> Result<CheckReport> {
     let mut rows = Vec::new();
     let (tv, sv) = (teacher.config.vocab_size, student.config.vocab_size);
-    let (ttok, stok) = (teacher.tokenizer.vocab_size(), student.tokenizer.vocab_size());
+    let (ttok, stok) = (
+        teacher.tokenizer.vocab_size(),
+        student.tokenizer.vocab_size(),
+    );
     let shared = ttok.min(stok);
     let mismatched_ids = (0..shared as u32)
         .filter(|&id| teacher.tokenizer.id_to_token(id) != student.tokenizer.id_to_token(id))
@@ -97,20 +104,35 @@ pub fn check_pair(teacher: &LoadedModel, student: &LoadedModel) -> Result<CheckR
         if a == b {
             agree += 1;
         } else if first_difference.is_none() {
-            first_difference = Some(format!("first difference on {text:?}: {} vs {} tokens", a.len(), b.len()));
+            first_difference = Some(format!(
+                "first difference on {text:?}: {} vs {} tokens",
+                a.len(),
+                b.len()
+            ));
         }
     }
     rows.push(row(
         "tokenization",
-        if agree == SAMPLE_TEXTS.len() { Status::Ok } else { Status::Error },
+        if agree == SAMPLE_TEXTS.len() {
+            Status::Ok
+        } else {
+            Status::Error
+        },
         match first_difference {
-            None => format!("{agree}/{} sample texts tokenize identically", SAMPLE_TEXTS.len()),
+            None => format!(
+                "{agree}/{} sample texts tokenize identically",
+                SAMPLE_TEXTS.len()
+            ),
             Some(d) => format!("{agree}/{} sample texts agree; {d}", SAMPLE_TEXTS.len()),
         },
     ));
 
     let conversation = [json!({"role": "user", "content": "What is 15 + 27?"})];
-    let render = |m: &LoadedModel| m.tokenizer.chat_template().map(|_| m.tokenizer.apply_chat_template(&conversation, true));
+    let render = |m: &LoadedModel| {
+        m.tokenizer
+            .chat_template()
+            .map(|_| m.tokenizer.apply_chat_template(&conversation, true))
+    };
     rows.push(match (render(teacher), render(student)) {
         (None, None) => row("chat template", Status::Ok, "neither model has one (raw-text prompts)".into()),
         (Some(Ok(a)), Some(Ok(b))) if a == b => row("chat template", Status::Ok, "identical rendering of a sample conversation".into()),
@@ -141,21 +163,41 @@ pub fn check_pair(teacher: &LoadedModel, student: &LoadedModel) -> Result<CheckR
     });
 
     let prompt = teacher.tokenizer.encode("What is 15 + 27? ", false)?;
-    let completion = teacher.tokenizer.encode("15 + 27 = 42. The answer is 42.", false)?;
+    let completion = teacher
+        .tokenizer
+        .encode("15 + 27 = 42. The answer is 42.", false)?;
     let usable = tv.min(sv) as u32;
-    if prompt.iter().chain(&completion).all(|&id| id < usable) && !prompt.is_empty() && mismatched_ids == 0 {
-        let t = score_batch(&teacher.model, &[(prompt.clone(), completion.clone())], teacher.pad_id())?;
-        let s = score_batch(&student.model, &[(prompt, completion.clone())], student.pad_id())?;
+    if prompt.iter().chain(&completion).all(|&id| id < usable)
+        && !prompt.is_empty()
+        && mismatched_ids == 0
+    {
+        let t = score_batch(
+            &teacher.model,
+            &[(prompt.clone(), completion.clone())],
+            teacher.pad_id(),
+        )?;
+        let s = score_batch(
+            &student.model,
+            &[(prompt, completion.clone())],
+            student.pad_id(),
+        )?;
         let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64;
         let (tm, sm) = (mean(&t[0]), mean(&s[0]));
         let finite = t[0].iter().chain(&s[0]).all(|x| x.is_finite());
         rows.push(row(
             "scored sequence",
             if finite { Status::Ok } else { Status::Error },
-            format!("{} tokens: mean log-prob teacher {tm:.3}, student {sm:.3}", completion.len()),
+            format!(
+                "{} tokens: mean log-prob teacher {tm:.3}, student {sm:.3}",
+                completion.len()
+            ),
         ));
     } else {
-        rows.push(row("scored sequence", Status::Error, "skipped: the vocabularies disagree".into()));
+        rows.push(row(
+            "scored sequence",
+            Status::Error,
+            "skipped: the vocabularies disagree".into(),
+        ));
     }
     Ok(CheckReport { rows })
 }

@@ -12,22 +12,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
-use crate::backend::open::{open_local, resolve_local_spec};
 use crate::backend::SamplingParams;
+use crate::backend::open::{open_local, resolve_local_spec};
 use crate::distill::config::{DistillOptions, Objective};
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, EvalOptions, EvalSummary};
-use crate::generate::{generate, GenerateOptions};
+use crate::eval::{EvalOptions, EvalSummary, evaluate};
+use crate::generate::{GenerateOptions, generate};
 use crate::io::AtomicFile;
-use crate::provenance::{trace, TraceOptions};
+use crate::provenance::{TraceOptions, trace};
 use crate::select::scoring::LocalScorer;
-use crate::select::{select_file, SelectOptions, Strategy};
+use crate::select::{SelectOptions, Strategy, select_file};
+use crate::world::WorldProblem;
 use crate::world::eval::held_out_problems;
 use crate::world::problems::generate_problems;
 use crate::world::train::{DEFAULT_SEED, TRAIN_PER_LEVEL};
-use crate::world::WorldProblem;
 
 /// How big a demo run is.
 #[derive(Debug, Clone, Serialize)]
@@ -142,7 +142,11 @@ struct Clock<'a> {
 }
 
 impl Clock<'_> {
-    fn stage<T>(&mut self, name: &'static str, work: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>) -> Result<T> {
+    fn stage<T>(
+        &mut self,
+        name: &'static str,
+        work: impl FnOnce(&mut dyn FnMut(usize, usize)) -> Result<T>,
+    ) -> Result<T> {
         (self.events)(DemoEvent::Stage(name));
         let start = Instant::now();
         let events = &mut *self.events;
@@ -168,11 +172,23 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 }
 
 fn greedy(max_new_tokens: usize, seed: u64) -> SamplingParams {
-    SamplingParams { temperature: 0.0, top_p: 1.0, top_k: None, max_new_tokens, seed: Some(seed), stop: Vec::new(), logprobs: 0 }
+    SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: None,
+        max_new_tokens,
+        seed: Some(seed),
+        stop: Vec::new(),
+        logprobs: 0,
+    }
 }
 
 fn level_accuracies(summary: &EvalSummary) -> BTreeMap<String, f64> {
-    summary.by.iter().map(|(level, m)| (format!("level_{level}"), m.accuracy)).collect()
+    summary
+        .by
+        .iter()
+        .map(|(level, m)| (format!("level_{level}"), m.accuracy))
+        .collect()
 }
 
 /// Runs the demo; `events` drives the display.
@@ -189,7 +205,10 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             )));
         }
     }
-    let mut clock = Clock { seconds: BTreeMap::new(), events };
+    let mut clock = Clock {
+        seconds: BTreeMap::new(),
+        events,
+    };
 
     // Problems: held-out ones never share a question with the world's or the demo's training sets.
     let problems_path = out.join("problems.jsonl");
@@ -198,7 +217,13 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
         let held_out = held_out_problems(DEFAULT_SEED, TRAIN_PER_LEVEL, options.eval_per_level);
         let exclude: HashSet<String> = held_out.iter().map(|p| p.question.clone()).collect();
         let per_level = options.train_problems.div_ceil(4);
-        let train = generate_problems(options.seed.wrapping_mul(7919).wrapping_add(17), &[1, 2, 3, 4], per_level, "demo", &exclude);
+        let train = generate_problems(
+            options.seed.wrapping_mul(7919).wrapping_add(17),
+            &[1, 2, 3, 4],
+            per_level,
+            "demo",
+            &exclude,
+        );
         write_problems(&problems_path, &train)?;
         write_problems(&eval_path, &held_out)
     })?;
@@ -213,7 +238,12 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             input: problems_path.clone(),
             output: traces_path.clone(),
             samples: options.samples,
-            sampling: SamplingParams { temperature: 1.0, max_new_tokens: 160, seed: Some(options.seed), ..SamplingParams::default() },
+            sampling: SamplingParams {
+                temperature: 1.0,
+                max_new_tokens: 160,
+                seed: Some(options.seed),
+                ..SamplingParams::default()
+            },
             chunk_size: 4096,
             verify: Some(Default::default()),
             ..GenerateOptions::default()
@@ -224,7 +254,11 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
     // Correct traces, ranked by how much the teacher prefers their sentences over the student.
     let selected_path = out.join("selected.jsonl");
     let selection = clock.stage("select", |_| {
-        let scorer = LocalScorer { student: Some(&base), teacher: Some(&teacher), batch_size: 32 };
+        let scorer = LocalScorer {
+            student: Some(&base),
+            teacher: Some(&teacher),
+            batch_size: 32,
+        };
         let select_options = SelectOptions {
             strategies: vec![Strategy::Correct, Strategy::TeacherGuided],
             budget: options.budget,
@@ -232,10 +266,22 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             ..SelectOptions::default()
         };
         let models = [
-            (options.teacher.clone(), Some(PathBuf::from(resolve_local_spec(&options.teacher)))),
-            (options.student.clone(), Some(PathBuf::from(resolve_local_spec(&options.student)))),
+            (
+                options.teacher.clone(),
+                Some(PathBuf::from(resolve_local_spec(&options.teacher))),
+            ),
+            (
+                options.student.clone(),
+                Some(PathBuf::from(resolve_local_spec(&options.student))),
+            ),
         ];
-        select_file(&traces_path, &selected_path, &select_options, Some(&scorer), &models)
+        select_file(
+            &traces_path,
+            &selected_path,
+            &select_options,
+            Some(&scorer),
+            &models,
+        )
     })?;
 
     // SFT on the selected traces, then KD on the teacher's logits over the same traces.
@@ -259,7 +305,9 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             min_lr_ratio: 0.0,
             ..distill_base.clone()
         };
-        crate::distill::trainer::distill(&sft_options, &mut |stats| progress(stats.step, options.sft_steps))
+        crate::distill::trainer::distill(&sft_options, &mut |stats| {
+            progress(stats.step, options.sft_steps)
+        })
     })?;
     training.insert("sft".to_string(), json!({"first_loss": sft.first_loss, "final_loss": sft.final_loss, "steps": sft.steps, "tokens_per_s": sft.tokens_per_s}));
     let distilled_dir = if options.kd_steps > 0 {
@@ -277,18 +325,27 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
                 warmup_steps: 1,
                 ..distill_base.clone()
             };
-            crate::distill::trainer::distill(&kd_options, &mut |stats| progress(stats.step, options.kd_steps))
+            crate::distill::trainer::distill(&kd_options, &mut |stats| {
+                progress(stats.step, options.kd_steps)
+            })
         })?;
         training.insert("kd".to_string(), json!({"first_loss": kd.first_loss, "final_loss": kd.final_loss, "steps": kd.steps, "tokens_per_s": kd.tokens_per_s}));
         kd_dir
     } else {
         sft_dir.clone()
     };
-    let distilled = open_local(&distilled_dir.display().to_string(), options.generation_batch)?;
+    let distilled = open_local(
+        &distilled_dir.display().to_string(),
+        options.generation_batch,
+    )?;
 
     // Held-out evaluation, greedy, per level.
     let mut summaries = BTreeMap::new();
-    for (name, backend) in [("teacher", &teacher), ("base", &base), ("distilled", &distilled)] {
+    for (name, backend) in [
+        ("teacher", &teacher),
+        ("base", &base),
+        ("distilled", &distilled),
+    ] {
         let summary = clock.stage("eval", |progress| {
             let mut eval_options = EvalOptions::new(&eval_path);
             eval_options.output = Some(out.join(format!("eval_{name}.jsonl")));
@@ -311,7 +368,8 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
         }
         file.commit()?;
         let summary = clock.stage("trace", |progress| {
-            let trace_options = TraceOptions::new(&input, out.join(format!("provenance_{name}.jsonl")));
+            let trace_options =
+                TraceOptions::new(&input, out.join(format!("provenance_{name}.jsonl")));
             trace(&teacher, &base, &distilled, &trace_options, progress)
         })?;
         write_json(&out.join(format!("provenance_{name}.json")), &summary)?;
@@ -324,7 +382,10 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
         by_level.insert((*name).to_string(), level_accuracies(summary));
     }
     let mut traces = BTreeMap::new();
-    traces.insert("generated".into(), generation.generated + generation.already_done);
+    traces.insert(
+        "generated".into(),
+        generation.generated + generation.already_done,
+    );
     traces.insert("correct".into(), generation.correct);
     traces.insert("selected".into(), selection.kept);
     let mut summary = DemoSummary {

@@ -9,12 +9,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::backend::{Backend, GenerateRequest, RequestOutcome, SamplingParams};
 use crate::error::{Error, Result};
 use crate::io::{Journal, RecordReader};
-use crate::records::{problem_from_record, InputFormat, Problem};
+use crate::records::{InputFormat, Problem, problem_from_record};
 use retort_verify::VerifyOptions;
 
 /// Options of the generate stage.
@@ -49,7 +49,11 @@ struct ProblemState {
 }
 
 fn is_correct(record: &Map<String, Value>) -> bool {
-    record.get("verdict").and_then(|v| v.get("correct")).and_then(Value::as_bool).unwrap_or(false)
+    record
+        .get("verdict")
+        .and_then(|v| v.get("correct"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// Counts from a generate run.
@@ -82,7 +86,10 @@ pub struct GenerateSummary {
 }
 
 /// Reads problems from `path`, naming file and line in errors; returns (record, problem) pairs.
-pub fn read_problems(path: &Path, format: InputFormat) -> Result<Vec<(Map<String, Value>, Problem)>> {
+pub fn read_problems(
+    path: &Path,
+    format: InputFormat,
+) -> Result<Vec<(Map<String, Value>, Problem)>> {
     let mut out = Vec::new();
     for item in RecordReader::open(path)? {
         let (line, record) = item?;
@@ -104,9 +111,16 @@ pub fn generate(
     let mut problems = read_problems(&options.input, options.format)?;
     if let Some((index, count)) = options.shard {
         if count == 0 || index >= count {
-            return Err(Error::Invalid(format!("shard `{index}/{count}`: expected i/n with 0 <= i < n")));
+            return Err(Error::Invalid(format!(
+                "shard `{index}/{count}`: expected i/n with 0 <= i < n"
+            )));
         }
-        problems = problems.into_iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, p)| p).collect();
+        problems = problems
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % count == index)
+            .map(|(_, p)| p)
+            .collect();
     }
     let mut seen_ids = HashSet::new();
     for (_, problem) in &problems {
@@ -129,10 +143,16 @@ pub fn generate(
     }
     if let Some((k, max)) = options.until_correct {
         if k == 0 || max < k {
-            return Err(Error::Invalid(format!("`--until-correct {k}` needs 1 <= K <= `--max-samples` ({max})")));
+            return Err(Error::Invalid(format!(
+                "`--until-correct {k}` needs 1 <= K <= `--max-samples` ({max})"
+            )));
         }
     }
-    let index: HashMap<&str, usize> = problems.iter().enumerate().map(|(i, (_, p))| (p.id.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = problems
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| (p.id.as_str(), i))
+        .collect();
     let (mut journal, recovered) = Journal::open(&options.output)?;
     let mut states = vec![ProblemState::default(); problems.len()];
     for record in &recovered.records {
@@ -141,7 +161,10 @@ pub fn generate(
             Some(other) => other.to_string(),
             None => continue,
         };
-        let (Some(&i), Some(sample)) = (index.get(id.as_str()), record.get("sample").and_then(Value::as_u64)) else {
+        let (Some(&i), Some(sample)) = (
+            index.get(id.as_str()),
+            record.get("sample").and_then(Value::as_u64),
+        ) else {
             continue;
         };
         if states[i].done.insert(sample as usize) {
@@ -162,9 +185,17 @@ pub fn generate(
                 None => (options.samples, options.samples),
             };
             let free = (0..limit).filter(|s| !state.done.contains(s) && !state.failed.contains(s));
-            let take = if options.until_correct.is_some() { wanted } else { limit };
+            let take = if options.until_correct.is_some() {
+                wanted
+            } else {
+                limit
+            };
             for sample in free.take(take) {
-                requests.push(GenerateRequest { key, sample, prompt: problems[key].1.prompt.clone() });
+                requests.push(GenerateRequest {
+                    key,
+                    sample,
+                    prompt: problems[key].1.prompt.clone(),
+                });
             }
         }
         requests
@@ -208,12 +239,18 @@ pub fn generate(
                         };
                         trace.insert("finish_reason".into(), json!(finish));
                         trace.insert("num_tokens".into(), json!(completion.completion_tokens));
-                        let policy = options.verify.clone().or_else(|| options.until_correct.map(|_| VerifyOptions::default()));
+                        let policy = options
+                            .verify
+                            .clone()
+                            .or_else(|| options.until_correct.map(|_| VerifyOptions::default()));
                         if let (Some(policy), Some(gold)) = (policy, &problem.answer) {
                             let verdict = retort_verify::verify(&completion.text, gold, &policy);
                             summary.correct += usize::from(verdict.correct);
                             states[outcome.key].correct += usize::from(verdict.correct);
-                            trace.insert("verdict".into(), json!({"correct": verdict.correct, "extracted": verdict.extracted}));
+                            trace.insert(
+                                "verdict".into(),
+                                json!({"correct": verdict.correct, "extracted": verdict.extracted}),
+                            );
                         }
                         summary.prompt_tokens += completion.prompt_tokens;
                         summary.completion_tokens += completion.completion_tokens;
@@ -233,7 +270,11 @@ pub fn generate(
                                 problem.id, outcome.sample, outcome.attempts
                             ));
                         }
-                        tracing::warn!("id `{}` sample {} failed: {message}", problem.id, outcome.sample);
+                        tracing::warn!(
+                            "id `{}` sample {} failed: {message}",
+                            problem.id,
+                            outcome.sample
+                        );
                     }
                 }
                 finished += 1;

@@ -56,7 +56,10 @@ impl Manifest {
 
     /// Adds an input file with its content hash.
     pub fn add_input(&mut self, path: &Path) -> Result<()> {
-        self.inputs.push(Hashed { path: path.display().to_string(), sha256: sha256_file(path)? });
+        self.inputs.push(Hashed {
+            path: path.display().to_string(),
+            sha256: sha256_file(path)?,
+        });
         Ok(())
     }
 
@@ -70,17 +73,22 @@ impl Manifest {
                 .collect();
             files.sort();
             for file in files {
-                weights.push(Hashed { path: file.display().to_string(), sha256: sha256_file(&file)? });
+                weights.push(Hashed {
+                    path: file.display().to_string(),
+                    sha256: sha256_file(&file)?,
+                });
             }
         }
-        self.models.push(serde_json::json!({ "spec": redact(spec), "weights": weights }));
+        self.models
+            .push(serde_json::json!({ "spec": redact(spec), "weights": weights }));
         Ok(())
     }
 
     /// Writes `<output>.manifest.json` atomically.
     pub fn write_beside(&self, output: &Path) -> Result<PathBuf> {
         let path = manifest_path(output);
-        let json = serde_json::to_vec_pretty(self).map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(self).map_err(|e| crate::Error::Invalid(e.to_string()))?;
         AtomicFile::write_all(&path, &json)?;
         Ok(path)
     }
@@ -88,7 +96,10 @@ impl Manifest {
 
 /// `<output>.manifest.json`.
 pub fn manifest_path(output: &Path) -> PathBuf {
-    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".manifest.json");
     output.with_file_name(name)
 }
@@ -119,7 +130,9 @@ pub fn redact_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
             continue;
         }
         let lower = arg.to_ascii_lowercase();
-        let secret_flag = ["key", "token", "secret", "password"].iter().any(|s| lower.starts_with("--") && lower.contains(s));
+        let secret_flag = ["key", "token", "secret", "password"]
+            .iter()
+            .any(|s| lower.starts_with("--") && lower.contains(s));
         if secret_flag {
             match arg.split_once('=') {
                 Some((flag, _)) => out.push(format!("{flag}=****")),
@@ -151,8 +164,24 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let args = ["retort", "--api-key", "sk-123", "--token=abc", "openai:http://u:p@host/v1#m"].map(String::from);
+        let args = [
+            "retort",
+            "--api-key",
+            "sk-123",
+            "--token=abc",
+            "openai:http://u:p@host/v1#m",
+        ]
+        .map(String::from);
         let out = redact_args(args);
-        assert_eq!(out, ["retort", "--api-key", "****", "--token=****", "openai:http://****@host/v1#m"]);
+        assert_eq!(
+            out,
+            [
+                "retort",
+                "--api-key",
+                "****",
+                "--token=****",
+                "openai:http://****@host/v1#m"
+            ]
+        );
     }
 }

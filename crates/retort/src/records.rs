@@ -52,14 +52,25 @@ pub fn problem_from_record(
     path: &Path,
     line: usize,
 ) -> Result<Problem> {
-    let err = |message: String| Error::Input { path: path.to_path_buf(), line, message };
-    let format = if format == InputFormat::Auto { detect(record).ok_or_else(|| {
+    let err = |message: String| Error::Input {
+        path: path.to_path_buf(),
+        line,
+        message,
+    };
+    let format = if format == InputFormat::Auto {
+        detect(record).ok_or_else(|| {
         err("expected one of the fields `prompt_ids`, `messages`, `conversations`, `prompt`, `question` (GSM8K) or `problem` (MATH)".into())
-    })? } else { format };
+    })?
+    } else {
+        format
+    };
     let text_field = |name: &str| -> Result<String> {
         match record.get(name) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(err(format!("field `{name}`: expected a string, got {}", kind(other)))),
+            Some(other) => Err(err(format!(
+                "field `{name}`: expected a string, got {}",
+                kind(other)
+            ))),
             None => Err(err(format!("missing field `{name}`"))),
         }
     };
@@ -71,26 +82,46 @@ pub fn problem_from_record(
                     .iter()
                     .map(|v| v.as_u64().and_then(|n| u32::try_from(n).ok()))
                     .collect::<Option<Vec<u32>>>()
-                    .ok_or_else(|| err("field `prompt_ids`: expected an array of token ids".into()))?,
-                Some(other) => return Err(err(format!("field `prompt_ids`: expected an array of token ids, got {}", kind(other)))),
+                    .ok_or_else(|| {
+                        err("field `prompt_ids`: expected an array of token ids".into())
+                    })?,
+                Some(other) => {
+                    return Err(err(format!(
+                        "field `prompt_ids`: expected an array of token ids, got {}",
+                        kind(other)
+                    )));
+                }
                 None => return Err(err("missing field `prompt_ids`".into())),
             };
             (Prompt::Ids(ids), None)
         }
         InputFormat::Messages => {
-            let mut messages = parse_messages(record.get("messages"), "messages", "role", "content", &err)?;
+            let mut messages =
+                parse_messages(record.get("messages"), "messages", "role", "content", &err)?;
             let reference = trailing_assistant(&mut messages);
             (Prompt::Messages(messages), reference)
         }
         InputFormat::Sharegpt => {
-            let mut messages = parse_messages(record.get("conversations"), "conversations", "from", "value", &err)?;
+            let mut messages = parse_messages(
+                record.get("conversations"),
+                "conversations",
+                "from",
+                "value",
+                &err,
+            )?;
             let reference = trailing_assistant(&mut messages);
             (Prompt::Messages(messages), reference)
         }
         InputFormat::Prompt => (Prompt::Text(text_field("prompt")?), None),
         InputFormat::Gsm8k => {
             let question = text_field("question")?;
-            (Prompt::Messages(vec![Message { role: "user".into(), content: question }]), None)
+            (
+                Prompt::Messages(vec![Message {
+                    role: "user".into(),
+                    content: question,
+                }]),
+                None,
+            )
         }
         InputFormat::Math => {
             let problem = text_field("problem")?;
@@ -98,19 +129,35 @@ pub fn problem_from_record(
                 Some(Value::String(s)) => Some(s.clone()),
                 _ => None,
             };
-            (Prompt::Messages(vec![Message { role: "user".into(), content: problem }]), solution)
+            (
+                Prompt::Messages(vec![Message {
+                    role: "user".into(),
+                    content: problem,
+                }]),
+                solution,
+            )
         }
     };
     let answer = match record.get("answer") {
         Some(Value::String(s)) => Some(gsm8k_final(s).unwrap_or(s).to_string()),
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(Value::Null) | None => default_answer,
-        Some(other) => return Err(err(format!("field `answer`: expected a string or a number, got {}", kind(other)))),
+        Some(other) => {
+            return Err(err(format!(
+                "field `answer`: expected a string or a number, got {}",
+                kind(other)
+            )));
+        }
     };
     let id = match record.get("id") {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
-        Some(other) => return Err(err(format!("field `id`: expected a string or a number, got {}", kind(other)))),
+        Some(other) => {
+            return Err(err(format!(
+                "field `id`: expected a string or a number, got {}",
+                kind(other)
+            )));
+        }
         None => stable_id(&prompt),
     };
     Ok(Problem { id, prompt, answer })
@@ -144,7 +191,12 @@ fn parse_messages(
 ) -> Result<Vec<Message>> {
     let items = match value {
         Some(Value::Array(items)) => items,
-        Some(other) => return Err(err(format!("field `{field}`: expected an array of messages, got {}", kind(other)))),
+        Some(other) => {
+            return Err(err(format!(
+                "field `{field}`: expected an array of messages, got {}",
+                kind(other)
+            )));
+        }
         None => return Err(err(format!("missing field `{field}`"))),
     };
     items
@@ -154,8 +206,13 @@ fn parse_messages(
             let role = item.get(role_key).and_then(Value::as_str);
             let content = item.get(content_key).and_then(Value::as_str);
             match (role, content) {
-                (Some(role), Some(content)) => Ok(Message { role: normalise_role(role).into(), content: content.into() }),
-                _ => Err(err(format!("field `{field}[{i}]`: expected string fields `{role_key}` and `{content_key}`"))),
+                (Some(role), Some(content)) => Ok(Message {
+                    role: normalise_role(role).into(),
+                    content: content.into(),
+                }),
+                _ => Err(err(format!(
+                    "field `{field}[{i}]`: expected string fields `{role_key}` and `{content_key}`"
+                ))),
             }
         })
         .collect()
@@ -191,12 +248,18 @@ mod tests {
     use serde_json::json;
 
     fn problem(v: Value) -> Result<Problem> {
-        problem_from_record(v.as_object().unwrap(), InputFormat::Auto, Path::new("in.jsonl"), 7)
+        problem_from_record(
+            v.as_object().unwrap(),
+            InputFormat::Auto,
+            Path::new("in.jsonl"),
+            7,
+        )
     }
 
     #[test]
     fn recognises_dataset_shapes() {
-        let p = problem(json!({"question": "How many?", "answer": "He has 3.\n#### 1,234"})).unwrap();
+        let p =
+            problem(json!({"question": "How many?", "answer": "He has 3.\n#### 1,234"})).unwrap();
         assert_eq!(p.answer.as_deref(), Some("1,234"));
         assert!(matches!(p.prompt, Prompt::Messages(ref m) if m[0].content == "How many?"));
         let p = problem(json!({"problem": "x?", "solution": "so \\boxed{5}"})).unwrap();
@@ -216,10 +279,18 @@ mod tests {
         assert_eq!(a.id, b.id);
         assert_eq!(a.id.len(), 16);
         let err = problem(json!({"prompt": 3})).unwrap_err().to_string();
-        assert_eq!(err, "in.jsonl:7: field `prompt`: expected a string, got a number");
+        assert_eq!(
+            err,
+            "in.jsonl:7: field `prompt`: expected a string, got a number"
+        );
         let err = problem(json!({"text": "x"})).unwrap_err().to_string();
-        assert!(err.starts_with("in.jsonl:7: expected one of the fields"), "{err}");
-        let err = problem(json!({"prompt_ids": [1, -2]})).unwrap_err().to_string();
+        assert!(
+            err.starts_with("in.jsonl:7: expected one of the fields"),
+            "{err}"
+        );
+        let err = problem(json!({"prompt_ids": [1, -2]}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`prompt_ids`"), "{err}");
     }
 }

@@ -6,13 +6,13 @@
 use std::path::PathBuf;
 
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::backend::local::LocalBackend;
 use crate::error::{Error, Result};
 use crate::io::read::kind;
 use crate::io::{Journal, RecordReader};
-use crate::records::{problem_from_record, InputFormat};
+use crate::records::{InputFormat, problem_from_record};
 
 /// Options of the score stage.
 #[derive(Debug, Clone)]
@@ -47,7 +47,11 @@ struct Item {
     completion_ids: Vec<u32>,
 }
 
-fn ids_field(record: &Map<String, Value>, name: &str, err: &dyn Fn(String) -> Error) -> Result<Option<Vec<u32>>> {
+fn ids_field(
+    record: &Map<String, Value>,
+    name: &str,
+    err: &dyn Fn(String) -> Error,
+) -> Result<Option<Vec<u32>>> {
     match record.get(name) {
         None => Ok(None),
         Some(Value::Array(items)) => items
@@ -56,7 +60,10 @@ fn ids_field(record: &Map<String, Value>, name: &str, err: &dyn Fn(String) -> Er
             .collect::<Option<Vec<u32>>>()
             .map(Some)
             .ok_or_else(|| err(format!("field `{name}`: expected an array of token ids"))),
-        Some(other) => Err(err(format!("field `{name}`: expected an array of token ids, got {}", kind(other)))),
+        Some(other) => Err(err(format!(
+            "field `{name}`: expected an array of token ids, got {}",
+            kind(other)
+        ))),
     }
 }
 
@@ -64,31 +71,61 @@ fn read_items(backend: &LocalBackend, options: &ScoreOptions) -> Result<Vec<Item
     let mut items = Vec::new();
     for entry in RecordReader::open(&options.input)? {
         let (line, record) = entry?;
-        let err = |message: String| Error::Input { path: options.input.clone(), line, message };
+        let err = |message: String| Error::Input {
+            path: options.input.clone(),
+            line,
+            message,
+        };
         let problem = problem_from_record(&record, InputFormat::Auto, &options.input, line)?;
         let prompt_ids = backend.prompt_ids(&problem.prompt)?;
         let completion_ids = match ids_field(&record, "completion_ids", &err)? {
             Some(ids) => ids,
             None => match record.get("completion") {
                 Some(Value::String(text)) => backend.model().tokenizer.encode(text, false)?,
-                Some(other) => return Err(err(format!("field `completion`: expected a string, got {}", kind(other)))),
-                None => return Err(err("missing field `completion` (or `completion_ids`)".into())),
+                Some(other) => {
+                    return Err(err(format!(
+                        "field `completion`: expected a string, got {}",
+                        kind(other)
+                    )));
+                }
+                None => {
+                    return Err(err(
+                        "missing field `completion` (or `completion_ids`)".into()
+                    ));
+                }
             },
         };
         if prompt_ids.is_empty() {
-            return Err(err("the prompt is empty: scoring needs at least one prompt token".into()));
+            return Err(err(
+                "the prompt is empty: scoring needs at least one prompt token".into(),
+            ));
         }
         let vocab = backend.model().config.vocab_size as u32;
-        if let Some(bad) = prompt_ids.iter().chain(&completion_ids).find(|&&t| t >= vocab) {
-            return Err(err(format!("token id {bad} is out of range for a vocabulary of {vocab}")));
+        if let Some(bad) = prompt_ids
+            .iter()
+            .chain(&completion_ids)
+            .find(|&&t| t >= vocab)
+        {
+            return Err(err(format!(
+                "token id {bad} is out of range for a vocabulary of {vocab}"
+            )));
         }
-        items.push(Item { record, id: problem.id, prompt_ids, completion_ids });
+        items.push(Item {
+            record,
+            id: problem.id,
+            prompt_ids,
+            completion_ids,
+        });
     }
     Ok(items)
 }
 
 /// Runs the stage. `progress(done, total)` is called after each batch.
-pub fn score(backend: &LocalBackend, options: &ScoreOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<ScoreSummary> {
+pub fn score(
+    backend: &LocalBackend,
+    options: &ScoreOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ScoreSummary> {
     let items = read_items(backend, options)?;
     let (mut journal, recovered) = Journal::open(&options.output)?;
     let done = recovered.records.len();
@@ -104,17 +141,26 @@ pub fn score(backend: &LocalBackend, options: &ScoreOptions, progress: &mut dyn 
             return Err(Error::Input {
                 path: options.output.clone(),
                 line: i + 1,
-                message: format!("expected id `{}` to resume from this input; remove the output to start over", item.id),
+                message: format!(
+                    "expected id `{}` to resume from this input; remove the output to start over",
+                    item.id
+                ),
             });
         }
     }
-    let mut summary = ScoreSummary { records: items.len(), already_done: done, ..ScoreSummary::default() };
+    let mut summary = ScoreSummary {
+        records: items.len(),
+        already_done: done,
+        ..ScoreSummary::default()
+    };
     let mut logprob_total = 0.0f64;
     progress(done, items.len());
     let model = backend.model();
     for batch in items[done..].chunks(options.batch_size.max(1)) {
-        let pairs: Vec<(Vec<u32>, Vec<u32>)> =
-            batch.iter().map(|it| (it.prompt_ids.clone(), it.completion_ids.clone())).collect();
+        let pairs: Vec<(Vec<u32>, Vec<u32>)> = batch
+            .iter()
+            .map(|it| (it.prompt_ids.clone(), it.completion_ids.clone()))
+            .collect();
         let scores = retort_model::score::score_batch(&model.model, &pairs, model.pad_id())?;
         for (item, token_logprobs) in batch.iter().zip(scores) {
             let sum: f64 = token_logprobs.iter().map(|&x| f64::from(x)).sum();
@@ -132,6 +178,10 @@ pub fn score(backend: &LocalBackend, options: &ScoreOptions, progress: &mut dyn 
         progress(summary.already_done + summary.scored, items.len());
     }
     journal.sync()?;
-    summary.mean_token_logprob = if summary.tokens > 0 { logprob_total / summary.tokens as f64 } else { 0.0 };
+    summary.mean_token_logprob = if summary.tokens > 0 {
+        logprob_total / summary.tokens as f64
+    } else {
+        0.0
+    };
     Ok(summary)
 }

@@ -7,10 +7,10 @@ use std::path::Path;
 
 use rayon::prelude::*;
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
-use crate::io::{read::kind, AtomicFile, RecordReader};
+use crate::io::{AtomicFile, RecordReader, read::kind};
 
 pub use retort_verify::{Verdict, VerifyOptions};
 
@@ -52,7 +52,11 @@ pub struct VerifySummary {
 impl VerifySummary {
     /// Fraction correct (0 when empty).
     pub fn accuracy(&self) -> f64 {
-        if self.total == 0 { 0.0 } else { self.correct as f64 / self.total as f64 }
+        if self.total == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.total as f64
+        }
     }
 }
 
@@ -72,13 +76,20 @@ pub fn verify_record(
                 line,
                 message: format!("field `{name}`: expected a string, got {}", kind(other)),
             }),
-            None => Err(Error::Input { path: path.to_path_buf(), line, message: format!("missing field `{name}`") }),
+            None => Err(Error::Input {
+                path: path.to_path_buf(),
+                line,
+                message: format!("missing field `{name}`"),
+            }),
         }
     };
     let gold = field(&options.gold_field)?;
     let response = field(&options.response_field)?;
     let verdict = retort_verify::verify(&response, &gold, &options.policy);
-    record.insert("verdict".into(), json!({ "correct": verdict.correct, "extracted": verdict.extracted }));
+    record.insert(
+        "verdict".into(),
+        json!({ "correct": verdict.correct, "extracted": verdict.extracted }),
+    );
     Ok(verdict)
 }
 
@@ -94,8 +105,10 @@ pub fn verify_file(
     let mut out = AtomicFile::create(output)?;
     let mut summary = VerifySummary::default();
     loop {
-        let chunk: Vec<(usize, Map<String, Value>)> =
-            reader.by_ref().take(options.chunk_size.max(1)).collect::<Result<_>>()?;
+        let chunk: Vec<(usize, Map<String, Value>)> = reader
+            .by_ref()
+            .take(options.chunk_size.max(1))
+            .collect::<Result<_>>()?;
         if chunk.is_empty() {
             break;
         }

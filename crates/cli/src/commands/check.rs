@@ -4,17 +4,20 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use retort::backend::open::resolve_local_spec;
-use retort::check::{check_pair, Status};
-use retort_model::load::{load, LoadOptions};
+use retort::check::{Status, check_pair};
+use retort_model::load::{LoadOptions, load};
 
 use crate::args::CheckArgs;
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let open = |spec: &str| {
         if spec.starts_with("openai:") {
-            anyhow::bail!("`retort check` compares local models (folders or `hf:` specs); `{spec}` is a server");
+            anyhow::bail!(
+                "`retort check` compares local models (folders or `hf:` specs); `{spec}` is a server"
+            );
         }
-        load(&resolve_local_spec(spec), &LoadOptions::default()).with_context(|| format!("cannot open model `{spec}`"))
+        load(&resolve_local_spec(spec), &LoadOptions::default())
+            .with_context(|| format!("cannot open model `{spec}`"))
     };
     let teacher = open(&args.teacher)?;
     let student = open(&args.student)?;
@@ -35,7 +38,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     if report.compatible() {
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("error: this pair is not safe for token-level distillation (see ERROR rows); text-only SFT on teacher traces still works");
+        eprintln!(
+            "error: this pair is not safe for token-level distillation (see ERROR rows); text-only SFT on teacher traces still works"
+        );
         Ok(ExitCode::FAILURE)
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use retort::demo::{run_demo, DemoEvent, DemoOptions};
+use retort::demo::{DemoEvent, DemoOptions, run_demo};
 
 use crate::ui;
 
@@ -32,8 +32,11 @@ pub struct DemoArgs {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let mut options =
-        if args.quick { DemoOptions::reduced(args.out.clone(), args.seed) } else { DemoOptions::full(args.out.clone(), args.seed) };
+    let mut options = if args.quick {
+        DemoOptions::reduced(args.out.clone(), args.seed)
+    } else {
+        DemoOptions::full(args.out.clone(), args.seed)
+    };
     options.teacher = args.teacher;
     options.student = args.student;
     let mut bar: Option<ProgressBar> = None;
@@ -53,19 +56,43 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             stages.push((name.to_string(), seconds));
         }
     })
-    .with_context(|| format!("the demo stopped; its files so far are in `{}`", args.out.display()))?;
+    .with_context(|| {
+        format!(
+            "the demo stopped; its files so far are in `{}`",
+            args.out.display()
+        )
+    })?;
     let mut rows: Vec<(&str, String)> = vec![
-        ("teacher accuracy", format!("{:.3}", summary.teacher_accuracy)),
-        ("base student accuracy", format!("{:.3}", summary.base_accuracy)),
-        ("distilled student accuracy", format!("{:.3}", summary.distilled_accuracy)),
+        (
+            "teacher accuracy",
+            format!("{:.3}", summary.teacher_accuracy),
+        ),
+        (
+            "base student accuracy",
+            format!("{:.3}", summary.base_accuracy),
+        ),
+        (
+            "distilled student accuracy",
+            format!("{:.3}", summary.distilled_accuracy),
+        ),
     ];
     let share = |model: &str, category: &str| {
-        summary.provenance.get(model).and_then(|m| m.get(category)).map_or("-".to_string(), |v| format!("{v:.3}"))
+        summary
+            .provenance
+            .get(model)
+            .and_then(|m| m.get(category))
+            .map_or("-".to_string(), |v| format!("{v:.3}"))
     };
-    let provenance_rows: Vec<(String, String)> = ["teacher", "student", "shared", "boosted", "unattributed"]
-        .iter()
-        .map(|c| (format!("{c} sentences (base → distilled)"), format!("{} → {}", share("base", c), share("distilled", c))))
-        .collect();
+    let provenance_rows: Vec<(String, String)> =
+        ["teacher", "student", "shared", "boosted", "unattributed"]
+            .iter()
+            .map(|c| {
+                (
+                    format!("{c} sentences (base → distilled)"),
+                    format!("{} → {}", share("base", c), share("distilled", c)),
+                )
+            })
+            .collect();
     for (k, v) in &provenance_rows {
         rows.push((k.as_str(), v.clone()));
     }
@@ -73,7 +100,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for (name, seconds) in &stages {
         *per_stage.entry(name.clone()).or_default() += seconds;
     }
-    let stage_rows: Vec<(String, String)> = per_stage.iter().map(|(k, v)| (format!("{k} seconds"), format!("{v:.1}"))).collect();
+    let stage_rows: Vec<(String, String)> = per_stage
+        .iter()
+        .map(|(k, v)| (format!("{k} seconds"), format!("{v:.1}")))
+        .collect();
     for (k, v) in &stage_rows {
         rows.push((k.as_str(), v.clone()));
     }

@@ -3,10 +3,10 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use retort::backend::open::{open_backend, resolve_local_spec, BackendOptions};
+use anyhow::{Context, bail};
 use retort::backend::SamplingParams;
-use retort::generate::{generate, GenerateOptions};
+use retort::backend::open::{BackendOptions, open_backend, resolve_local_spec};
+use retort::generate::{GenerateOptions, generate};
 use retort::manifest::Manifest;
 
 use crate::args::{BackendArgs, FormatArg, GenerateArgs, SamplingArgs};
@@ -49,7 +49,9 @@ pub fn format(arg: FormatArg) -> retort::records::InputFormat {
 }
 
 fn parse_shard(text: &str) -> anyhow::Result<(usize, usize)> {
-    let parsed = text.split_once('/').and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+    let parsed = text
+        .split_once('/')
+        .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
     match parsed {
         Some((i, n)) if n > 0 && i < n => Ok((i, n)),
         _ => bail!("invalid `--shard {text}`: expected `i/n` with 0 <= i < n, e.g. `0/4`"),
@@ -88,7 +90,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     }));
     manifest.add_input(&args.input)?;
     let local_dir = (!args.model.starts_with("openai:")).then(|| resolve_local_spec(&args.model));
-    manifest.add_model(&args.model, local_dir.as_deref().map(std::path::Path::new).filter(|p| p.is_dir()))?;
+    manifest.add_model(
+        &args.model,
+        local_dir
+            .as_deref()
+            .map(std::path::Path::new)
+            .filter(|p| p.is_dir()),
+    )?;
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
     manifest.write_beside(&args.output)?;
@@ -101,12 +109,25 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             ("already done", summary.already_done.to_string()),
             ("generated now", summary.generated.to_string()),
             ("failed", summary.failed.to_string()),
-            ("verified correct", if options.verify.is_some() || options.until_correct.is_some() { summary.correct.to_string() } else { "-".into() }),
-            ("problems with K correct", summary.satisfied.map_or("-".into(), |n| n.to_string())),
+            (
+                "verified correct",
+                if options.verify.is_some() || options.until_correct.is_some() {
+                    summary.correct.to_string()
+                } else {
+                    "-".into()
+                },
+            ),
+            (
+                "problems with K correct",
+                summary.satisfied.map_or("-".into(), |n| n.to_string()),
+            ),
             ("truncated (length)", summary.truncated.to_string()),
             ("prompt tokens", summary.prompt_tokens.to_string()),
             ("completion tokens", summary.completion_tokens.to_string()),
-            ("tokens/s", format!("{:.1}", summary.completion_tokens as f64 / seconds)),
+            (
+                "tokens/s",
+                format!("{:.1}", summary.completion_tokens as f64 / seconds),
+            ),
             ("output", args.output.display().to_string()),
         ],
     );

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use retort::manifest::Manifest;
-use retort::verify::{verify_file, VerifyStageOptions};
+use retort::verify::{VerifyStageOptions, verify_file};
 
 use retort_verify::PercentPolicy;
 
@@ -27,8 +27,10 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     options.policy.float_tolerance = args.tolerance;
     options.policy.strip_units = !args.keep_units;
     let bar = ui::progress(None, "verify");
-    let summary = verify_file(&args.input, &args.output, &options, &|n| bar.set_position(n as u64))
-        .with_context(|| format!("cannot verify `{}`", args.input.display()))?;
+    let summary = verify_file(&args.input, &args.output, &options, &|n| {
+        bar.set_position(n as u64)
+    })
+    .with_context(|| format!("cannot verify `{}`", args.input.display()))?;
     bar.finish_and_clear();
     let mut manifest = Manifest::new(serde_json::json!({
         "gold_field": options.gold_field,
@@ -47,7 +49,10 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             ("correct", summary.correct.to_string()),
             ("no final answer", summary.no_answer.to_string()),
             ("accuracy", format!("{:.4}", summary.accuracy())),
-            ("pairs/s", format!("{:.0}", summary.total as f64 / seconds.max(1e-9))),
+            (
+                "pairs/s",
+                format!("{:.0}", summary.total as f64 / seconds.max(1e-9)),
+            ),
             ("output", args.output.display().to_string()),
         ],
     );

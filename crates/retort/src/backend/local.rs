@@ -8,7 +8,10 @@ use retort_model::load::{LoadOptions, LoadedModel, load};
 use retort_model::score::score_batch;
 use serde_json::json;
 
-use super::{Backend, Completion, FinishReason, GenerateRequest, Prompt, RequestOutcome, SamplingParams, Scored};
+use super::{
+    Backend, Completion, FinishReason, GenerateRequest, Prompt, RequestOutcome, SamplingParams,
+    Scored,
+};
 use crate::error::{Error, Result};
 
 /// A model loaded in this process.
@@ -27,7 +30,11 @@ impl LocalBackend {
 
     /// Wraps an already loaded model.
     pub fn from_loaded(name: &str, model: LoadedModel, batch_size: usize) -> Self {
-        Self { name: name.to_string(), model, batch_size: batch_size.max(1) }
+        Self {
+            name: name.to_string(),
+            model,
+            batch_size: batch_size.max(1),
+        }
     }
 
     /// Renames the backend (the name recorded in traces and manifests).
@@ -49,7 +56,10 @@ impl LocalBackend {
             Prompt::Ids(ids) => ids.clone(),
             Prompt::Text(text) => tokenizer.encode(text, true)?,
             Prompt::Messages(messages) => {
-                let messages: Vec<_> = messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
+                let messages: Vec<_> = messages
+                    .iter()
+                    .map(|m| json!({"role": m.role, "content": m.content}))
+                    .collect();
                 let text = tokenizer.apply_chat_template(&messages, true)?;
                 tokenizer.encode(&text, false)?
             }
@@ -60,7 +70,9 @@ impl LocalBackend {
 /// The random stream of one request: a SplitMix64 mix of the run seed, the request key and the
 /// sample index, so (key, sample) pairs draw independent, reproducible streams.
 pub fn request_seed(seed: u64, key: usize, sample: usize) -> u64 {
-    let mut z = seed ^ (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut z = seed
+        ^ (key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (sample as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -87,7 +99,12 @@ impl Backend for LocalBackend {
                     result: Err("the prompt is empty after tokenization".into()),
                     attempts: 1,
                 }),
-                Err(e) => sink(RequestOutcome { key: request.key, sample: request.sample, result: Err(e.to_string()), attempts: 1 }),
+                Err(e) => sink(RequestOutcome {
+                    key: request.key,
+                    sample: request.sample,
+                    result: Err(e.to_string()),
+                    attempts: 1,
+                }),
             }
         }
         // Similar lengths share a batch so little compute goes to padding.
@@ -106,10 +123,21 @@ impl Backend for LocalBackend {
         };
         for batch in encoded.chunks(self.batch_size) {
             let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-            let seeds: Vec<u64> =
-                batch.iter().map(|(r, _)| request_seed(generation.seed, r.key, r.sample)).collect();
-            let outputs = generate_with_seeds(&self.model.model, &self.model.tokenizer, &prompts, &seeds, &generation)
-                .map_err(|e| Error::Backend { backend: self.name.clone(), message: e.to_string() })?;
+            let seeds: Vec<u64> = batch
+                .iter()
+                .map(|(r, _)| request_seed(generation.seed, r.key, r.sample))
+                .collect();
+            let outputs = generate_with_seeds(
+                &self.model.model,
+                &self.model.tokenizer,
+                &prompts,
+                &seeds,
+                &generation,
+            )
+            .map_err(|e| Error::Backend {
+                backend: self.name.clone(),
+                message: e.to_string(),
+            })?;
             for ((request, ids), output) in batch.iter().zip(outputs) {
                 let finish_reason = match output.finish_reason {
                     retort_model::generate::FinishReason::Stop => FinishReason::Stop,
@@ -136,12 +164,28 @@ impl Backend for LocalBackend {
 
     fn score(&self, prompt: &Prompt, completion: &str, top_k: usize) -> Result<Scored> {
         if top_k > 0 {
-            return Err(Error::Invalid("top-k log-probs from a local model are not supported yet".into()));
+            return Err(Error::Invalid(
+                "top-k log-probs from a local model are not supported yet".into(),
+            ));
         }
         let prompt_ids = self.prompt_ids(prompt)?;
         let completion_ids = self.model.tokenizer.encode(completion, false)?;
-        let scores = score_batch(&self.model.model, &[(prompt_ids, completion_ids.clone())], self.model.pad_id())?;
-        let token_logprobs = scores.into_iter().next().unwrap_or_default().into_iter().map(f64::from).collect();
-        Ok(Scored { completion_ids: Some(completion_ids), token_logprobs, top_logprobs: Vec::new() })
+        let scores = score_batch(
+            &self.model.model,
+            &[(prompt_ids, completion_ids.clone())],
+            self.model.pad_id(),
+        )?;
+        let token_logprobs = scores
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        Ok(Scored {
+            completion_ids: Some(completion_ids),
+            token_logprobs,
+            top_logprobs: Vec::new(),
+        })
     }
 }

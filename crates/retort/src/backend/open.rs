@@ -26,7 +26,11 @@ pub struct BackendOptions {
 
 impl Default for BackendOptions {
     fn default() -> Self {
-        Self { batch_size: 16, concurrency: 64, timeout: Duration::from_secs(600), max_retries: 8,
+        Self {
+            batch_size: 16,
+            concurrency: 64,
+            timeout: Duration::from_secs(600),
+            max_retries: 8,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
         }
@@ -64,8 +68,9 @@ pub fn open_local(spec: &str, batch_size: usize) -> Result<LocalBackend> {
 pub fn resolve_local_spec(spec: &str) -> String {
     match spec.strip_prefix("world:") {
         Some(name) => {
-            let base = std::env::var("RETORT_WORLD_DIR")
-                .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/world").to_string());
+            let base = std::env::var("RETORT_WORLD_DIR").unwrap_or_else(|_| {
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/world").to_string()
+            });
             format!("{base}/{name}")
         }
         None => spec.to_string(),

@@ -1,11 +1,11 @@
 //! Distillation: objectives, divergences and the trainer.
 
-pub mod divergence;
-pub mod teacher;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod divergence;
 pub mod objective;
+pub mod teacher;
 pub mod trainer;
 
 pub use config::{DistillOptions, Objective};

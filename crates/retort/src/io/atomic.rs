@@ -20,10 +20,17 @@ impl AtomicFile {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs_err::create_dir_all(parent)?;
         }
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let temp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
         let file = fs_err::File::create(&temp)?;
-        Ok(Self { target: path.to_path_buf(), temp, writer: Some(BufWriter::new(file)) })
+        Ok(Self {
+            target: path.to_path_buf(),
+            temp,
+            writer: Some(BufWriter::new(file)),
+        })
     }
 
     /// Flushes, syncs and renames the temporary file onto the target.

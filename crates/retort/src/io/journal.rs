@@ -40,7 +40,10 @@ impl Journal {
             let mut line_no = 0usize;
             while offset < bytes.len() {
                 line_no += 1;
-                let end = bytes[offset..].iter().position(|&b| b == b'\n').map(|i| offset + i);
+                let end = bytes[offset..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map(|i| offset + i);
                 let (line, next) = match end {
                     Some(e) => (&bytes[offset..e], e + 1),
                     None => (&bytes[offset..], bytes.len()),
@@ -68,17 +71,28 @@ impl Journal {
                         return Err(Error::Input {
                             path: path.to_path_buf(),
                             line: line_no,
-                            message: "expected a JSON object on every line of an existing output".into(),
+                            message: "expected a JSON object on every line of an existing output"
+                                .into(),
                         });
                     }
                 }
                 offset = next;
             }
         }
-        let mut file = fs_err::OpenOptions::new().create(true).append(false).write(true).open(path)?;
+        let mut file = fs_err::OpenOptions::new()
+            .create(true)
+            .append(false)
+            .write(true)
+            .open(path)?;
         file.set_len(keep_len)?;
         file.seek(SeekFrom::End(0))?;
-        Ok((Self { path: path.to_path_buf(), file }, recovered))
+        Ok((
+            Self {
+                path: path.to_path_buf(),
+                file,
+            },
+            recovered,
+        ))
     }
 
     /// Appends one record as a line and flushes it to the OS.

@@ -7,4 +7,4 @@ pub mod read;
 
 pub use atomic::AtomicFile;
 pub use journal::Journal;
-pub use read::{read_records, RecordReader};
+pub use read::{RecordReader, read_records};

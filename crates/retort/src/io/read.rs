@@ -18,7 +18,11 @@ pub struct RecordReader {
 }
 
 enum Inner {
-    Lines { reader: BufReader<fs_err::File>, line: usize, buf: String },
+    Lines {
+        reader: BufReader<fs_err::File>,
+        line: usize,
+        buf: String,
+    },
     Array(std::vec::IntoIter<Value>, usize),
 }
 
@@ -51,9 +55,16 @@ impl RecordReader {
             }
         } else {
             // Re-open so line numbers count from the start of the file.
-            Inner::Lines { reader: BufReader::new(fs_err::File::open(path)?), line: 0, buf: String::new() }
+            Inner::Lines {
+                reader: BufReader::new(fs_err::File::open(path)?),
+                line: 0,
+                buf: String::new(),
+            }
         };
-        Ok(Self { path: path.to_path_buf(), inner })
+        Ok(Self {
+            path: path.to_path_buf(),
+            inner,
+        })
     }
 
     /// The file being read.
@@ -62,7 +73,11 @@ impl RecordReader {
     }
 
     fn error(&self, line: usize, message: String) -> Error {
-        Error::Input { path: self.path.clone(), line, message }
+        Error::Input {
+            path: self.path.clone(),
+            line,
+            message,
+        }
     }
 }
 
@@ -92,7 +107,10 @@ impl Iterator for RecordReader {
         };
         Some(match parsed {
             Ok(Value::Object(map)) => Ok((line_no, map)),
-            Ok(other) => Err(self.error(line_no, format!("expected a JSON object, got {}", kind(&other)))),
+            Ok(other) => Err(self.error(
+                line_no,
+                format!("expected a JSON object, got {}", kind(&other)),
+            )),
             Err(e) => Err(self.error(line_no, format!("invalid JSON: {e}"))),
         })
     }

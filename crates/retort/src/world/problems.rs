@@ -6,22 +6,50 @@ use std::collections::HashSet;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 const PEOPLE: &[(&str, &str)] = &[
-    ("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Noah", "He"), ("Zoe", "She"), ("Liam", "He"),
-    ("Emma", "She"), ("Omar", "He"), ("Lily", "She"), ("Ivan", "He"), ("Nora", "She"), ("Sam", "He"),
-    ("Ella", "She"), ("Ben", "He"), ("Ruby", "She"), ("Max", "He"), ("Iris", "She"), ("Tom", "He"),
-    ("Maya", "She"), ("Eli", "He"),
+    ("Mia", "She"),
+    ("Leo", "He"),
+    ("Ava", "She"),
+    ("Noah", "He"),
+    ("Zoe", "She"),
+    ("Liam", "He"),
+    ("Emma", "She"),
+    ("Omar", "He"),
+    ("Lily", "She"),
+    ("Ivan", "He"),
+    ("Nora", "She"),
+    ("Sam", "He"),
+    ("Ella", "She"),
+    ("Ben", "He"),
+    ("Ruby", "She"),
+    ("Max", "He"),
+    ("Iris", "She"),
+    ("Tom", "He"),
+    ("Maya", "She"),
+    ("Eli", "He"),
 ];
 
 const ITEMS: &[&str] = &[
-    "apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "cookies",
-    "balloons", "buttons", "candies", "toys", "plums", "rocks",
+    "apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps",
+    "cookies", "balloons", "buttons", "candies", "toys", "plums", "rocks",
 ];
 
-const GAINS: &[&str] = &["buys {n} more {item}", "finds {n} more {item}", "wins {n} {item}", "gets {n} more {item}", "receives {n} {item}"];
-const LOSSES: &[&str] = &["gives away {n} {item}", "sells {n} {item}", "loses {n} {item}", "eats {n} {item}", "trades away {n} {item}"];
+const GAINS: &[&str] = &[
+    "buys {n} more {item}",
+    "finds {n} more {item}",
+    "wins {n} {item}",
+    "gets {n} more {item}",
+    "receives {n} {item}",
+];
+const LOSSES: &[&str] = &[
+    "gives away {n} {item}",
+    "sells {n} {item}",
+    "loses {n} {item}",
+    "eats {n} {item}",
+    "trades away {n} {item}",
+];
 
 /// One operation: a gain (`+`) or a loss (`-`) of `amount` items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +97,11 @@ impl WorldProblem {
         self.ops
             .iter()
             .map(|op| {
-                total = if op.gain { total + op.amount } else { total - op.amount };
+                total = if op.gain {
+                    total + op.amount
+                } else {
+                    total - op.amount
+                };
                 total
             })
             .collect()
@@ -84,7 +116,11 @@ fn sample_problem(rng: &mut ChaCha8Rng, level: usize) -> (u32, Vec<Op>) {
         for _ in 0..level {
             let gain = rng.random_bool(0.5);
             let amount = rng.random_range(1..=30u32);
-            let next = if gain { total + amount } else { total.wrapping_sub(amount) };
+            let next = if gain {
+                total + amount
+            } else {
+                total.wrapping_sub(amount)
+            };
             if (gain && next > 99) || (!gain && amount > total) {
                 break;
             }
@@ -106,7 +142,11 @@ fn render(rng: &mut ChaCha8Rng, start: u32, ops: &[Op]) -> String {
         let phrase = templates[rng.random_range(0..templates.len())]
             .replace("{n}", &op.amount.to_string())
             .replace("{item}", item);
-        let subject = if i == 0 { pronoun.to_string() } else { format!("Then {}", pronoun.to_lowercase()) };
+        let subject = if i == 0 {
+            pronoun.to_string()
+        } else {
+            format!("Then {}", pronoun.to_lowercase())
+        };
         text.push_str(&format!(" {subject} {phrase}."));
     }
     text.push_str(&format!(" How many {item} does {name} have now?"));
@@ -135,7 +175,13 @@ pub fn generate_problems(
             if exclude.contains(&question) || !seen.insert(question.clone()) {
                 continue;
             }
-            let mut problem = WorldProblem { id: String::new(), question, start, ops, answer: 0 };
+            let mut problem = WorldProblem {
+                id: String::new(),
+                question,
+                start,
+                ops,
+                answer: 0,
+            };
             problem.answer = problem.totals().last().copied().unwrap_or(start);
             problem.id = format!("{prefix}-{}", out.len());
             out.push(problem);

@@ -2,5 +2,5 @@
 mod distill;
 mod openai;
 mod provenance;
-mod select;
 mod report;
+mod select;
