@@ -1,5 +1,7 @@
 //! Reading input records. JSONL streams line by line ([`RecordReader`]); a JSON array (a file whose
-//! first non-space byte is `[`) is read whole. Every error names the file and line.
+//! first non-space byte is `[`) is read whole, and so is Parquet (a file starting with `PAR1`:
+//! each row becomes a JSON object, nested lists and structs included). Every error names the
+//! file and line (for arrays and Parquet, the 1-based record number).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -26,10 +28,34 @@ enum Inner {
     Array(std::vec::IntoIter<Value>, usize),
 }
 
+const PARQUET_MAGIC: &[u8; 4] = b"PAR1";
+
+fn read_parquet(path: &Path) -> Result<Vec<Value>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let bad = |message: String| Error::Input { path: path.to_path_buf(), line: 0, message };
+    let file = fs_err::File::open(path)?.into_parts().0;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("invalid Parquet file: {e}")))?;
+    let rows = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read Parquet rows: {e}")))?;
+    rows.enumerate()
+        .map(|(i, row)| {
+            row.map(|r| r.to_json_value()).map_err(|e| Error::Input {
+                path: path.to_path_buf(),
+                line: i + 1,
+                message: format!("cannot decode Parquet row: {e}"),
+            })
+        })
+        .collect()
+}
+
 impl RecordReader {
-    /// Opens `path`, detecting JSONL or a JSON array from the first non-space byte.
+    /// Opens `path`, detecting Parquet from its magic bytes, and JSONL or a JSON array from the
+    /// first non-space byte.
     pub fn open(path: &Path) -> Result<Self> {
         let mut reader = BufReader::new(fs_err::File::open(path)?);
+        if reader.fill_buf()?.starts_with(PARQUET_MAGIC) {
+            let rows = read_parquet(path)?;
+            return Ok(Self { path: path.to_path_buf(), inner: Inner::Array(rows.into_iter(), 0) });
+        }
         let first = loop {
             let buf = reader.fill_buf()?;
             if buf.is_empty() {
@@ -154,5 +180,63 @@ mod tests {
         fs_err::write(&broken, "[1]\n").unwrap();
         let err = read_records(&broken).unwrap_err().to_string();
         assert!(err.contains("expected a JSON object"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod parquet_tests {
+    use std::sync::Arc;
+
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+
+    use super::*;
+
+    /// Writes a GSM8K-shaped Parquet file (snappy) with the parquet crate's low-level writer.
+    fn write_gsm8k(path: &Path) {
+        let schema = Arc::new(
+            parse_message_type(
+                "message schema { required binary question (UTF8); required binary answer (UTF8); required int64 level; }",
+            )
+            .unwrap(),
+        );
+        let props = Arc::new(
+            WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build(),
+        );
+        let file = fs_err::File::create(path).unwrap();
+        let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
+        let mut group = writer.next_row_group().unwrap();
+        let questions: Vec<ByteArray> = ["How many apples?", "What is 2+3?"].iter().map(|s| ByteArray::from(*s)).collect();
+        let answers: Vec<ByteArray> = ["She has 3.\n#### 3", "2+3=5\n#### 5"].iter().map(|s| ByteArray::from(*s)).collect();
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<ByteArrayType>().write_batch(&questions, None, None).unwrap();
+        column.close().unwrap();
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<ByteArrayType>().write_batch(&answers, None, None).unwrap();
+        column.close().unwrap();
+        let mut column = group.next_column().unwrap().unwrap();
+        column.typed::<Int64Type>().write_batch(&[1, 2], None, None).unwrap();
+        column.close().unwrap();
+        group.close().unwrap();
+        writer.close().unwrap();
+    }
+
+    #[test]
+    fn parquet_rows_become_records_and_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("train-00000.parquet");
+        write_gsm8k(&path);
+        let records = read_records(&path).unwrap();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].0, 2);
+        assert_eq!(records[1].1["level"], serde_json::json!(2));
+        let problem = crate::records::problem_from_record(&records[0].1, Default::default(), &path, 1).unwrap();
+        assert_eq!(problem.answer.as_deref(), Some("3"));
+
+        fs_err::write(&path, b"PAR1 definitely not parquet").unwrap();
+        let err = read_records(&path).unwrap_err().to_string();
+        assert!(err.contains("train-00000.parquet") && err.contains("Parquet"), "{err}");
     }
 }
