@@ -314,7 +314,7 @@ pub fn train_lm(
         max_grad_norm: Some(options.max_grad_norm),
     };
     let mut trainer = Trainer::new(named_vars(varmap), config)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0xba7c_4e5);
+    let mut rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x0ba7_c4e5);
     let plan = batch_plan(examples, options.steps, options.batch_size, &mut rng);
     let start = Instant::now();
     let mut tokens = 0;
