@@ -82,8 +82,10 @@ pub struct RunData {
     pub files: Vec<(String, &'static str)>,
     /// Files that could not be read, with the error.
     pub unreadable: Vec<(String, String)>,
-    /// Accuracy bars: label and value.
+    /// Accuracy bars from `X_accuracy` keys of summaries (e.g. the demo's `summary.json`).
     pub accuracy: Vec<(String, f64)>,
+    /// Accuracy bars from `accuracy` keys (eval summaries), shown when there is no other.
+    pub eval_accuracy: Vec<(String, f64)>,
     /// Eval summaries: label and the summary object.
     pub evals: Vec<(String, Map<String, Value>)>,
     /// Provenance shares from summaries: label and counts or shares per category.
@@ -197,7 +199,10 @@ fn read_json(
         }
         return Ok(None);
     }
-    let before = (data.accuracy.len(), data.provenance_shares.len());
+    let before = (
+        data.accuracy.len() + data.eval_accuracy.len(),
+        data.provenance_shares.len(),
+    );
     collect_accuracy(&map, &label, 0, data);
     if map.get("accuracy").is_some_and(Value::is_number) {
         data.evals.push((
@@ -218,7 +223,11 @@ fn read_json(
     {
         data.provenance_shares.push((label.clone(), row));
     }
-    Ok(((data.accuracy.len(), data.provenance_shares.len()) != before).then_some("summary"))
+    let after = (
+        data.accuracy.len() + data.eval_accuracy.len(),
+        data.provenance_shares.len(),
+    );
+    Ok((after != before).then_some("summary"))
 }
 
 /// Accuracy bars from a summary: `X_accuracy` keys, an `accuracy` key, and objects with an
@@ -226,7 +235,7 @@ fn read_json(
 fn collect_accuracy(map: &Map<String, Value>, label: &str, depth: usize, data: &mut RunData) {
     if let Some(a) = map.get("accuracy").and_then(Value::as_f64) {
         let name = map.get("model").and_then(Value::as_str).unwrap_or(label);
-        data.accuracy.push((name.to_string(), a));
+        data.eval_accuracy.push((name.to_string(), a));
     }
     for (key, value) in map {
         if let (Some(stem), Some(a)) = (key.strip_suffix("_accuracy"), value.as_f64()) {

@@ -131,15 +131,21 @@ td:not(:first-child){font-variant-numeric:tabular-nums}\
 .c-boosted{background:#f6c9e0}.c-unattributed{background:#e8e8e8}";
 
 fn accuracy_section(data: &RunData) -> Option<String> {
-    if data.accuracy.is_empty() && data.evals.is_empty() {
+    // Summary keys (`teacher_accuracy`, ...) name the models best; eval files are the fallback.
+    let bars = if data.accuracy.is_empty() {
+        &data.eval_accuracy
+    } else {
+        &data.accuracy
+    };
+    if bars.is_empty() && data.evals.is_empty() {
         return None;
     }
     let mut out = String::new();
-    if !data.accuracy.is_empty() {
+    if !bars.is_empty() {
         out.push_str(&svg::bar_chart(
             "Accuracy (pass@1)",
             "accuracy",
-            &data.accuracy,
+            bars,
             Some(1.0),
         ));
     }

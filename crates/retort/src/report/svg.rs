@@ -158,7 +158,12 @@ pub fn line_chart(
     if x_hi - x_lo < 1e-12 {
         x_hi = x_lo + 1.0;
     }
-    let pad = ((y_hi - y_lo) * 0.05).max(1e-9);
+    // A flat series (one point, or a constant) still gets a readable axis around its value.
+    let pad = if y_hi - y_lo < 1e-12 {
+        (y_hi.abs() * 0.1).max(1e-6)
+    } else {
+        (y_hi - y_lo) * 0.05
+    };
     let (y_lo, y_hi) = (y_lo - pad, y_hi + pad);
     axes(&mut out, y_lo, y_hi, y_label);
     let plot_w = WIDTH - LEFT - RIGHT;
@@ -330,5 +335,17 @@ mod tests {
             &[("r".into(), vec![1.0, 3.0])],
         );
         assert!(svg.contains("25.0%") && svg.contains("75.0%"), "{svg}");
+    }
+
+    #[test]
+    fn a_single_point_gets_distinct_y_ticks() {
+        let svg = line_chart("t", "x", "y", &[("one".into(), vec![(1.0, 2.0)])]);
+        let labels: std::collections::BTreeSet<&str> = svg
+            .split(r#"text-anchor="end">"#)
+            .skip(1)
+            .filter_map(|s| s.split('<').next())
+            .collect();
+        assert!(labels.len() >= 3, "{labels:?}");
+        assert!(svg.contains("<circle"));
     }
 }

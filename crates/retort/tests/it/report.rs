@@ -64,7 +64,10 @@ fn check_balanced(html: &str) -> usize {
 
 fn assert_self_contained(html: &str) {
     let lower = html.to_lowercase();
-    for bad in ["http://", "https://", "<script", "url(", "@import", "<link", "<img", "<iframe", "<object", "<embed"] {
+    for bad in [
+        "http://", "https://", "<script", "url(", "@import", "<link", "<img", "<iframe", "<object",
+        "<embed",
+    ] {
         assert!(!lower.contains(bad), "the page contains `{bad}`");
     }
     // Inside tags: no `src` at all, and `href` only to anchors on the page.
@@ -74,7 +77,10 @@ fn assert_self_contained(html: &str) {
         let tag = &rest[open..close];
         assert!(!tag.contains("src="), "tag with a source: {tag}");
         for (i, _) in tag.match_indices("href=") {
-            assert!(tag[i..].starts_with("href=\"#"), "link out of the page: {tag}");
+            assert!(
+                tag[i..].starts_with("href=\"#"),
+                "link out of the page: {tag}"
+            );
         }
         rest = &rest[close.min(rest.len())..];
         if rest.is_empty() {
@@ -170,7 +176,18 @@ fn full_run_gets_every_section_with_escaped_text_and_no_external_reference() {
     assert_self_contained(&html);
     assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(html.contains("https&#58;//evil.example"));
-    assert!(html.contains("&lt;distilled&gt;"));
+    assert!(
+        html.contains("&lt;distilled&gt;"),
+        "the eval table names the model"
+    );
+    assert!(
+        html.contains("<title>teacher: 0.9</title>"),
+        "summary accuracies make the bars"
+    );
+    assert!(
+        !html.contains("<title>&lt;distilled&gt;: 0.625</title>"),
+        "eval files add no second bar"
+    );
     // Colour-coded actions, one class per category; an unknown category falls back.
     for category in ["teacher", "student", "boosted", "shared", "unattributed"] {
         assert!(
@@ -220,6 +237,16 @@ fn missing_inputs_omit_their_sections_and_say_so() {
     assert_eq!(summary.sections, ["training"]);
     let html = fs_err::read_to_string(&output).expect("read");
     assert_eq!(check_balanced(&html), 2);
+
+    // Only an eval summary: its accuracy makes the bar.
+    write_json(
+        &run.join("eval_base.json"),
+        &json!({"accuracy": 0.25, "problems": 4}),
+    );
+    let summary = write_report(&run, &output).expect("report");
+    assert_eq!(summary.sections, ["accuracy", "training"]);
+    let html = fs_err::read_to_string(&output).expect("read");
+    assert!(html.contains("<title>eval_base: 0.25</title>"), "{html}");
 
     let err = write_report(&run.join("nope"), &output)
         .unwrap_err()
