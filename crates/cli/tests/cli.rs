@@ -661,3 +661,56 @@ fn check_accepts_the_fixture_pair_and_rejects_a_mismatched_one() {
     assert_eq!(status("tokenization"), "error", "{report}");
     assert_eq!(status("eos ids"), "error", "{report}");
 }
+
+#[test]
+fn local_kill_9_then_rerun_and_shards_cover_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("p.jsonl");
+    let rows: Vec<Value> = (0..60).map(|i| json!({"id": format!("q{i}"), "prompt": format!("Q: {i} + {i} =")})).collect();
+    write_jsonl(&input, &rows);
+    let command = |out: &Path, extra: &[&str]| {
+        let mut cmd = retort();
+        cmd.args(["generate", "--samples", "2", "--temperature", "0.8", "--max-new-tokens", "24", "--batch-size", "1", "--seed", "5"])
+            .args(extra)
+            .arg("--model")
+            .arg(fixtures().join("qwen3-tiny"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(out);
+        cmd
+    };
+    let output = dir.path().join("traces.jsonl");
+    let mut child = command(&output, &[]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if fs_err::read_to_string(&output).map(|t| t.lines().count()).unwrap_or(0) >= 5 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = fs_err::read_to_string(&output).unwrap().lines().count();
+    assert!(partial < 120, "killed before the end ({partial} traces)");
+    command(&output, &[]).assert().success();
+    let key = |v: &Value| (v["id"].as_str().unwrap().to_string(), v["sample"].as_u64().unwrap());
+    let mut resumed: Vec<(String, u64)> = read_jsonl(&output).iter().map(key).collect();
+    resumed.sort();
+    let mut want: Vec<(String, u64)> = (0..60).flat_map(|i| (0..2).map(move |s| (format!("q{i}"), s))).collect();
+    want.sort();
+    assert_eq!(resumed, want, "complete, no duplicates after kill -9");
+
+    // Two shards together hold every pair once, with the same traces as the single run.
+    let (a, b) = (dir.path().join("s0.jsonl"), dir.path().join("s1.jsonl"));
+    command(&a, &["--shard", "0/2"]).assert().success();
+    command(&b, &["--shard", "1/2"]).assert().success();
+    let mut sharded: Vec<Value> = read_jsonl(&a).into_iter().chain(read_jsonl(&b)).collect();
+    let mut single = read_jsonl(&output);
+    sharded.sort_by_key(key);
+    single.sort_by_key(key);
+    assert_eq!(sharded.len(), 120);
+    let ids = |t: &[Value]| t.iter().map(|v| v["response_ids"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&sharded), ids(&single));
+    command(&a, &["--shard", "2/2"]).assert().failure();
+}

@@ -122,6 +122,11 @@ pub fn generate(
             .map(|(_, p)| p)
             .collect();
     }
+    // Request keys are positions in the whole input file, so a (record, sample) pair draws the
+    // same random stream whether it runs alone, in a shard, or after a resume.
+    let (shard_index, shard_count) = options.shard.unwrap_or((0, 1));
+    let to_key = |position: usize| position * shard_count + shard_index;
+    let from_key = |key: usize| (key - shard_index) / shard_count;
     let mut seen_ids = HashSet::new();
     for (_, problem) in &problems {
         if !seen_ids.insert(problem.id.clone()) {
@@ -192,7 +197,7 @@ pub fn generate(
             };
             for sample in free.take(take) {
                 requests.push(GenerateRequest {
-                    key,
+                    key: to_key(key),
                     sample,
                     prompt: problems[key].1.prompt.clone(),
                 });
@@ -216,7 +221,8 @@ pub fn generate(
                 if write_error.is_some() {
                     return;
                 }
-                let (record, problem) = &problems[outcome.key];
+                let position = from_key(outcome.key);
+                let (record, problem) = &problems[position];
                 match outcome.result {
                     Ok(completion) => {
                         let mut trace = record.clone();
@@ -246,7 +252,7 @@ pub fn generate(
                         if let (Some(policy), Some(gold)) = (policy, &problem.answer) {
                             let verdict = retort_verify::verify(&completion.text, gold, &policy);
                             summary.correct += usize::from(verdict.correct);
-                            states[outcome.key].correct += usize::from(verdict.correct);
+                            states[position].correct += usize::from(verdict.correct);
                             trace.insert(
                                 "verdict".into(),
                                 json!({"correct": verdict.correct, "extracted": verdict.extracted}),
@@ -258,12 +264,12 @@ pub fn generate(
                             write_error = Some(e);
                             return;
                         }
-                        states[outcome.key].done.insert(outcome.sample);
+                        states[position].done.insert(outcome.sample);
                         summary.generated += 1;
                     }
                     Err(message) => {
                         summary.failed += 1;
-                        states[outcome.key].failed.insert(outcome.sample);
+                        states[position].failed.insert(outcome.sample);
                         if summary.failures.len() < 10 {
                             summary.failures.push(format!(
                                 "id `{}` sample {} after {} attempt(s): {message}",
