@@ -666,25 +666,43 @@ fn check_accepts_the_fixture_pair_and_rejects_a_mismatched_one() {
 fn local_kill_9_then_rerun_and_shards_cover_everything_once() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("p.jsonl");
-    let rows: Vec<Value> = (0..60).map(|i| json!({"id": format!("q{i}"), "prompt": format!("Q: {i} + {i} =")})).collect();
+    let rows: Vec<Value> = (0..60)
+        .map(|i| json!({"id": format!("q{i}"), "prompt": format!("Q: {i} + {i} =")}))
+        .collect();
     write_jsonl(&input, &rows);
     let command = |out: &Path, extra: &[&str]| {
         let mut cmd = retort();
-        cmd.args(["generate", "--samples", "2", "--temperature", "0.8", "--max-new-tokens", "24", "--batch-size", "1", "--seed", "5"])
-            .args(extra)
-            .arg("--model")
-            .arg(fixtures().join("qwen3-tiny"))
-            .arg("--input")
-            .arg(&input)
-            .arg("--output")
-            .arg(out);
+        cmd.args([
+            "generate",
+            "--samples",
+            "2",
+            "--temperature",
+            "0.8",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "1",
+            "--seed",
+            "5",
+        ])
+        .args(extra)
+        .arg("--model")
+        .arg(fixtures().join("qwen3-tiny"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(out);
         cmd
     };
     let output = dir.path().join("traces.jsonl");
     let mut child = command(&output, &[]).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
-        if fs_err::read_to_string(&output).map(|t| t.lines().count()).unwrap_or(0) >= 5 {
+        if fs_err::read_to_string(&output)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+            >= 5
+        {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -694,10 +712,17 @@ fn local_kill_9_then_rerun_and_shards_cover_everything_once() {
     let partial = fs_err::read_to_string(&output).unwrap().lines().count();
     assert!(partial < 120, "killed before the end ({partial} traces)");
     command(&output, &[]).assert().success();
-    let key = |v: &Value| (v["id"].as_str().unwrap().to_string(), v["sample"].as_u64().unwrap());
+    let key = |v: &Value| {
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["sample"].as_u64().unwrap(),
+        )
+    };
     let mut resumed: Vec<(String, u64)> = read_jsonl(&output).iter().map(key).collect();
     resumed.sort();
-    let mut want: Vec<(String, u64)> = (0..60).flat_map(|i| (0..2).map(move |s| (format!("q{i}"), s))).collect();
+    let mut want: Vec<(String, u64)> = (0..60)
+        .flat_map(|i| (0..2).map(move |s| (format!("q{i}"), s)))
+        .collect();
     want.sort();
     assert_eq!(resumed, want, "complete, no duplicates after kill -9");
 
@@ -710,7 +735,109 @@ fn local_kill_9_then_rerun_and_shards_cover_everything_once() {
     sharded.sort_by_key(key);
     single.sort_by_key(key);
     assert_eq!(sharded.len(), 120);
-    let ids = |t: &[Value]| t.iter().map(|v| v["response_ids"].clone()).collect::<Vec<_>>();
+    let ids = |t: &[Value]| {
+        t.iter()
+            .map(|v| v["response_ids"].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(&sharded), ids(&single));
     command(&a, &["--shard", "2/2"]).assert().failure();
+}
+
+#[test]
+fn reduced_demo_runs_end_to_end_and_writes_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    retort()
+        .args(["demo", "--quick", "--seed", "0", "--out"])
+        .arg(&out)
+        .assert()
+        .success();
+    let summary: Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "teacher_accuracy",
+        "base_accuracy",
+        "distilled_accuracy",
+        "wall_seconds",
+    ] {
+        let value = summary[key].as_f64().unwrap_or(f64::NAN);
+        assert!(value.is_finite() && value >= 0.0, "{key}: {summary}");
+    }
+    for model in ["base", "distilled"] {
+        let shares = summary["provenance"][model].as_object().unwrap();
+        for category in ["teacher", "student", "shared", "boosted", "unattributed"] {
+            assert!(
+                shares.contains_key(category),
+                "{model} {category}: {summary}"
+            );
+        }
+        let total: f64 = shares.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{model} shares sum to {total}");
+    }
+    let stages = summary["stage_seconds"].as_object().unwrap();
+    for stage in [
+        "generate",
+        "select",
+        "distill-sft",
+        "distill-kd",
+        "eval",
+        "trace",
+        "report",
+    ] {
+        assert!(stages.contains_key(stage), "{stage}: {summary}");
+    }
+    for file in [
+        "problems.jsonl",
+        "traces.jsonl",
+        "traces.jsonl.manifest.json",
+        "selected.jsonl",
+        "student-sft/model.safetensors",
+        "student-distilled/model.safetensors",
+        "student-distilled/metrics.jsonl",
+        "eval_teacher.json",
+        "provenance_distilled.jsonl",
+        "report.html",
+    ] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let traces = read_jsonl(&out.join("traces.jsonl"));
+    assert!(
+        traces.iter().all(|t| t.get("verdict").is_some()),
+        "traces are verified inline"
+    );
+    let html = fs_err::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && !html.contains("https://"));
+
+    // The same seed gives the same run.
+    let again = dir.path().join("again");
+    retort()
+        .args(["demo", "--quick", "--seed", "0", "--out"])
+        .arg(&again)
+        .assert()
+        .success();
+    let a: Value =
+        serde_json::from_str(&fs_err::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let b: Value =
+        serde_json::from_str(&fs_err::read_to_string(again.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "teacher_accuracy",
+        "base_accuracy",
+        "distilled_accuracy",
+        "provenance",
+        "traces",
+        "training",
+    ] {
+        if key == "training" {
+            assert_eq!(
+                a[key]["sft"]["final_loss"], b[key]["sft"]["final_loss"],
+                "deterministic training"
+            );
+        } else {
+            assert_eq!(
+                a[key], b[key],
+                "{key} differs between two runs with one seed"
+            );
+        }
+    }
 }

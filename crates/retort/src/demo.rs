@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::eval::{EvalOptions, EvalSummary, evaluate};
 use crate::generate::{GenerateOptions, generate};
 use crate::io::AtomicFile;
+use crate::manifest::Manifest;
 use crate::provenance::{TraceOptions, trace};
 use crate::select::scoring::LocalScorer;
 use crate::select::{SelectOptions, Strategy, select_file};
@@ -248,7 +249,21 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             verify: Some(Default::default()),
             ..GenerateOptions::default()
         };
-        generate(&teacher, &generate_options, progress)
+        let started = Instant::now();
+        let summary = generate(&teacher, &generate_options, progress)?;
+        let mut manifest = Manifest::new(
+            json!({"sampling": generate_options.sampling, "samples": options.samples}),
+        );
+        manifest.add_input(&problems_path)?;
+        manifest.add_model(
+            &options.teacher,
+            Some(Path::new(&resolve_local_spec(&options.teacher))),
+        )?;
+        manifest.counts =
+            serde_json::to_value(&summary).map_err(|e| Error::Invalid(e.to_string()))?;
+        manifest.wall_seconds = started.elapsed().as_secs_f64();
+        manifest.write_beside(&traces_path)?;
+        Ok(summary)
     })?;
 
     // Correct traces, ranked by how much the teacher prefers their sentences over the student.

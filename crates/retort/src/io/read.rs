@@ -32,10 +32,17 @@ const PARQUET_MAGIC: &[u8; 4] = b"PAR1";
 
 fn read_parquet(path: &Path) -> Result<Vec<Value>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
-    let bad = |message: String| Error::Input { path: path.to_path_buf(), line: 0, message };
+    let bad = |message: String| Error::Input {
+        path: path.to_path_buf(),
+        line: 0,
+        message,
+    };
     let file = fs_err::File::open(path)?.into_parts().0;
-    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("invalid Parquet file: {e}")))?;
-    let rows = reader.get_row_iter(None).map_err(|e| bad(format!("cannot read Parquet rows: {e}")))?;
+    let reader =
+        SerializedFileReader::new(file).map_err(|e| bad(format!("invalid Parquet file: {e}")))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| bad(format!("cannot read Parquet rows: {e}")))?;
     rows.enumerate()
         .map(|(i, row)| {
             row.map(|r| r.to_json_value()).map_err(|e| Error::Input {
@@ -54,7 +61,10 @@ impl RecordReader {
         let mut reader = BufReader::new(fs_err::File::open(path)?);
         if reader.fill_buf()?.starts_with(PARQUET_MAGIC) {
             let rows = read_parquet(path)?;
-            return Ok(Self { path: path.to_path_buf(), inner: Inner::Array(rows.into_iter(), 0) });
+            return Ok(Self {
+                path: path.to_path_buf(),
+                inner: Inner::Array(rows.into_iter(), 0),
+            });
         }
         let first = loop {
             let buf = reader.fill_buf()?;
@@ -203,21 +213,38 @@ mod parquet_tests {
             .unwrap(),
         );
         let props = Arc::new(
-            WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build(),
+            WriterProperties::builder()
+                .set_compression(parquet::basic::Compression::SNAPPY)
+                .build(),
         );
         let file = fs_err::File::create(path).unwrap();
         let mut writer = SerializedFileWriter::new(file, schema, props).unwrap();
         let mut group = writer.next_row_group().unwrap();
-        let questions: Vec<ByteArray> = ["How many apples?", "What is 2+3?"].iter().map(|s| ByteArray::from(*s)).collect();
-        let answers: Vec<ByteArray> = ["She has 3.\n#### 3", "2+3=5\n#### 5"].iter().map(|s| ByteArray::from(*s)).collect();
+        let questions: Vec<ByteArray> = ["How many apples?", "What is 2+3?"]
+            .iter()
+            .map(|s| ByteArray::from(*s))
+            .collect();
+        let answers: Vec<ByteArray> = ["She has 3.\n#### 3", "2+3=5\n#### 5"]
+            .iter()
+            .map(|s| ByteArray::from(*s))
+            .collect();
         let mut column = group.next_column().unwrap().unwrap();
-        column.typed::<ByteArrayType>().write_batch(&questions, None, None).unwrap();
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&questions, None, None)
+            .unwrap();
         column.close().unwrap();
         let mut column = group.next_column().unwrap().unwrap();
-        column.typed::<ByteArrayType>().write_batch(&answers, None, None).unwrap();
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&answers, None, None)
+            .unwrap();
         column.close().unwrap();
         let mut column = group.next_column().unwrap().unwrap();
-        column.typed::<Int64Type>().write_batch(&[1, 2], None, None).unwrap();
+        column
+            .typed::<Int64Type>()
+            .write_batch(&[1, 2], None, None)
+            .unwrap();
         column.close().unwrap();
         group.close().unwrap();
         writer.close().unwrap();
@@ -232,11 +259,16 @@ mod parquet_tests {
         assert_eq!(records.len(), 2);
         assert_eq!(records[1].0, 2);
         assert_eq!(records[1].1["level"], serde_json::json!(2));
-        let problem = crate::records::problem_from_record(&records[0].1, Default::default(), &path, 1).unwrap();
+        let problem =
+            crate::records::problem_from_record(&records[0].1, Default::default(), &path, 1)
+                .unwrap();
         assert_eq!(problem.answer.as_deref(), Some("3"));
 
         fs_err::write(&path, b"PAR1 definitely not parquet").unwrap();
         let err = read_records(&path).unwrap_err().to_string();
-        assert!(err.contains("train-00000.parquet") && err.contains("Parquet"), "{err}");
+        assert!(
+            err.contains("train-00000.parquet") && err.contains("Parquet"),
+            "{err}"
+        );
     }
 }

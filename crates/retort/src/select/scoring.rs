@@ -226,7 +226,7 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 /// Sentences of `text` as byte ranges covering it end to end: the provenance segmenter's actions
-/// ([`crate::provenance::segment`]), which keep decimals, abbreviations and LaTeX whole.
+/// ([`crate::provenance::segment()`]), which keep decimals, abbreviations and LaTeX whole.
 pub fn sentences(text: &str) -> Vec<(usize, usize)> {
     crate::provenance::segment(text)
         .into_iter()

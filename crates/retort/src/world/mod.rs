@@ -8,7 +8,7 @@ pub mod styles;
 pub mod tokenizer;
 pub mod train;
 
-pub use problems::{generate_problems, Op, WorldProblem};
+pub use problems::{Op, WorldProblem, generate_problems};
 pub use styles::{student_corpus, teacher_solution, terse_solution};
 
 /// The end-of-text token that ends every solution.
