@@ -158,7 +158,7 @@ pub enum FormatArg {
 /// `retort score`.
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
-    /// Model: a Hugging Face folder or `hf:ORG/NAME[@REV]`.
+    /// Model: a Hugging Face folder, `hf:ORG/NAME[@REV]`, or `openai:URL#MODEL` (vLLM `prompt_logprobs`).
     #[arg(long, short)]
     pub model: String,
     /// Input: `prompt`/`messages` + `completion`, or `prompt_ids` + `completion_ids`.
@@ -170,6 +170,9 @@ pub struct ScoreArgs {
     /// Records per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// With a server (`openai:URL#MODEL`): also keep the top-k alternatives of each token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
 }
 
 /// `retort bench`.

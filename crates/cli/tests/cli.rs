@@ -533,6 +533,54 @@ mod remote {
     }
 
     #[test]
+    fn score_through_a_server_keeps_the_completion_log_probs() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = MockServer::start(FaultPlan::schedule(vec![Some(Fault::Internal)])).unwrap();
+        let input = dir.path().join("pairs.jsonl");
+        write_jsonl(
+            &input,
+            &[
+                json!({"id": "a", "prompt": "Q: 2 + 2?\nA:", "completion": " 2 + 2 = 4. The answer is 4."}),
+            ],
+        );
+        let output = dir.path().join("scores.jsonl");
+        retort()
+            .args([
+                "score",
+                "--model",
+                &server.spec("teacher"),
+                "--top-k",
+                "2",
+                "--input",
+            ])
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .assert()
+            .success();
+        let out = read_jsonl(&output);
+        let logprobs: Vec<f64> = out[0]["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let want: Vec<f64> = retort::mock_server::mock_tokenize(" 2 + 2 = 4. The answer is 4.")
+            .iter()
+            .map(|(token, _)| retort::mock_server::mock_logprob(token))
+            .collect();
+        assert_eq!(logprobs.len(), want.len());
+        for (a, b) in logprobs.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-9, "{logprobs:?} vs {want:?}");
+        }
+        assert_eq!(out[0]["top_logprobs"].as_array().unwrap().len(), want.len());
+        assert!(
+            server.requests_served() >= 2,
+            "the first attempt's 500 was retried"
+        );
+    }
+
+    #[test]
     fn a_dead_server_fails_in_bounded_time_with_a_count() {
         let dir = tempfile::tempdir().unwrap();
         let server = MockServer::start(FaultPlan::always(Fault::Internal)).unwrap();

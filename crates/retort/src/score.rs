@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
+use crate::backend::Backend;
 use crate::backend::local::LocalBackend;
 use crate::error::{Error, Result};
 use crate::io::read::kind;
@@ -175,6 +176,79 @@ pub fn score(
             summary.tokens += item.completion_ids.len();
             logprob_total += sum;
         }
+        progress(summary.already_done + summary.scored, items.len());
+    }
+    journal.sync()?;
+    summary.mean_token_logprob = if summary.tokens > 0 {
+        logprob_total / summary.tokens as f64
+    } else {
+        0.0
+    };
+    Ok(summary)
+}
+
+/// Scores every record through any [`Backend`] (e.g. an OpenAI-compatible server with vLLM's
+/// `prompt_logprobs`), one request per record, appended in input order and resumable like
+/// [`score`]. Records need `prompt`/`messages` + `completion` text; with `top_k > 0` each output
+/// record also gets `top_logprobs` (per token, `[token, logprob]` pairs, most likely first).
+pub fn score_with_backend(
+    backend: &dyn Backend,
+    options: &ScoreOptions,
+    top_k: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ScoreSummary> {
+    let mut items = Vec::new();
+    for entry in RecordReader::open(&options.input)? {
+        let (line, record) = entry?;
+        let err = |message: String| Error::Input {
+            path: options.input.clone(),
+            line,
+            message,
+        };
+        let problem = problem_from_record(&record, InputFormat::Auto, &options.input, line)?;
+        let completion = match record.get("completion") {
+            Some(Value::String(text)) => text.clone(),
+            Some(other) => {
+                return Err(err(format!(
+                    "field `completion`: expected a string, got {}",
+                    kind(other)
+                )));
+            }
+            None => {
+                return Err(err(
+                    "missing field `completion` (a server scores text)".into()
+                ));
+            }
+        };
+        items.push((record, problem, completion));
+    }
+    let (mut journal, recovered) = Journal::open(&options.output)?;
+    let done = recovered.records.len().min(items.len());
+    let mut summary = ScoreSummary {
+        records: items.len(),
+        already_done: done,
+        ..ScoreSummary::default()
+    };
+    let mut logprob_total = 0.0;
+    progress(done, items.len());
+    for (record, problem, completion) in &items[done..] {
+        let scored = backend.score(&problem.prompt, completion, top_k)?;
+        let sum: f64 = scored.token_logprobs.iter().sum();
+        let mut out = record.clone();
+        out.insert("id".into(), json!(problem.id));
+        if let Some(ids) = &scored.completion_ids {
+            out.insert("completion_ids".into(), json!(ids));
+        }
+        out.insert("token_logprobs".into(), json!(scored.token_logprobs));
+        if top_k > 0 {
+            out.insert("top_logprobs".into(), json!(scored.top_logprobs));
+        }
+        out.insert("logprob".into(), json!(sum));
+        out.insert("num_tokens".into(), json!(scored.token_logprobs.len()));
+        journal.append(&Value::Object(out))?;
+        summary.scored += 1;
+        summary.tokens += scored.token_logprobs.len();
+        logprob_total += sum;
         progress(summary.already_done + summary.scored, items.len());
     }
     journal.sync()?;

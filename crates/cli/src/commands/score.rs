@@ -14,9 +14,40 @@ use crate::ui;
 pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     if args.model.starts_with("openai:") {
-        anyhow::bail!(
-            "`retort score` runs local models; give a Hugging Face folder or `hf:ORG/NAME`"
+        let backend = retort::backend::open::open_backend(&args.model, &Default::default())
+            .with_context(|| format!("cannot open model `{}`", args.model))?;
+        let options = ScoreOptions {
+            input: args.input.clone(),
+            output: args.output.clone(),
+            batch_size: 1,
+        };
+        let bar = ui::progress(Some(0), "score");
+        let summary = retort::score::score_with_backend(
+            backend.as_ref(),
+            &options,
+            args.top_k,
+            &mut |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )
+        .with_context(|| format!("cannot score `{}`", args.input.display()))?;
+        bar.finish_and_clear();
+        let mut manifest = Manifest::new(serde_json::json!({ "top_k": args.top_k }));
+        manifest.add_input(&args.input)?;
+        manifest.add_model(&args.model, None)?;
+        manifest.counts = serde_json::to_value(&summary)?;
+        manifest.wall_seconds = start.elapsed().as_secs_f64();
+        manifest.write_beside(&args.output)?;
+        ui::table(
+            "score",
+            &[
+                ("records", summary.records.to_string()),
+                ("scored now", summary.scored.to_string()),
+                ("tokens", summary.tokens.to_string()),
+            ],
         );
+        return Ok(ExitCode::SUCCESS);
     }
     let backend = open_local(&args.model, args.batch_size)
         .with_context(|| format!("cannot open model `{}`", args.model))?;
