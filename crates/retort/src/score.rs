@@ -128,33 +128,9 @@ pub fn score(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ScoreSummary> {
     let items = read_items(backend, options)?;
-    let (mut journal, recovered) = Journal::open(&options.output)?;
-    let done = recovered.records.len();
-    if done > items.len() {
-        return Err(Error::Invalid(format!(
-            "`{}` already holds {done} records but the input has {}: is it the output of another input?",
-            options.output.display(),
-            items.len()
-        )));
-    }
-    for (i, (old, item)) in recovered.records.iter().zip(&items).enumerate() {
-        if old.get("id").and_then(Value::as_str) != Some(item.id.as_str()) {
-            return Err(Error::Input {
-                path: options.output.clone(),
-                line: i + 1,
-                message: format!(
-                    "expected id `{}` to resume from this input; remove the output to start over",
-                    item.id
-                ),
-            });
-        }
-    }
-    let mut summary = ScoreSummary {
-        records: items.len(),
-        already_done: done,
-        ..ScoreSummary::default()
-    };
-    let mut logprob_total = 0.0f64;
+    let ids: Vec<&str> = items.iter().map(|it| it.id.as_str()).collect();
+    let mut writer = ScoreWriter::open(options, &ids)?;
+    let done = writer.summary.already_done;
     progress(done, items.len());
     let model = backend.model();
     for batch in items[done..].chunks(options.batch_size.max(1)) {
@@ -166,25 +142,89 @@ pub fn score(
         for (item, token_logprobs) in batch.iter().zip(scores) {
             let sum: f64 = token_logprobs.iter().map(|&x| f64::from(x)).sum();
             let mut out = item.record.clone();
-            out.insert("id".into(), json!(item.id));
             out.insert("completion_ids".into(), json!(item.completion_ids));
-            out.insert("token_logprobs".into(), json!(token_logprobs));
-            out.insert("logprob".into(), json!(sum));
-            out.insert("num_tokens".into(), json!(item.completion_ids.len()));
-            journal.append(&Value::Object(out))?;
-            summary.scored += 1;
-            summary.tokens += item.completion_ids.len();
-            logprob_total += sum;
+            writer.append(
+                out,
+                &item.id,
+                json!(token_logprobs),
+                sum,
+                token_logprobs.len(),
+            )?;
         }
-        progress(summary.already_done + summary.scored, items.len());
+        progress(done + writer.summary.scored, items.len());
     }
-    journal.sync()?;
-    summary.mean_token_logprob = if summary.tokens > 0 {
-        logprob_total / summary.tokens as f64
-    } else {
-        0.0
-    };
-    Ok(summary)
+    writer.finish()
+}
+
+/// The output journal of a score run, resumed in input order, and its running summary.
+struct ScoreWriter {
+    journal: Journal,
+    summary: ScoreSummary,
+    logprob_total: f64,
+}
+
+impl ScoreWriter {
+    /// Opens the output and checks that records already there are the first of `ids`.
+    fn open(options: &ScoreOptions, ids: &[&str]) -> Result<Self> {
+        let (journal, recovered) = Journal::open(&options.output)?;
+        let done = recovered.records.len();
+        if done > ids.len() {
+            return Err(Error::Invalid(format!(
+                "`{}` already holds {done} records but the input has {}: is it the output of another input?",
+                options.output.display(),
+                ids.len()
+            )));
+        }
+        for (i, (old, id)) in recovered.records.iter().zip(ids).enumerate() {
+            if old.get("id").and_then(Value::as_str) != Some(*id) {
+                return Err(Error::Input {
+                    path: options.output.clone(),
+                    line: i + 1,
+                    message: format!(
+                        "expected id `{id}` to resume from this input; remove the output to start over"
+                    ),
+                });
+            }
+        }
+        let summary = ScoreSummary {
+            records: ids.len(),
+            already_done: done,
+            ..ScoreSummary::default()
+        };
+        Ok(Self {
+            journal,
+            summary,
+            logprob_total: 0.0,
+        })
+    }
+
+    /// Appends one scored record (`id`, `token_logprobs`, `logprob`, `num_tokens` added).
+    fn append(
+        &mut self,
+        mut out: Map<String, Value>,
+        id: &str,
+        token_logprobs: Value,
+        sum: f64,
+        tokens: usize,
+    ) -> Result<()> {
+        out.insert("id".into(), json!(id));
+        out.insert("token_logprobs".into(), token_logprobs);
+        out.insert("logprob".into(), json!(sum));
+        out.insert("num_tokens".into(), json!(tokens));
+        self.journal.append(&Value::Object(out))?;
+        self.summary.scored += 1;
+        self.summary.tokens += tokens;
+        self.logprob_total += sum;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<ScoreSummary> {
+        self.journal.sync()?;
+        if self.summary.tokens > 0 {
+            self.summary.mean_token_logprob = self.logprob_total / self.summary.tokens as f64;
+        }
+        Ok(self.summary)
+    }
 }
 
 /// Scores every record through any [`Backend`] (e.g. an OpenAI-compatible server with vLLM's
@@ -222,40 +262,26 @@ pub fn score_with_backend(
         };
         items.push((record, problem, completion));
     }
-    let (mut journal, recovered) = Journal::open(&options.output)?;
-    let done = recovered.records.len().min(items.len());
-    let mut summary = ScoreSummary {
-        records: items.len(),
-        already_done: done,
-        ..ScoreSummary::default()
-    };
-    let mut logprob_total = 0.0;
+    let ids: Vec<&str> = items
+        .iter()
+        .map(|(_, problem, _)| problem.id.as_str())
+        .collect();
+    let mut writer = ScoreWriter::open(options, &ids)?;
+    let done = writer.summary.already_done;
     progress(done, items.len());
     for (record, problem, completion) in &items[done..] {
         let scored = backend.score(&problem.prompt, completion, top_k)?;
         let sum: f64 = scored.token_logprobs.iter().sum();
         let mut out = record.clone();
-        out.insert("id".into(), json!(problem.id));
         if let Some(ids) = &scored.completion_ids {
             out.insert("completion_ids".into(), json!(ids));
         }
-        out.insert("token_logprobs".into(), json!(scored.token_logprobs));
         if top_k > 0 {
             out.insert("top_logprobs".into(), json!(scored.top_logprobs));
         }
-        out.insert("logprob".into(), json!(sum));
-        out.insert("num_tokens".into(), json!(scored.token_logprobs.len()));
-        journal.append(&Value::Object(out))?;
-        summary.scored += 1;
-        summary.tokens += scored.token_logprobs.len();
-        logprob_total += sum;
-        progress(summary.already_done + summary.scored, items.len());
+        let tokens = scored.token_logprobs.len();
+        writer.append(out, &problem.id, json!(scored.token_logprobs), sum, tokens)?;
+        progress(done + writer.summary.scored, items.len());
     }
-    journal.sync()?;
-    summary.mean_token_logprob = if summary.tokens > 0 {
-        logprob_total / summary.tokens as f64
-    } else {
-        0.0
-    };
-    Ok(summary)
+    writer.finish()
 }
