@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod kernels;
 pub mod kv_cache;
 pub mod load;
 pub mod models;

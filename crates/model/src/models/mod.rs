@@ -1,9 +1,10 @@
 //! The causal LMs: [`CausalLm`] dispatches to one file per architecture, and this module holds
 //! the small set of differentiable layer functions those files share.
 //!
-//! Every op here has a backward in candle (the fused `rms_norm`, `rope`, `softmax_last_dim` and
-//! CPU flash attention do not, DESIGN.md §7), so [`CausalLm::forward`] trains. Fused kernels can
-//! later replace [`rms_norm`], [`apply_rope`], [`attention`] and [`swiglu`] one at a time.
+//! Every function here trains: on CPU in f32/f64 it runs the fused kernels of
+//! [`crate::kernels`] (hand-written backward), elsewhere the `*_plain` versions built from candle
+//! ops with candle's autograd (candle's own fused `rms_norm`, `rope` and `softmax_last_dim` have
+//! no backward, DESIGN.md §7).
 
 pub mod llama;
 pub mod qwen2;
@@ -14,6 +15,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::kv_cache::KvCache;
 
 /// A causal LM of one of the supported architectures.
@@ -329,6 +331,14 @@ pub struct Rope {
 
 /// RMSNorm over the last dim: `x * (mean(x^2) + eps)^-1/2 * w`, statistics in f32.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernels::supported(xs) && xs.dtype() == weight.dtype() {
+        return Ok(kernels::rms_norm(xs, weight, eps)?);
+    }
+    rms_norm_plain(xs, weight, eps)
+}
+
+/// [`rms_norm`] from plain candle ops (any dtype and device; the kernels' reference).
+pub fn rms_norm_plain(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
     let xs32 = xs.to_dtype(DType::F32)?;
     let inv = (xs32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
@@ -340,6 +350,14 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// RoPE in the "rotate_half" layout on `[b, heads, t, head_dim]`.
 pub fn apply_rope(xs: &Tensor, rope: &Rope) -> Result<Tensor> {
+    if kernels::supported(xs) && xs.dtype() == rope.cos.dtype() {
+        return Ok(kernels::rope(xs, &rope.cos, &rope.sin)?);
+    }
+    apply_rope_plain(xs, rope)
+}
+
+/// [`apply_rope`] from plain candle ops (any dtype and device; the kernels' reference).
+pub fn apply_rope_plain(xs: &Tensor, rope: &Rope) -> Result<Tensor> {
     let head_dim = xs.dim(D::Minus1)?;
     let half = head_dim / 2;
     let x1 = xs.narrow(D::Minus1, 0, half)?;
@@ -369,21 +387,46 @@ pub fn attention(
         .reshape((b_sz, n_kv, groups * seq_len, head_dim))?;
     let k = k.contiguous()?;
     let v = v.contiguous()?;
-    let scores = q.matmul(&k.t()?)?;
-    let scores = (scores.reshape((b_sz, n_heads, seq_len, kv_len))? * scale)?;
-    let scores = match bias {
-        Some(bias) => scores.broadcast_add(bias)?,
-        None => scores,
+    let scores = q
+        .matmul(&k.t()?)?
+        .reshape((b_sz, n_heads, seq_len, kv_len))?;
+    let probs = if kernels::supported(&scores) && bias.is_none_or(|b| b.dtype() == scores.dtype()) {
+        kernels::scaled_softmax(&scores, bias, scale)?
+    } else {
+        scaled_softmax_plain(&scores, bias, scale)?
     };
-    let probs =
-        candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(v.dtype())?;
     let probs = probs.reshape((b_sz, n_kv, groups * seq_len, kv_len))?;
     let out = probs.matmul(&v)?;
     Ok(out.reshape((b_sz, n_heads, seq_len, head_dim))?)
 }
 
+/// `softmax(scale * scores + bias)` over the last dim from plain candle ops, in f32 for lower
+/// precisions (any dtype and device; the kernels' reference).
+pub fn scaled_softmax_plain(scores: &Tensor, bias: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let scores = (scores * scale)?;
+    let scores = match bias {
+        Some(bias) => scores.broadcast_add(bias)?,
+        None => scores,
+    };
+    let dtype = scores.dtype();
+    let compute = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    Ok(candle_nn::ops::softmax(&scores.to_dtype(compute)?, D::Minus1)?.to_dtype(dtype)?)
+}
+
 /// The gated MLP activation `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if kernels::supported(gate) && gate.dtype() == up.dtype() {
+        return Ok(kernels::swiglu(gate, up)?);
+    }
+    swiglu_plain(gate, up)
+}
+
+/// [`swiglu`] from plain candle ops (any dtype and device; the kernels' reference).
+pub fn swiglu_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 

@@ -16,7 +16,8 @@
 //! (the gradient equals that of `sum(all token losses) / total_tokens`).
 //!
 //! Every op here is differentiable in candle: [`log_softmax`] is built from `max` (detached),
-//! `exp`, `sum` and `log`, never the fused `softmax_last_dim`, which has no backward.
+//! `exp`, `sum` and `log`, never the fused `softmax_last_dim`, which has no backward; on CPU in
+//! f32/f64 [`causal_lm_loss`] runs the fused [`crate::kernels::cross_entropy_sum`] instead.
 
 pub mod optimizer;
 pub mod schedule;
@@ -88,6 +89,19 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize
         }
     }
     let n_tokens = mask.iter().filter(|&&m| m > 0.0).count();
+    if crate::kernels::supported(logits) {
+        // Row (i, p) predicts the label at p + 1; the last position of each row predicts nothing.
+        let mut shifted = Vec::with_capacity(b * t);
+        for (i, chunk) in targets.chunks(t - 1).enumerate() {
+            for (p, &target) in chunk.iter().enumerate() {
+                let counted = mask[i * (t - 1) + p] > 0.0;
+                shifted.push(if counted { i64::from(target) } else { -1 });
+            }
+            shifted.push(-1);
+        }
+        let loss_sum = crate::kernels::cross_entropy_sum(logits, shifted)?;
+        return Ok((loss_sum, n_tokens));
+    }
     let device = logits.device();
     let targets = Tensor::from_vec(targets, (b, t - 1), device)?;
     let mask = Tensor::from_vec(mask, (b, t - 1), device)?.to_dtype(logits.dtype())?;

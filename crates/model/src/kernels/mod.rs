@@ -1,0 +1,91 @@
+//! Fused CPU kernels with hand-written backward passes, for f32 and f64.
+//!
+//! Each kernel replaces a chain of small candle ops (one allocation and one pass over memory
+//! each, forward and backward) by one pass. They run as candle custom ops, so autograd calls
+//! their `bwd`; the backward kernels are custom ops themselves (without a backward). Other
+//! dtypes and devices use the plain-op versions in [`crate::models`], which the tests use as the
+//! reference: every kernel has a parity test against them and a finite-difference check.
+
+mod cross_entropy;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+pub use cross_entropy::cross_entropy_sum;
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use softmax::scaled_softmax;
+pub use swiglu::swiglu;
+
+use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
+
+/// The float types the kernels are written for.
+pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// Whether the fused kernels handle `t`: a CPU tensor of f32 or f64.
+pub fn supported(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Tensors at least this large are split across the rayon pool.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// The contiguous data of one kernel argument.
+fn data<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: expects contiguous inputs")))?;
+    Ok(&storage.as_slice::<T>()?[start..end])
+}
+
+/// Dispatches `$body` with `$t` bound to the float type of `$storage` (f32 or f64).
+macro_rules! by_float {
+    ($storage:expr, $op:expr, $t:ident => $body:expr) => {
+        match $storage {
+            candle_core::CpuStorage::F32(_) => {
+                #[allow(unused_imports)]
+                use {candle_core::WithDType as _, num_traits::One as _, num_traits::Zero as _};
+                type $t = f32;
+                $body
+            }
+            candle_core::CpuStorage::F64(_) => {
+                #[allow(unused_imports)]
+                use {candle_core::WithDType as _, num_traits::One as _, num_traits::Zero as _};
+                type $t = f64;
+                $body
+            }
+            _ => Err(candle_core::Error::Msg(format!(
+                "{}: f32 or f64 expected",
+                $op
+            ))),
+        }
+    };
+}
+pub(crate) use by_float;
+
+/// Runs `f(row_index, row)` over the `row_len`-sized rows of `out`, in parallel when large.
+fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    use rayon::prelude::*;
+    if row_len == 0 {
+        return;
+    }
+    if out.len() >= PARALLEL_MIN {
+        out.par_chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    } else {
+        out.chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(i, row)| f(i, row));
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,273 @@
+//! Every kernel against its plain-op reference (forward and autograd backward, f32) and against
+//! finite differences of itself (f64).
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::*;
+use crate::models::{Rope, apply_rope_plain, rms_norm_plain, scaled_softmax_plain, swiglu_plain};
+
+type Kernel<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
+fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    // A small LCG keeps the inputs identical across runs without a global seed.
+    let n: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let values: Vec<f64> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_vec0::<f64>()
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f64 {
+    max_abs_diff(a, &a.zeros_like().unwrap())
+}
+
+/// Output and gradients of `sum(f(inputs) * weights)` with respect to the first `n_grad` inputs.
+fn value_and_grads(
+    f: Kernel<'_>,
+    inputs: &[Tensor],
+    n_grad: usize,
+    weights: &Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs[..n_grad]
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    args.extend(inputs[n_grad..].iter().cloned());
+    let out = f(&args).unwrap();
+    let loss = out.broadcast_mul(weights).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).expect("gradient").clone())
+        .collect();
+    (out, grads)
+}
+
+/// Checks `fused` against `plain` in f32 and the fused gradient against central differences
+/// in f64. `shapes[..n_grad]` are differentiated; `out_shape` is the output's shape.
+fn check(
+    name: &str,
+    fused: Kernel<'_>,
+    plain: Kernel<'_>,
+    shapes: &[&[usize]],
+    n_grad: usize,
+    out_shape: &[usize],
+) {
+    let make = |dtype| -> Vec<Tensor> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| random(s, 11 + i as u64, dtype))
+            .collect()
+    };
+    // Parity with the plain ops, f32.
+    let inputs = make(DType::F32);
+    let weights = random(out_shape, 97, DType::F32);
+    let (out_f, grads_f) = value_and_grads(fused, &inputs, n_grad, &weights);
+    let (out_p, grads_p) = value_and_grads(plain, &inputs, n_grad, &weights);
+    // Relative to the largest reference value (sums over thousands of f32 terms round).
+    let d = max_abs_diff(&out_f, &out_p) / max_abs(&out_p).max(1.0);
+    assert!(
+        d < 1e-6,
+        "{name}: forward differs from plain ops by {d} (relative)"
+    );
+    for (i, (gf, gp)) in grads_f.iter().zip(&grads_p).enumerate() {
+        let d = max_abs_diff(gf, gp) / max_abs(gp).max(1.0);
+        assert!(
+            d < 1e-5,
+            "{name}: gradient {i} differs from autograd by {d} (relative)"
+        );
+    }
+    // Finite differences, f64: directional derivative along a random direction.
+    let inputs = make(DType::F64);
+    let weights = random(out_shape, 97, DType::F64);
+    let (_, grads) = value_and_grads(fused, &inputs, n_grad, &weights);
+    let loss_at = |args: &[Tensor]| -> f64 {
+        fused(args)
+            .unwrap()
+            .broadcast_mul(&weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_vec0::<f64>()
+            .unwrap()
+    };
+    for i in 0..n_grad {
+        let dir = random(inputs[i].dims(), 1000 + i as u64, DType::F64);
+        let eps = 1e-6;
+        let mut plus = inputs.clone();
+        let mut minus = inputs.clone();
+        plus[i] = (&inputs[i] + (&dir * eps).unwrap()).unwrap();
+        minus[i] = (&inputs[i] - (&dir * eps).unwrap()).unwrap();
+        let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * eps);
+        let analytic = (&grads[i] * &dir)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_vec0::<f64>()
+            .unwrap();
+        let rel = (numeric - analytic).abs() / numeric.abs().max(1e-8);
+        assert!(
+            rel < 1e-6,
+            "{name}: input {i}: numeric {numeric} vs analytic {analytic} (rel {rel})"
+        );
+    }
+}
+
+#[test]
+fn rms_norm_matches_plain_and_finite_differences() {
+    // Large enough to take the parallel path too.
+    for rows in [3, 400] {
+        check(
+            "rms_norm",
+            &|a| rms_norm(&a[0], &a[1], 1e-6),
+            &|a| Ok(rms_norm_plain(&a[0], &a[1], 1e-6).unwrap()),
+            &[&[rows, 96], &[96]],
+            2,
+            &[rows, 96],
+        );
+    }
+}
+
+#[test]
+fn rope_matches_plain_and_finite_differences() {
+    let rope_of = |a: &[Tensor]| Rope {
+        cos: a[1].cos().unwrap(),
+        sin: a[1].sin().unwrap(),
+    };
+    for (b, cos_b) in [(2, 2), (3, 1)] {
+        check(
+            "rope",
+            &|a| {
+                let r = rope_of(a);
+                super::rope(&a[0], &r.cos, &r.sin)
+            },
+            &|a| Ok(apply_rope_plain(&a[0], &rope_of(a)).unwrap()),
+            &[&[b, 3, 5, 8], &[cos_b, 1, 5, 8]],
+            1,
+            &[b, 3, 5, 8],
+        );
+    }
+}
+
+#[test]
+fn scaled_softmax_matches_plain_and_finite_differences() {
+    let causal = |b: usize, t: usize, dtype: DType| -> Tensor {
+        let mut bias = vec![0f64; b * t * t];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    // Causal, and the last key of batch row 1 is padding (no row is fully
+                    // masked: such a row is constant, and its queries never reach a loss).
+                    if j > i || (bi == 1 && j == t - 1) {
+                        bias[(bi * t + i) * t + j] = f64::from(f32::MIN);
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(bias, (b, 1, t, t), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    check(
+        "scaled_softmax (masked)",
+        &|a| scaled_softmax(&a[0], Some(&causal(2, 6, a[0].dtype())), 0.3),
+        &|a| Ok(scaled_softmax_plain(&a[0], Some(&causal(2, 6, a[0].dtype())), 0.3).unwrap()),
+        &[&[2, 3, 6, 6]],
+        1,
+        &[2, 3, 6, 6],
+    );
+    check(
+        "scaled_softmax",
+        &|a| scaled_softmax(&a[0], None, 0.7),
+        &|a| Ok(scaled_softmax_plain(&a[0], None, 0.7).unwrap()),
+        &[&[2, 3, 1, 9]],
+        1,
+        &[2, 3, 1, 9],
+    );
+}
+
+#[test]
+fn swiglu_matches_plain_and_finite_differences() {
+    for n in [7, 9000] {
+        check(
+            "swiglu",
+            &|a| swiglu(&a[0], &a[1]),
+            &|a| Ok(swiglu_plain(&a[0], &a[1]).unwrap()),
+            &[&[n, 5], &[n, 5]],
+            2,
+            &[n, 5],
+        );
+    }
+}
+
+#[test]
+fn cross_entropy_matches_plain_and_finite_differences() {
+    let targets = |rows: usize| -> Vec<i64> {
+        (0..rows)
+            .map(|r| if r % 4 == 3 { -1 } else { (r * 7 % 11) as i64 })
+            .collect()
+    };
+    let plain = |a: &[Tensor]| -> candle_core::Result<Tensor> {
+        let rows = a[0].dim(0)?;
+        let t = targets(rows);
+        let mask: Vec<f64> = t.iter().map(|&v| f64::from(u8::from(v >= 0))).collect();
+        let idx: Vec<u32> = t.iter().map(|&v| v.max(0) as u32).collect();
+        let idx = Tensor::from_vec(idx, (rows, 1), &Device::Cpu)?;
+        let mask = Tensor::from_vec(mask, rows, &Device::Cpu)?.to_dtype(a[0].dtype())?;
+        let logp = crate::train::log_softmax(&a[0]).unwrap();
+        logp.gather(&idx, 1)?
+            .squeeze(1)?
+            .mul(&mask)?
+            .sum_all()?
+            .neg()
+    };
+    for rows in [6, 3000] {
+        check(
+            "cross_entropy_sum",
+            &|a| cross_entropy_sum(&a[0], targets(a[0].dim(0)?)),
+            &plain,
+            &[&[rows, 11]],
+            1,
+            &[],
+        );
+    }
+}
+
+#[test]
+fn kernels_reject_what_they_cannot_do() {
+    let x = random(&[2, 4], 1, DType::F32);
+    assert!(rms_norm(&x, &random(&[3], 2, DType::F32), 1e-6).is_err());
+    assert!(cross_entropy_sum(&x, vec![0]).is_err());
+    assert!(cross_entropy_sum(&x, vec![0, 4]).is_err());
+    assert!(swiglu(&x, &random(&[4, 2], 3, DType::F32)).is_err());
+    let half = x.to_dtype(DType::BF16).unwrap();
+    assert!(!supported(&half));
+    assert!(rms_norm(&half, &random(&[4], 2, DType::BF16), 1e-6).is_err());
+}
