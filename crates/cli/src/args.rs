@@ -38,7 +38,7 @@ pub enum Command {
     Score(ScoreArgs),
     /// Select training data: filters, dedup, decontamination, student-ppl, RSR, teacher-guided.
     Select(crate::commands::select::SelectArgs),
-    /// Distill into a student: SFT or token-level KD; checkpoints, --resume, metrics.jsonl.
+    /// Distill into a student (SFT, KD, on-policy, REDI; full or LoRA); checkpoints, --resume.
     Distill(crate::commands::distill::DistillArgs),
     /// Evaluate a model: pass@1 over k samples, pass@k, maj@k, mean tokens, truncation.
     Eval(crate::commands::eval::EvalArgs),

@@ -114,6 +114,20 @@ pub struct DistillArgs {
     /// Continue from the latest checkpoint in the output folder.
     #[arg(long)]
     pub resume: bool,
+    /// Train LoRA adapters of this rank (base weights frozen); the output is a PEFT adapter
+    /// folder (`adapter_config.json`, `adapter_model.safetensors`).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / rank [default: 2 * rank].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated module names to adapt
+    /// [default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj].
+    #[arg(long, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
+    /// With LoRA, also write the merged model as a Hugging Face folder in `OUTPUT/merged`.
+    #[arg(long)]
+    pub merge_lora: bool,
 }
 
 /// `--objective`.
@@ -202,6 +216,7 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     );
     set!(weight_decay, seed, max_seq_len, redi_alpha);
     set!(lambda, max_new_tokens, sample_temperature);
+    set!(lora_rank, lora_alpha, lora_targets);
     if let Some(objective) = args.objective {
         o.objective = match objective {
             ObjectiveArg::Sft => Objective::Sft,
@@ -234,6 +249,7 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     }
     o.only_correct |= args.only_correct;
     o.resume |= args.resume;
+    o.merge_lora |= args.merge_lora;
     Ok(o)
 }
 

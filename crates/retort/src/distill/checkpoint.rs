@@ -6,6 +6,10 @@
 //! is found by [`latest_checkpoint`]. The final model goes into `OUTPUT` itself, beside
 //! `checkpoint-N/` and `metrics.jsonl`: it is staged in a temp folder and its files are renamed
 //! in one by one, `trainer_state.json` last.
+//!
+//! A LoRA run saves PEFT adapter folders instead (`adapter_config.json`,
+//! `adapter_model.safetensors`, see [`super::lora`]) in the checkpoints and the output; the
+//! optimizer state then holds the adapters' moments only.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +17,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::distill::config::DistillOptions;
+use crate::distill::lora::{self, LoraModel};
 use crate::error::{Error, Result};
 
 /// File name of the optimizer state inside a checkpoint.
@@ -156,6 +161,64 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<(usize, PathBuf)>> {
 /// Writes the final model into `output` (beside checkpoints and metrics): the HF folder files,
 /// `config.toml` and `trainer_state.json` (renamed in last).
 pub fn save_final(output: &Path, model: &ModelFiles<'_>, state: &TrainerState) -> Result<()> {
+    stage_final(output, state, |staging, extra| {
+        Ok(retort_model::save::save_hf_folder_with(
+            staging,
+            model.tensors,
+            model.raw_config,
+            model.tie_word_embeddings,
+            model.source_dir,
+            extra,
+        )?)
+    })
+}
+
+/// Writes `checkpoint-<step>` of a LoRA run atomically: the PEFT adapter folder
+/// ([`lora::write_adapter`]), the optimizer state (adapter moments only) and the trainer state.
+pub fn save_adapter_checkpoint(
+    output: &Path,
+    adapter: &LoraModel,
+    source_dir: &Path,
+    optimizer: &retort_model::train::AdamW,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let dir = checkpoint_dir(output, state.step);
+    let json = state.to_json()?;
+    retort_model::save::write_dir_atomic(&dir, |tmp| {
+        lora::write_adapter(tmp, adapter, source_dir).map_err(model_error)?;
+        optimizer.save_state(&tmp.join(OPTIMIZER_FILE))?;
+        fs_err::write(tmp.join(TRAINER_STATE_FILE), &json)?;
+        Ok(())
+    })?;
+    Ok(dir)
+}
+
+/// Writes the final adapter of a LoRA run into `output` (PEFT files, tokenizer files,
+/// `config.toml`, `trainer_state.json` last).
+pub fn save_final_adapter(
+    output: &Path,
+    adapter: &LoraModel,
+    source_dir: &Path,
+    state: &TrainerState,
+) -> Result<()> {
+    stage_final(output, state, |staging, extra| {
+        Ok(retort_model::save::write_dir_atomic(staging, |tmp| {
+            lora::write_adapter(tmp, adapter, source_dir).map_err(model_error)?;
+            extra(tmp)
+        })?)
+    })
+}
+
+type Extra<'a> = Box<dyn FnOnce(&Path) -> retort_model::Result<()> + 'a>;
+
+/// Builds the final files in `output/.final.staging` with `write` (which must call the extra
+/// writer it is given inside its temp folder), then renames them into `output` one by one,
+/// `trainer_state.json` last: its presence marks a complete final model.
+fn stage_final(
+    output: &Path,
+    state: &TrainerState,
+    write: impl FnOnce(&Path, Extra<'_>) -> Result<()>,
+) -> Result<()> {
     fs_err::create_dir_all(output)?;
     let staging = output.join(".final.staging");
     if staging.exists() {
@@ -163,22 +226,17 @@ pub fn save_final(output: &Path, model: &ModelFiles<'_>, state: &TrainerState) -
     }
     let json = state.to_json()?;
     let toml = state.config.to_toml()?;
-    retort_model::save::save_hf_folder_with(
+    write(
         &staging,
-        model.tensors,
-        model.raw_config,
-        model.tie_word_embeddings,
-        model.source_dir,
-        |tmp| {
+        Box::new(move |tmp: &Path| {
             fs_err::write(tmp.join(CONFIG_FILE), &toml)?;
             fs_err::write(tmp.join(TRAINER_STATE_FILE), &json)?;
             Ok(())
-        },
+        }),
     )?;
     let mut names: Vec<std::ffi::OsString> = fs_err::read_dir(&staging)?
         .map(|entry| entry.map(|e| e.file_name()))
         .collect::<std::io::Result<_>>()?;
-    // trainer_state.json last: its presence marks a complete final model.
     names.sort_by_key(|name| (name == TRAINER_STATE_FILE, name.clone()));
     let stale = output.join(TRAINER_STATE_FILE);
     if stale.exists() {
@@ -189,4 +247,12 @@ pub fn save_final(output: &Path, model: &ModelFiles<'_>, state: &TrainerState) -
     }
     fs_err::remove_dir(&staging)?;
     Ok(())
+}
+
+/// Carries a retort error through retort-model's atomic-folder writer.
+fn model_error(e: Error) -> retort_model::Error {
+    match e {
+        Error::Model(inner) => inner,
+        other => retort_model::Error::Model(other.to_string()),
+    }
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::distill::divergence::Divergence;
+use crate::distill::lora::{DEFAULT_TARGETS, LoraSpec};
 use crate::error::{Error, Result};
 use crate::records::InputFormat;
 
@@ -121,6 +122,18 @@ pub struct DistillOptions {
     pub checkpoint_every: Option<usize>,
     /// Continue from the latest checkpoint in the output folder.
     pub resume: bool,
+    /// Train LoRA adapters of this rank instead of every weight (absent: full fine-tuning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
+    /// LoRA's alpha: the update `B @ A` is scaled by `alpha / rank` (default `2 * rank`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Module names LoRA adapts (default: every attention and MLP projection,
+    /// [`crate::distill::lora::DEFAULT_TARGETS`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_targets: Option<Vec<String>>,
+    /// With LoRA, also write the merged model as a Hugging Face folder in `OUTPUT/merged`.
+    pub merge_lora: bool,
     /// Test hook: make the loss of this (1-based) step non-finite. Never saved.
     #[doc(hidden)]
     #[serde(skip)]
@@ -165,6 +178,10 @@ impl Default for DistillOptions {
             eval_every: None,
             checkpoint_every: None,
             resume: false,
+            lora_rank: None,
+            lora_alpha: None,
+            lora_targets: None,
+            merge_lora: false,
             inject_non_finite_at_step: None,
             stop_after_step: None,
         }
@@ -195,6 +212,20 @@ impl DistillOptions {
     pub fn divergence(&self) -> Result<Divergence> {
         Divergence::from_name(&self.divergence, self.beta, self.alpha)
             .map_err(|e| Error::Invalid(format!("field `divergence`: {e}")))
+    }
+
+    /// The LoRA settings, when `lora-rank` is set: alpha defaults to `2 * rank`, the targets to
+    /// [`DEFAULT_TARGETS`].
+    pub fn lora(&self) -> Option<LoraSpec> {
+        let rank = self.lora_rank?;
+        Some(LoraSpec {
+            rank,
+            alpha: self.lora_alpha.unwrap_or(2.0 * rank as f64),
+            targets: self
+                .lora_targets
+                .clone()
+                .unwrap_or_else(|| DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect()),
+        })
     }
 
     /// Sequences per forward/backward.
@@ -265,6 +296,34 @@ impl DistillOptions {
         ] {
             if value == Some(0) {
                 return Err(bad(field, "must be at least 1".into()));
+            }
+        }
+        match self.lora_rank {
+            Some(0) => return Err(bad("lora-rank", "must be at least 1".into())),
+            Some(_) => {
+                if let Some(alpha) = self.lora_alpha
+                    && !(alpha.is_finite() && alpha > 0.0)
+                {
+                    return Err(bad("lora-alpha", format!("must be positive, got {alpha}")));
+                }
+                if let Some(targets) = &self.lora_targets
+                    && (targets.is_empty() || targets.iter().any(|t| t.trim().is_empty()))
+                {
+                    return Err(bad(
+                        "lora-targets",
+                        format!("expected module names such as `q_proj`, got {targets:?}"),
+                    ));
+                }
+            }
+            None => {
+                let set = [
+                    ("lora-alpha", self.lora_alpha.is_some()),
+                    ("lora-targets", self.lora_targets.is_some()),
+                    ("merge-lora", self.merge_lora),
+                ];
+                if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
+                    return Err(bad(field, "needs `lora-rank`".into()));
+                }
             }
         }
         match self.objective {

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod divergence;
+pub mod lora;
 pub mod objective;
 pub mod teacher;
 pub mod trainer;

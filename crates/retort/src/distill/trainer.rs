@@ -9,6 +9,10 @@
 //! moments and step count, so a run killed and resumed ends with the weights of an
 //! uninterrupted one. A non-finite loss stops the run with an error before any update, leaving
 //! the last checkpoint as it was.
+//!
+//! With `lora-rank` the trainable variables are LoRA adapters on frozen base weights
+//! ([`super::lora::LoraModel`]); the network is rebuilt from them after every update, and the
+//! checkpoints and output are PEFT adapter folders (plus `OUTPUT/merged` with `merge-lora`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,9 +28,13 @@ use crate::distill::checkpoint::{
 };
 use crate::distill::config::{DistillOptions, Objective};
 use crate::distill::data::{self, DataOptions, DataStats, Example, TokenizerView};
+use crate::distill::lora::{self, BaseName, LoraModel};
 use crate::distill::objective::{LossSpec, MicroBatch, loss, sample_completions};
 use crate::error::{Error, Result};
 use crate::io::{AtomicFile, Journal};
+
+/// Folder of the merged model of a LoRA run with `merge-lora`, inside the output folder.
+pub const MERGED_DIR: &str = "merged";
 
 /// File name of the per-step metrics journal in the output folder.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -75,10 +83,13 @@ pub struct EvalLoss {
 
 /// The student as trained, in memory.
 pub struct TrainedStudent {
-    /// The model (its weights are the variables of `varmap`).
+    /// The model (with LoRA: the merged network).
     pub model: LoadedModel,
-    /// The trainable weights under their Hugging Face names.
+    /// The trained variables: every weight under its Hugging Face name, or with LoRA the
+    /// adapters under their PEFT key names.
     pub varmap: candle_nn::VarMap,
+    /// The frozen base and the adapters of a LoRA run.
+    pub lora: Option<LoraModel>,
 }
 
 /// Trains the student per `options`, calling `progress` after every optimizer step.
@@ -126,11 +137,34 @@ pub fn distill_trained(
         (None, false) => None,
     };
 
-    let student_dir = match &resume_from {
-        Some((_, dir)) => dir.clone(),
-        None => retort_model::load::resolve_dir(student_spec, None)?,
+    let lora_spec = options.lora();
+    let student_dir = match (&resume_from, &lora_spec) {
+        (Some((_, dir)), None) => dir.clone(),
+        _ => retort_model::load::resolve_dir(student_spec, None)?,
     };
-    let (student, varmap) = retort_model::load_trainable(&student_dir)?;
+    let (mut student, varmap) = retort_model::load_trainable(&student_dir)?;
+    // With LoRA the base weights stay frozen tensors and the trainable variables are the
+    // adapters (fresh, or those of the checkpoint being resumed).
+    let (varmap, lora) = match &lora_spec {
+        None => (varmap, None),
+        Some(spec) => {
+            let base = lora::frozen_weights(&varmap);
+            let adapters = match &resume_from {
+                Some((_, dir)) => {
+                    LoraModel::from_adapter_dir(base, &student.config, dir, Some(spec))?
+                }
+                None => LoraModel::new(
+                    base,
+                    &student.config,
+                    spec,
+                    BaseName::from_spec(student_spec),
+                    options.seed,
+                )?,
+            };
+            student.model = adapters.build()?;
+            (adapters.varmap(), Some(adapters))
+        }
+    };
     let teacher = match options.objective {
         Objective::Kd | Objective::OnPolicy => {
             let spec = options.teacher.as_deref().unwrap_or_default();
@@ -342,6 +376,10 @@ pub fn distill_trained(
         let stats = trainer
             .step()
             .map_err(|e| non_finite(step, &e.to_string(), last_checkpoint.as_deref()))?;
+        if let Some(adapters) = &lora {
+            // The merged weights were computed from the adapters before the update.
+            student.model = adapters.build()?;
+        }
         let seconds = step_start.elapsed().as_secs_f64();
         train_seconds += seconds;
         input_tokens_total += input_tokens;
@@ -393,43 +431,78 @@ pub fn distill_trained(
         if checkpoint_now {
             let mut state = state_at(step, tokens_seen, Some(stats.loss));
             state.optimizer_state = Some(OPTIMIZER_FILE.into());
-            let tensors = weights(&varmap);
-            let dir = checkpoint::save_checkpoint(
-                output,
-                &model_files(&student, &tensors),
-                trainer.optimizer(),
-                &state,
-            )?;
+            let dir = match &lora {
+                Some(adapters) => checkpoint::save_adapter_checkpoint(
+                    output,
+                    adapters,
+                    &student.dir,
+                    trainer.optimizer(),
+                    &state,
+                )?,
+                None => {
+                    let tensors = weights(&varmap);
+                    checkpoint::save_checkpoint(
+                        output,
+                        &model_files(&student, &tensors),
+                        trainer.optimizer(),
+                        &state,
+                    )?
+                }
+            };
             summary.checkpoints.push(dir.clone());
             last_checkpoint = Some(dir);
         }
         if options.stop_after_step == Some(step) {
             summary.tokens_per_s = input_tokens_total as f64 / train_seconds.max(1e-9);
             summary.wall_seconds = started.elapsed().as_secs_f64();
-            return Ok((
-                summary,
-                TrainedStudent {
-                    model: student,
-                    varmap,
-                },
-            ));
+            return finish(summary, student, varmap, lora);
         }
     }
 
     if let (Some(eval), None) = (&eval_examples, summary.eval_loss) {
         summary.eval_loss = Some(evaluate(&student.model, eval, micro, pad_id, &spec)?.loss);
     }
-    let tensors = weights(&varmap);
     let state = state_at(total_steps, tokens_seen, summary.final_loss);
-    checkpoint::save_final(output, &model_files(&student, &tensors), &state)?;
+    match &lora {
+        Some(adapters) => {
+            if options.merge_lora {
+                let tensors = adapters.merged_weights()?;
+                retort_model::save::save_hf_folder_raw(
+                    &output.join(MERGED_DIR),
+                    &tensors,
+                    &student.config.raw,
+                    student.config.tie_word_embeddings,
+                    &student.dir,
+                )?;
+            }
+            checkpoint::save_final_adapter(output, adapters, &student.dir, &state)?;
+        }
+        None => {
+            let tensors = weights(&varmap);
+            checkpoint::save_final(output, &model_files(&student, &tensors), &state)?;
+        }
+    }
     summary.finished = true;
     summary.tokens_per_s = input_tokens_total as f64 / train_seconds.max(1e-9);
     summary.wall_seconds = started.elapsed().as_secs_f64();
+    finish(summary, student, varmap, lora)
+}
+
+fn finish(
+    summary: DistillSummary,
+    mut student: LoadedModel,
+    varmap: candle_nn::VarMap,
+    lora: Option<LoraModel>,
+) -> Result<(DistillSummary, TrainedStudent)> {
+    if let Some(adapters) = &lora {
+        student.model = adapters.build_detached()?;
+    }
     Ok((
         summary,
         TrainedStudent {
             model: student,
             varmap,
+            lora,
         },
     ))
 }

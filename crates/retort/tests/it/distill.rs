@@ -10,16 +10,16 @@ use retort::distill::{DistillOptions, Objective, TrainedStudent, distill, distil
 use retort_model::train::named_vars;
 use serde_json::{Value, json};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
+pub(crate) const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-fn fixture(name: &str) -> String {
+pub(crate) fn fixture(name: &str) -> String {
     format!("{FIXTURES}/{name}")
 }
 
 /// Eight short records in three shapes: raw prompt + trace response, chat messages, prompt ids.
-fn write_data(dir: &Path) -> std::io::Result<PathBuf> {
+pub(crate) fn write_data(dir: &Path) -> std::io::Result<PathBuf> {
     let mut lines = Vec::new();
     for i in 0..6u32 {
         let (a, b) = (i + 2, 3 * i + 1);
@@ -41,7 +41,7 @@ fn write_data(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-fn base_options(dir: &Path, output: &str) -> std::io::Result<DistillOptions> {
+pub(crate) fn base_options(dir: &Path, output: &str) -> std::io::Result<DistillOptions> {
     Ok(DistillOptions {
         student: Some(fixture("qwen2-tiny")),
         data: Some(write_data(dir)?),
@@ -55,7 +55,7 @@ fn base_options(dir: &Path, output: &str) -> std::io::Result<DistillOptions> {
     })
 }
 
-fn metrics(output: &Path) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+pub(crate) fn metrics(output: &Path) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
     let text = fs_err::read_to_string(output.join("metrics.jsonl"))?;
     Ok(text
         .lines()
