@@ -7,12 +7,14 @@
 //! reference: every kernel has a parity test against them and a finite-difference check.
 
 mod cross_entropy;
+mod linear;
 mod rms_norm;
 mod rope;
 mod softmax;
 mod swiglu;
 
 pub use cross_entropy::cross_entropy_sum;
+pub use linear::{MAX_ROWS as LINEAR_ROWS_MAX, linear_rows};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::scaled_softmax;

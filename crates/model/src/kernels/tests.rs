@@ -271,3 +271,20 @@ fn kernels_reject_what_they_cannot_do() {
     assert!(!supported(&half));
     assert!(rms_norm(&half, &random(&[4], 2, DType::BF16), 1e-6).is_err());
 }
+
+#[test]
+fn linear_rows_matches_matmul_and_finite_differences() {
+    // 37 inputs: the 8-lane body and a tail; 130 outputs: more than one block.
+    for rows in [1, 8] {
+        check(
+            "linear_rows",
+            &|a| linear_rows(&a[0], &a[1]),
+            &|a| a[0].matmul(&a[1].t()?),
+            &[&[rows, 37], &[130, 37]],
+            2,
+            &[rows, 130],
+        );
+    }
+    let x = random(&[17, 4], 1, DType::F32);
+    assert!(linear_rows(&x, &random(&[3, 4], 2, DType::F32)).is_err());
+}

@@ -6,9 +6,9 @@
 //! mirror the transformers state dict (`model.layers.N.self_attn.q_proj.weight`, `lm_head.weight`).
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
-use super::{Rope, RotaryEmbedding, apply_rope, attention, linear, rms_norm, swiglu};
+use super::{Linear, Rope, RotaryEmbedding, apply_rope, attention, linear, rms_norm, swiglu};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::KvCache;

@@ -431,17 +431,56 @@ pub fn swiglu_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// A linear layer `[.., in] -> [.., out]` with optional bias, weights in HF layout `[out, in]`.
-pub fn linear(
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> Result<candle_nn::Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias))
+}
+
+/// `y = x · Wᵀ + b` with `W` `[out, in]`: one GEMM over all rows, or, for the few rows of a
+/// decoding step on CPU, [`kernels::linear_rows`] (no weight packing).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer from its weight `[out, in]` and optional bias `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let in_dim = xs.dim(D::Minus1)?;
+        let rows = xs.elem_count() / in_dim.max(1);
+        let ys = if rows <= kernels::LINEAR_ROWS_MAX
+            && kernels::supported(xs)
+            && xs.dtype() == self.weight.dtype()
+        {
+            kernels::linear_rows(xs, &self.weight)?
+        } else {
+            let mut dims = xs.dims().to_vec();
+            let last = dims.len() - 1;
+            dims[last] = self.weight.dim(0)?;
+            xs.reshape((rows, in_dim))?
+                .matmul(&self.weight.t()?)?
+                .reshape(dims)?
+        };
+        match &self.bias {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
+        }
+    }
 }
