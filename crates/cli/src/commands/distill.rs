@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use retort::distill::cache::CacheDtype;
+use retort::distill::teacher::MissingMass;
 use retort::distill::{DistillOptions, Objective};
 use retort::manifest::Manifest;
 use retort::records::InputFormat;
@@ -114,6 +116,24 @@ pub struct DistillArgs {
     /// Continue from the latest checkpoint in the output folder.
     #[arg(long)]
     pub resume: bool,
+    /// Build an offline teacher cache in DIR and exit: the teacher's top-k log-probs at every
+    /// completion token of `--data` (and `--eval-data`), tokenised as the student trains on
+    /// them. Rerunning an interrupted build resumes it.
+    #[arg(long, value_name = "DIR")]
+    pub cache_teacher: Option<PathBuf>,
+    /// With `--cache-teacher`: log-probs kept per position [default: 20].
+    #[arg(long, default_value_t = 20)]
+    pub top_k: usize,
+    /// With `--cache-teacher`: storage of the log-probs (f16: 6 bytes per id and log-prob pair,
+    /// f32: 8).
+    #[arg(long, value_enum, default_value_t = CacheDtypeArg::F16)]
+    pub cache_dtype: CacheDtypeArg,
+    /// Train `kd` from the teacher cache in DIR instead of a live `--teacher`.
+    #[arg(long, value_name = "DIR")]
+    pub teacher_cache: Option<PathBuf>,
+    /// Sparse teacher signals: the probability outside the top-k set [default: tail].
+    #[arg(long, value_enum)]
+    pub missing_mass: Option<MissingMassArg>,
     /// Train LoRA adapters of this rank (base weights frozen); the output is a PEFT adapter
     /// folder (`adapter_config.json`, `adapter_model.safetensors`).
     #[arg(long)]
@@ -158,6 +178,24 @@ pub enum DivergenceArg {
     Srkl,
     /// Total variation distance.
     Tvd,
+}
+
+/// `--cache-dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CacheDtypeArg {
+    /// Half precision (absolute error below 0.008 for log-probs above -16).
+    F16,
+    /// Single precision.
+    F32,
+}
+
+/// `--missing-mass`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MissingMassArg {
+    /// Compare on the k tokens plus one bucket for everything else.
+    Tail,
+    /// Renormalise both distributions over the k tokens (the student's outside mass is free).
+    Renormalize,
 }
 
 /// `--input-format`.
@@ -216,7 +254,13 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     );
     set!(weight_decay, seed, max_seq_len, redi_alpha);
     set!(lambda, max_new_tokens, sample_temperature);
-    set!(lora_rank, lora_alpha, lora_targets);
+    set!(lora_rank, lora_alpha, lora_targets, teacher_cache);
+    if let Some(policy) = args.missing_mass {
+        o.missing_mass = match policy {
+            MissingMassArg::Tail => MissingMass::Tail,
+            MissingMassArg::Renormalize => MissingMass::Renormalize,
+        };
+    }
     if let Some(objective) = args.objective {
         o.objective = match objective {
             ObjectiveArg::Sft => Objective::Sft,
@@ -257,6 +301,9 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
 pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let options = options(&args)?;
+    if let Some(dir) = &args.cache_teacher {
+        return cache_teacher(&options, dir, &args);
+    }
     let bar = ui::progress(options.max_steps.map(|n| n as u64), "distill");
     let mut last = Instant::now();
     let mut on_step = |stats: &retort_model::train::StepStats| {
@@ -281,6 +328,9 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(eval) = &options.eval_data {
         manifest.add_input(eval)?;
+    }
+    if let Some(cache) = &options.teacher_cache {
+        manifest.add_input(&cache.join(retort::distill::cache::CACHE_FILE))?;
     }
     for spec in [&options.student, &options.teacher].into_iter().flatten() {
         let dir = PathBuf::from(spec);
@@ -314,6 +364,48 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
             ("tokens/s", format!("{:.0}", summary.tokens_per_s)),
             ("wall time", format!("{:.1} s", summary.wall_seconds)),
             ("output", output.display().to_string()),
+        ],
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `retort distill --cache-teacher DIR`: builds the cache and prints its size.
+fn cache_teacher(
+    options: &DistillOptions,
+    dir: &std::path::Path,
+    args: &DistillArgs,
+) -> anyhow::Result<ExitCode> {
+    let dtype = match args.cache_dtype {
+        CacheDtypeArg::F16 => CacheDtype::F16,
+        CacheDtypeArg::F32 => CacheDtype::F32,
+    };
+    let bar = ui::progress(None, "cache-teacher");
+    let mut on_shard = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let summary =
+        retort::distill::cache::build_teacher_cache(options, dir, args.top_k, dtype, &mut on_shard)
+            .with_context(|| format!("cannot build the teacher cache `{}`", dir.display()))?;
+    bar.finish_and_clear();
+    ui::table(
+        "cache-teacher",
+        &[
+            ("examples", summary.examples.to_string()),
+            ("positions", summary.positions.to_string()),
+            ("top-k", summary.top_k.to_string()),
+            ("dtype", format!("{:?}", summary.dtype).to_lowercase()),
+            (
+                "shards (reused)",
+                format!("{} ({})", summary.shards, summary.reused_shards),
+            ),
+            ("bytes", summary.bytes.to_string()),
+            (
+                "bytes per position",
+                format!("{:.1}", summary.bytes_per_position),
+            ),
+            ("wall time", format!("{:.1} s", summary.wall_seconds)),
+            ("cache", summary.dir.display().to_string()),
         ],
     );
     Ok(ExitCode::SUCCESS)

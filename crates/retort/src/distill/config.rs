@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::distill::divergence::Divergence;
 use crate::distill::lora::{DEFAULT_TARGETS, LoraSpec};
+use crate::distill::teacher::MissingMass;
 use crate::error::{Error, Result};
 use crate::records::InputFormat;
 
@@ -122,6 +123,13 @@ pub struct DistillOptions {
     pub checkpoint_every: Option<usize>,
     /// Continue from the latest checkpoint in the output folder.
     pub resume: bool,
+    /// `kd` from an offline teacher cache (built with `retort distill --cache-teacher DIR`)
+    /// instead of a live teacher.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_cache: Option<PathBuf>,
+    /// Sparse teacher signals: what happens to the probability outside the top-k set
+    /// (`tail` or `renormalize`, see [`MissingMass`]).
+    pub missing_mass: MissingMass,
     /// Train LoRA adapters of this rank instead of every weight (absent: full fine-tuning).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<usize>,
@@ -178,6 +186,8 @@ impl Default for DistillOptions {
             eval_every: None,
             checkpoint_every: None,
             resume: false,
+            teacher_cache: None,
+            missing_mass: MissingMass::default(),
             lora_rank: None,
             lora_alpha: None,
             lora_targets: None,
@@ -326,11 +336,28 @@ impl DistillOptions {
                 }
             }
         }
+        if self.teacher_cache.is_some() && self.objective != Objective::Kd {
+            return Err(bad(
+                "teacher-cache",
+                format!(
+                    "only objective `kd` trains from a cache, not `{}` (on-policy samples are new \
+                     every step)",
+                    self.objective.name()
+                ),
+            ));
+        }
         match self.objective {
             Objective::Sft => {}
             Objective::Kd | Objective::OnPolicy => {
                 self.divergence()?;
-                if self.teacher.is_none() {
+                if self.teacher_cache.is_some() {
+                    if self.teacher.is_some() {
+                        return Err(bad(
+                            "teacher-cache",
+                            "replaces `teacher`: pass one of them".into(),
+                        ));
+                    }
+                } else if self.teacher.is_none() {
                     return Err(Error::Invalid(format!(
                         "objective `{}` needs a teacher: pass `--teacher MODEL`",
                         self.objective.name()

@@ -31,6 +31,9 @@ pub struct Example {
     pub prompt_len: usize,
     /// The record's 1-based line in its file.
     pub line: usize,
+    /// The record's identity: `id` (with `#sample` when the record has a `sample` index), else
+    /// `line-N`. Keys the offline teacher cache together with a hash of `ids`.
+    pub key: String,
     /// `verdict.correct` when the record has one.
     pub correct: Option<bool>,
 }
@@ -147,11 +150,25 @@ pub fn load_examples(
             ids,
             prompt_len,
             line,
+            key: record_key(&record, line),
             correct,
         });
     }
     stats.examples = examples.len();
     Ok((examples, stats))
+}
+
+/// `id[#sample]` of a record, else `line-N`.
+fn record_key(record: &Map<String, Value>, line: usize) -> String {
+    let id = match record.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return format!("line-{line}"),
+    };
+    match record.get("sample").and_then(Value::as_u64) {
+        Some(sample) => format!("{id}#{sample}"),
+        None => id,
+    }
 }
 
 /// A completion as the record gives it.

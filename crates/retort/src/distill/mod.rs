@@ -1,5 +1,6 @@
 //! Distillation: objectives, divergences and the trainer.
 
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

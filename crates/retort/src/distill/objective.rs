@@ -6,9 +6,9 @@
 //! completion token. Only those positions go through `lm_head`: the `[b, t, vocab]` logits are
 //! never built for prompt or padding positions, for the student or the teacher.
 //!
-//! [`LossSpec`] is the closed set of objectives: `sft` (cross-entropy) and `kd`
+//! [`LossSpec`] is the closed set of objectives: `sft` (cross-entropy), `kd`
 //! (`(1 - w) * sft + w * divergence(teacher, student)` per token, dense teacher logits computed
-//! under no gradient).
+//! under no gradient, or the sparse top-k signal of an offline cache) and REDI.
 
 use candle_core::{DType, Device, Tensor};
 use retort_model::CausalLm;
@@ -36,6 +36,8 @@ pub struct MicroBatch {
     pub target_rows: Vec<usize>,
     /// `verdict.correct` of each row.
     pub row_correct: Vec<Option<bool>>,
+    /// The cached sparse teacher signal `[1, n, k]` of the targets (for [`LossSpec::KdCached`]).
+    pub teacher: Option<TeacherSignal>,
 }
 
 impl MicroBatch {
@@ -67,6 +69,7 @@ impl MicroBatch {
             input_tokens,
             target_rows,
             row_correct: examples.iter().map(|e| e.correct).collect(),
+            teacher: None,
         })
     }
 }
@@ -83,6 +86,16 @@ pub enum LossSpec<'a> {
         /// The divergence.
         divergence: Divergence,
         /// Temperature dividing both logit sets.
+        temperature: f64,
+        /// `w` in `(1 - w) * sft + w * kd`.
+        kd_weight: f64,
+    },
+    /// Token-level KD against the sparse top-k signal the micro-batch carries
+    /// ([`MicroBatch::teacher`], from an offline cache), mixed with SFT.
+    KdCached {
+        /// The divergence.
+        divergence: Divergence,
+        /// Temperature dividing the student's logits (the signal is rescaled to it).
         temperature: f64,
         /// `w` in `(1 - w) * sft + w * kd`.
         kd_weight: f64,
@@ -158,25 +171,19 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
         } => {
             let teacher_logits = logits_at_targets(teacher, batch)?.detach();
             let signal = TeacherSignal::dense(teacher_logits);
-            let kd = per_token(&logits, &signal, divergence, temperature)?;
-            let kd_sum = scalar(&kd)?;
-            let (sum, sft_sum) = if kd_weight >= 1.0 {
-                // The SFT term has no weight: report it without keeping a graph for it.
-                let sft = gather_logprobs(&logits.detach(), &batch.targets)?.neg()?;
-                (kd.sum_all()?, scalar(&sft)?)
-            } else {
-                let sft = gather_logprobs(&logits, &batch.targets)?.neg()?;
-                let sft_sum = scalar(&sft)?;
-                let mixed = (sft.affine(1.0 - kd_weight, 0.0)? + kd.affine(kd_weight, 0.0)?)?;
-                (mixed.sum_all()?, sft_sum)
-            };
-            Ok(LossTerms {
-                sum,
-                tokens: batch.tokens,
-                target_tokens: batch.tokens,
-                sft_sum,
-                kd_sum: Some(kd_sum),
-            })
+            kd_terms(&logits, batch, &signal, divergence, temperature, kd_weight)
+        }
+        LossSpec::KdCached {
+            divergence,
+            temperature,
+            kd_weight,
+        } => {
+            let signal = batch.teacher.as_ref().ok_or_else(|| {
+                crate::error::Error::Invalid(
+                    "kd from a teacher cache: the micro-batch carries no cached signal".into(),
+                )
+            })?;
+            kd_terms(&logits, batch, signal, divergence, temperature, kd_weight)
         }
         LossSpec::Redi { negative_weight } => {
             let logprobs = gather_logprobs(&logits, &batch.targets)?;
@@ -210,6 +217,38 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
             })
         }
     }
+}
+
+/// `(1 - w) * sft + w * divergence(signal, student)` summed over the targets.
+fn kd_terms(
+    logits: &Tensor,
+    batch: &MicroBatch,
+    signal: &TeacherSignal,
+    divergence: Divergence,
+    temperature: f64,
+    kd_weight: f64,
+) -> Result<LossTerms> {
+    let scalar =
+        |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let kd = per_token(logits, signal, divergence, temperature)?;
+    let kd_sum = scalar(&kd)?;
+    let (sum, sft_sum) = if kd_weight >= 1.0 {
+        // The SFT term has no weight: report it without keeping a graph for it.
+        let sft = gather_logprobs(&logits.detach(), &batch.targets)?.neg()?;
+        (kd.sum_all()?, scalar(&sft)?)
+    } else {
+        let sft = gather_logprobs(logits, &batch.targets)?.neg()?;
+        let sft_sum = scalar(&sft)?;
+        let mixed = (sft.affine(1.0 - kd_weight, 0.0)? + kd.affine(kd_weight, 0.0)?)?;
+        (mixed.sum_all()?, sft_sum)
+    };
+    Ok(LossTerms {
+        sum,
+        tokens: batch.tokens,
+        target_tokens: batch.tokens,
+        sft_sum,
+        kd_sum: Some(kd_sum),
+    })
 }
 
 /// What the student's samples of one on-policy step looked like (DESIGN.md §5 diagnostics).
@@ -281,6 +320,7 @@ pub fn sample_completions(
             ids,
             prompt_len: example.prompt_len,
             line: example.line,
+            key: example.key.clone(),
             correct: None,
         });
     }
@@ -301,12 +341,14 @@ mod tests {
             ids: vec![1, 2, 3, 4],
             prompt_len: 2,
             line: 1,
+            key: "a".into(),
             correct: None,
         };
         let b = Example {
             ids: vec![5, 6, 7],
             prompt_len: 1,
             line: 2,
+            key: "b".into(),
             correct: None,
         };
         let batch = MicroBatch::new(&[&a, &b], 0, &Device::Cpu)?;

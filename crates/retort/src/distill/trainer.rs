@@ -23,6 +23,7 @@ use retort_model::{CausalLm, LoadOptions, LoadedModel};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::distill::cache::TeacherCache;
 use crate::distill::checkpoint::{
     self, ModelFiles, OPTIMIZER_FILE, RngState, TRAINER_STATE_FILE, TrainerState,
 };
@@ -30,6 +31,7 @@ use crate::distill::config::{DistillOptions, Objective};
 use crate::distill::data::{self, DataOptions, DataStats, Example, TokenizerView};
 use crate::distill::lora::{self, BaseName, LoraModel};
 use crate::distill::objective::{LossSpec, MicroBatch, loss, sample_completions};
+use crate::distill::teacher::MissingMass;
 use crate::error::{Error, Result};
 use crate::io::{AtomicFile, Journal};
 
@@ -165,8 +167,24 @@ pub fn distill_trained(
             (adapters.varmap(), Some(adapters))
         }
     };
-    let teacher = match options.objective {
-        Objective::Kd | Objective::OnPolicy => {
+    let teacher_cache = match &options.teacher_cache {
+        Some(dir) => {
+            let cache = TeacherCache::open(dir)?;
+            if cache.header().vocab_size != student.config.vocab_size {
+                return Err(Error::Invalid(format!(
+                    "the teacher cache `{}` has a vocabulary of {}, the student `{}` {}",
+                    dir.display(),
+                    cache.header().vocab_size,
+                    student.dir.display(),
+                    student.config.vocab_size
+                )));
+            }
+            Some(cache)
+        }
+        None => None,
+    };
+    let teacher = match (options.objective, &teacher_cache) {
+        (Objective::Kd | Objective::OnPolicy, None) => {
             let spec = options.teacher.as_deref().unwrap_or_default();
             Some(load_teacher(spec, &student)?)
         }
@@ -254,6 +272,11 @@ pub fn distill_trained(
     let mut metrics = open_metrics(output, start_step)?;
 
     let spec = match (&teacher, options.objective) {
+        (None, Objective::Kd) => LossSpec::KdCached {
+            divergence: options.divergence()?,
+            temperature: options.temperature,
+            kd_weight: options.kd_weight,
+        },
         (Some(teacher), Objective::Kd | Objective::OnPolicy) => LossSpec::Kd {
             teacher: &teacher.model,
             divergence: options.divergence()?,
@@ -287,6 +310,14 @@ pub fn distill_trained(
         retort_version: env!("CARGO_PKG_VERSION").into(),
     };
 
+    let cached_eval = match (&teacher_cache, &options.eval_data) {
+        (Some(cache), Some(source)) => Some(CachedTeacher {
+            cache,
+            source,
+            missing_mass: options.missing_mass,
+        }),
+        _ => None,
+    };
     let mut summary = DistillSummary {
         steps: start_step,
         steps_this_run: 0,
@@ -350,7 +381,11 @@ pub fn distill_trained(
             }
         }
         for chunk in rows.chunks(micro) {
-            let micro_batch = MicroBatch::new(chunk, pad_id, &device)?;
+            let mut micro_batch = MicroBatch::new(chunk, pad_id, &device)?;
+            if let Some(cache) = &teacher_cache {
+                micro_batch.teacher =
+                    Some(cache.signal(chunk, data_path, options.missing_mass, &device)?);
+            }
             input_tokens += micro_batch.input_tokens;
             let mut terms = loss(&student.model, &micro_batch, &spec)?;
             if options.inject_non_finite_at_step == Some(step) {
@@ -416,7 +451,7 @@ pub fn distill_trained(
         }
         let eval_now = options.eval_every.is_some_and(|n| step % n == 0) || step == total_steps;
         if let (Some(eval), true) = (&eval_examples, eval_now) {
-            let result = evaluate(&student.model, eval, micro, pad_id, &spec)?;
+            let result = evaluate(&student.model, eval, micro, pad_id, &spec, cached_eval)?;
             line["eval_loss"] = json!(result.loss);
             line["eval_sft_loss"] = json!(result.sft);
             if let Some(kd) = result.kd {
@@ -460,7 +495,8 @@ pub fn distill_trained(
     }
 
     if let (Some(eval), None) = (&eval_examples, summary.eval_loss) {
-        summary.eval_loss = Some(evaluate(&student.model, eval, micro, pad_id, &spec)?.loss);
+        summary.eval_loss =
+            Some(evaluate(&student.model, eval, micro, pad_id, &spec, cached_eval)?.loss);
     }
     let state = state_at(total_steps, tokens_seen, summary.final_loss);
     match &lora {
@@ -507,20 +543,41 @@ fn finish(
     ))
 }
 
-/// The held-out loss of `model` on `examples` (no gradient is taken).
+/// Cached teacher signals for the examples of one data file.
+#[derive(Debug, Clone, Copy)]
+pub struct CachedTeacher<'a> {
+    /// The cache.
+    pub cache: &'a TeacherCache,
+    /// The data file the examples come from (named in mismatch errors).
+    pub source: &'a Path,
+    /// The missing-mass policy of the sparse signal.
+    pub missing_mass: MissingMass,
+}
+
+/// The held-out loss of `model` on `examples` (no gradient is taken); `cached` supplies the
+/// teacher signal of [`LossSpec::KdCached`].
 pub fn evaluate(
     model: &CausalLm,
     examples: &[Example],
     micro: usize,
     pad_id: u32,
     spec: &LossSpec<'_>,
+    cached: Option<CachedTeacher<'_>>,
 ) -> Result<EvalLoss> {
     let mut order: Vec<&Example> = examples.iter().collect();
     order.sort_by_key(|e| e.ids.len());
     let (mut total, mut sft, mut kd, mut tokens) = (0.0, 0.0, None::<f64>, 0usize);
     let mut target_tokens = 0usize;
     for rows in order.chunks(micro.max(1)) {
-        let batch = MicroBatch::new(rows, pad_id, model.device())?;
+        let mut batch = MicroBatch::new(rows, pad_id, model.device())?;
+        if let Some(cached) = cached {
+            batch.teacher = Some(cached.cache.signal(
+                rows,
+                cached.source,
+                cached.missing_mass,
+                model.device(),
+            )?);
+        }
         let terms = loss(model, &batch, spec)?;
         total += scalar(&terms.sum)?;
         sft += terms.sft_sum;
@@ -635,7 +692,8 @@ fn open_metrics(output: &Path, start_step: usize) -> Result<Journal> {
     Ok(Journal::open(&path)?.0)
 }
 
-fn load_teacher(spec: &str, student: &LoadedModel) -> Result<LoadedModel> {
+/// Loads the teacher `spec` and checks that it shares the student's vocabulary and tokenizer.
+pub(crate) fn load_teacher(spec: &str, student: &LoadedModel) -> Result<LoadedModel> {
     let teacher = retort_model::load(spec, &LoadOptions::default())?;
     let hint = |what: String| {
         Error::Invalid(format!(
@@ -658,7 +716,8 @@ fn load_teacher(spec: &str, student: &LoadedModel) -> Result<LoadedModel> {
     Ok(teacher)
 }
 
-fn tokenizer_view(student: &LoadedModel) -> Result<TokenizerView<'_>> {
+/// The student's tokenizer with its EOS ids, as data loading needs it.
+pub(crate) fn tokenizer_view(student: &LoadedModel) -> Result<TokenizerView<'_>> {
     let mut eos_ids = student.eos_ids();
     let eos_id = student
         .tokenizer

@@ -1,5 +1,6 @@
 //! Integration tests of the retort library (one binary to keep link time low).
 mod distill;
+mod distill_cache;
 mod distill_lora;
 mod openai;
 mod provenance;
