@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::Context;
 use retort::distill::cache::CacheDtype;
 use retort::distill::teacher::MissingMass;
-use retort::distill::{DistillOptions, Objective};
+use retort::distill::{DistillOptions, Objective, OnPolicyLoss};
 use retort::manifest::Manifest;
 use retort::records::InputFormat;
 
@@ -56,6 +56,9 @@ pub struct DistillArgs {
     /// On-policy: probability that a step trains on student samples (GKD's λ) [default: 0.5].
     #[arg(long)]
     pub lambda: Option<f64>,
+    /// On-policy: the loss on the student's samples [default: reward].
+    #[arg(long, value_enum)]
+    pub on_policy_loss: Option<OnPolicyLossArg>,
     /// On-policy: most new tokens per student sample [default: 128].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -157,7 +160,8 @@ pub enum ObjectiveArg {
     Sft,
     /// Token-level KD from `--teacher`, mixed with SFT by `--kd-weight`.
     Kd,
-    /// GKD: the student samples (with probability `--lambda`), the teacher scores its tokens.
+    /// On-policy distillation: the student samples (with probability `--lambda`), the teacher
+    /// scores its tokens (`--on-policy-loss`).
     OnPolicy,
     /// REDI on positive and negative traces (`verdict.correct`), after an SFT stage.
     Redi,
@@ -178,6 +182,16 @@ pub enum DivergenceArg {
     Srkl,
     /// Total variation distance.
     Tvd,
+}
+
+/// `--on-policy-loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnPolicyLossArg {
+    /// Per-token reverse KL as a reward: the teacher scores the sampled tokens, policy gradient
+    /// on `log p_teacher - log p_student` (logged as `reverse_kl`).
+    Reward,
+    /// The `--divergence` on the full distributions at the sampled positions (GKD).
+    Divergence,
 }
 
 /// `--cache-dtype`.
@@ -255,6 +269,12 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     set!(weight_decay, seed, max_seq_len, redi_alpha);
     set!(lambda, max_new_tokens, sample_temperature);
     set!(lora_rank, lora_alpha, lora_targets, teacher_cache);
+    if let Some(loss) = args.on_policy_loss {
+        o.on_policy_loss = match loss {
+            OnPolicyLossArg::Reward => OnPolicyLoss::Reward,
+            OnPolicyLossArg::Divergence => OnPolicyLoss::Divergence,
+        };
+    }
     if let Some(policy) = args.missing_mass {
         o.missing_mass = match policy {
             MissingMassArg::Tail => MissingMass::Tail,

@@ -24,8 +24,10 @@ pub enum Objective {
     Sft,
     /// Token-level KD against a local teacher's logits, mixed with SFT by `kd-weight`.
     Kd,
-    /// GKD: each step, with probability `lambda`, the student samples the completions and the
-    /// KD divergence against the teacher is taken on its own tokens (else on the dataset's).
+    /// GKD: each step, with probability `lambda`, the student samples the completions and
+    /// trains on its own tokens against the teacher (by `on-policy-loss`: the per-token
+    /// reverse-KL reward, or the KD divergence); other steps take the divergence on the
+    /// dataset's tokens.
     OnPolicy,
     /// REDI on positive and negative traces (`verdict.correct`), after an SFT stage: the
     /// length-normalised log-likelihood of positives minus `redi-alpha` times that of negatives.
@@ -40,6 +42,30 @@ impl Objective {
             Self::Kd => "kd",
             Self::OnPolicy => "on-policy",
             Self::Redi => "redi",
+        }
+    }
+}
+
+/// The loss of on-policy steps (those that train on the student's own samples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPolicyLoss {
+    /// Per-token reverse KL as a reward: the teacher scores the sampled tokens and the loss is
+    /// `-sum_t sg(log p_teacher(x_t) - log p_student(x_t)) * log p_student(x_t)` over the sampled
+    /// tokens (policy gradient, discount 0), whose gradient is that of the reverse KL on the
+    /// student's own distribution. Log-probs at temperature 1.
+    #[default]
+    Reward,
+    /// The chosen `divergence` on the full distributions at every sampled position (GKD).
+    Divergence,
+}
+
+impl OnPolicyLoss {
+    /// The name used on the command line and in TOML.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Reward => "reward",
+            Self::Divergence => "divergence",
         }
     }
 }
@@ -77,6 +103,9 @@ pub struct DistillOptions {
     pub kd_weight: f64,
     /// On-policy: probability that a step trains on student samples (GKD's λ).
     pub lambda: f64,
+    /// On-policy: the loss on the student's samples (steps on dataset sequences use the
+    /// divergence).
+    pub on_policy_loss: OnPolicyLoss,
     /// On-policy: most new tokens per student sample.
     pub max_new_tokens: usize,
     /// On-policy: sampling temperature of the student.
@@ -167,6 +196,7 @@ impl Default for DistillOptions {
             kd_weight: 1.0,
             redi_alpha: 0.8,
             lambda: 0.5,
+            on_policy_loss: OnPolicyLoss::default(),
             max_new_tokens: 128,
             sample_temperature: 1.0,
             max_steps: None,

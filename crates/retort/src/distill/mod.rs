@@ -10,5 +10,5 @@ pub mod objective;
 pub mod teacher;
 pub mod trainer;
 
-pub use config::{DistillOptions, Objective};
+pub use config::{DistillOptions, Objective, OnPolicyLoss};
 pub use trainer::{DistillSummary, TrainedStudent, distill, distill_trained};

@@ -100,6 +100,14 @@ pub enum LossSpec<'a> {
         /// `w` in `(1 - w) * sft + w * kd`.
         kd_weight: f64,
     },
+    /// On-policy distillation with the per-token reverse KL as a reward: on sequences the
+    /// student sampled, `-sum_t sg(log p_teacher(x_t) - log p_student(x_t)) * log p_student(x_t)`
+    /// (REINFORCE with discount 0). `kd_sum` reports `sum_t log p_student(x_t) - log
+    /// p_teacher(x_t)`, the sampled estimate of the reverse KL.
+    OnPolicyReward {
+        /// The teacher that scores the sampled tokens.
+        teacher: &'a CausalLm,
+    },
     /// REDI: length-normalised log-likelihood of positive traces minus `negative_weight` times
     /// that of negative ones (every row needs a verdict). The normaliser is the number of
     /// sequences, not tokens.
@@ -185,6 +193,19 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
             })?;
             kd_terms(&logits, batch, signal, divergence, temperature, kd_weight)
         }
+        LossSpec::OnPolicyReward { teacher } => {
+            let student_logprobs = gather_logprobs(&logits, &batch.targets)?;
+            let teacher_logits = logits_at_targets(teacher, batch)?.detach();
+            let teacher_logprobs = gather_logprobs(&teacher_logits, &batch.targets)?;
+            let (per_token, reverse_kl) = reverse_kl_reward(&student_logprobs, &teacher_logprobs)?;
+            Ok(LossTerms {
+                sum: per_token.sum_all()?,
+                tokens: batch.tokens,
+                target_tokens: batch.tokens,
+                sft_sum: -scalar(&student_logprobs)?,
+                kd_sum: Some(scalar(&reverse_kl)?),
+            })
+        }
         LossSpec::Redi { negative_weight } => {
             let logprobs = gather_logprobs(&logits, &batch.targets)?;
             let rows = batch.row_correct.len();
@@ -217,6 +238,22 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
             })
         }
     }
+}
+
+/// The per-token policy-gradient loss of the reverse-KL reward and the per-token reverse KL
+/// estimate, from the log-probs of the sampled tokens under the student (differentiable) and
+/// the teacher: `advantage = sg(log p_teacher - log p_student)`, `loss = -advantage * log
+/// p_student`, `reverse_kl = -advantage`.
+///
+/// In expectation over tokens drawn from the student, the loss's gradient is that of
+/// `KL(student ‖ teacher)` (the score-function identity; tested below by exact enumeration).
+pub fn reverse_kl_reward(
+    student_logprobs: &Tensor,
+    teacher_logprobs: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let advantage = (teacher_logprobs - student_logprobs.detach())?.detach();
+    let loss = advantage.mul(student_logprobs)?.neg()?;
+    Ok((loss, advantage.neg()?))
 }
 
 /// `(1 - w) * sft + w * divergence(signal, student)` summed over the targets.
@@ -334,6 +371,46 @@ pub fn sample_completions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Enumerating every token with its student probability as weight turns the sampled
+    /// reward loss into its expectation, whose gradient must equal that of the exact reverse KL.
+    #[test]
+    fn reverse_kl_reward_is_an_unbiased_reverse_kl_gradient() -> Result<()> {
+        let device = Device::Cpu;
+        let student =
+            candle_core::Var::from_vec(vec![0.3f64, -1.2, 2.0, 0.1, -0.4, 1.1], (1, 6), &device)?;
+        let teacher = Tensor::new(&[[1.5f64, 0.2, -0.7, 0.9, 0.0, -2.0]], &device)?;
+        let log_p = retort_model::train::log_softmax(student.as_tensor())?;
+        let log_q = retort_model::train::log_softmax(&teacher)?;
+        let (per_token, reverse_kl) = reverse_kl_reward(&log_p, &log_q)?;
+        let weights = log_p.exp()?.detach();
+        let expected_loss = per_token.mul(&weights)?.sum_all()?;
+        let exact_kl = (log_p.exp()? * (&log_p - &log_q)?)?.sum_all()?;
+        let g_reward = expected_loss.backward()?;
+        let g_exact = exact_kl.backward()?;
+        let (a, b) = (
+            g_reward
+                .get(student.as_tensor())
+                .expect("a gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?,
+            g_exact
+                .get(student.as_tensor())
+                .expect("a gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?,
+        );
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        println!("reward vs exact reverse-KL gradient: max_abs_diff {diff:.3e}");
+        assert!(diff < 1e-12, "{a:?} vs {b:?}");
+        let estimate = reverse_kl.mul(&weights)?.sum_all()?.to_scalar::<f64>()?;
+        assert!((estimate - exact_kl.to_scalar::<f64>()?).abs() < 1e-12);
+        Ok(())
+    }
 
     #[test]
     fn targets_are_the_completion_tokens() -> Result<()> {

@@ -27,7 +27,7 @@ use crate::distill::cache::TeacherCache;
 use crate::distill::checkpoint::{
     self, ModelFiles, OPTIMIZER_FILE, RngState, TRAINER_STATE_FILE, TrainerState,
 };
-use crate::distill::config::{DistillOptions, Objective};
+use crate::distill::config::{DistillOptions, Objective, OnPolicyLoss};
 use crate::distill::data::{self, DataOptions, DataStats, Example, TokenizerView};
 use crate::distill::lora::{self, BaseName, LoraModel};
 use crate::distill::objective::{LossSpec, MicroBatch, loss, sample_completions};
@@ -355,6 +355,7 @@ pub fn distill_trained(
         let mut rows: Vec<&Example> = batch.iter().map(|&i| &examples[i]).collect();
         let sampled;
         let mut sample_stats = None;
+        let mut on_samples = false;
         if options.objective == Objective::OnPolicy && on_policy_step(options, step) {
             let seeds: Vec<u64> = (0..rows.len())
                 .map(|row| sample_seed(options.seed, step, row))
@@ -378,8 +379,16 @@ pub fn distill_trained(
             sample_stats = Some(stats);
             if !sampled.is_empty() {
                 rows = sampled.iter().collect();
+                on_samples = true;
             }
         }
+        let reward = on_samples && options.on_policy_loss == OnPolicyLoss::Reward;
+        let step_spec = match (&teacher, reward) {
+            (Some(teacher), true) => LossSpec::OnPolicyReward {
+                teacher: &teacher.model,
+            },
+            _ => spec,
+        };
         for chunk in rows.chunks(micro) {
             let mut micro_batch = MicroBatch::new(chunk, pad_id, &device)?;
             if let Some(cache) = &teacher_cache {
@@ -387,7 +396,7 @@ pub fn distill_trained(
                     Some(cache.signal(chunk, data_path, options.missing_mass, &device)?);
             }
             input_tokens += micro_batch.input_tokens;
-            let mut terms = loss(&student.model, &micro_batch, &spec)?;
+            let mut terms = loss(&student.model, &micro_batch, &step_spec)?;
             if options.inject_non_finite_at_step == Some(step) {
                 terms.sum = terms.sum.affine(f64::NAN, 0.0)?;
             }
@@ -438,8 +447,10 @@ pub fn distill_trained(
             "tokens_per_s": input_tokens as f64 / seconds.max(1e-9),
             "step_seconds": seconds,
         });
-        if let Some(kd) = kd_sum {
-            line["kd_loss"] = json!(kd / denominator);
+        match (kd_sum, reward) {
+            (Some(kd), true) => line["reverse_kl"] = json!(kd / denominator),
+            (Some(kd), false) => line["kd_loss"] = json!(kd / denominator),
+            (None, _) => {}
         }
         if options.objective == Objective::OnPolicy {
             line["on_policy"] = json!(sample_stats.is_some());

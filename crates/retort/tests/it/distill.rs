@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use retort::distill::{DistillOptions, Objective, TrainedStudent, distill, distill_trained};
+use retort::distill::{
+    DistillOptions, Objective, OnPolicyLoss, TrainedStudent, distill, distill_trained,
+};
 use retort_model::train::named_vars;
 use serde_json::{Value, json};
 
@@ -279,6 +281,7 @@ fn on_policy_lowers_kd_loss_and_resumes_exactly() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut options = base_options(dir.path(), "straight")?;
     options.objective = Objective::OnPolicy;
+    options.on_policy_loss = OnPolicyLoss::Divergence;
     options.teacher = Some(fixture("llama-tiny"));
     options.divergence = "rkl".into();
     options.lambda = 0.75;
@@ -310,6 +313,56 @@ fn on_policy_lowers_kd_loss_and_resumes_exactly() -> TestResult {
     let a = fs_err::read(straight.output.join("model.safetensors"))?;
     let b = fs_err::read(resumed.output.join("model.safetensors"))?;
     assert!(a == b, "on-policy weights differ after resume");
+    Ok(())
+}
+
+/// The default on-policy loss: the student samples every step (λ = 1), the teacher scores the
+/// sampled tokens, and the per-token reverse KL (teacher log-prob minus student log-prob) is the
+/// reward. The reverse KL falls, both as sampled on the student's own tokens and exactly
+/// (full distributions) on the held-out data.
+#[test]
+fn on_policy_reverse_kl_reward_lowers_the_reverse_kl() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut options = base_options(dir.path(), "out")?;
+    options.objective = Objective::OnPolicy;
+    options.teacher = Some(fixture("llama-tiny"));
+    options.lambda = 1.0;
+    options.max_new_tokens = 12;
+    options.max_steps = Some(30);
+    options.batch_size = 8;
+    options.lr = 1e-2;
+    options.divergence = "rkl".into();
+    options.eval_data = options.data.clone();
+    options.eval_every = Some(1);
+    assert_eq!(options.on_policy_loss, OnPolicyLoss::Reward);
+    let summary = distill(&options, &mut |_| {})?;
+    let lines = metrics(&summary.output)?;
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["on_policy"] == true && l.get("kd_loss").is_none())
+    );
+    let series = |key: &str| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+        Ok(lines
+            .iter()
+            .map(|l| l[key].as_f64().ok_or(format!("no `{key}`")))
+            .collect::<Result<_, _>>()?)
+    };
+    let (sampled, exact) = (series("reverse_kl")?, series("eval_kd_loss")?);
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (early, late) = (mean(&sampled[..6]), mean(&sampled[24..]));
+    eprintln!(
+        "on-policy reward: sampled reverse KL {early:.4} (steps 1-6) -> {late:.4} (steps 25-30); \
+         exact reverse KL on the data {:.4} -> {:.4}",
+        exact[0], exact[29]
+    );
+    assert!(late < 0.9 * early, "sampled reverse KL: {early} -> {late}");
+    assert!(
+        exact[29] < 0.85 * exact[0],
+        "exact reverse KL: {} -> {}",
+        exact[0],
+        exact[29]
+    );
     Ok(())
 }
 
