@@ -23,6 +23,9 @@ pub struct GlobalArgs {
     /// No progress bars or tables.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// CPU threads for tensor work (default: all cores; also `RAYON_NUM_THREADS`).
+    #[arg(long, global = true, env = "RETORT_THREADS", value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 /// The pipeline's commands.

@@ -61,9 +61,6 @@ pub struct WorldTrainArgs {
     /// Train only this model (the tokenizer is rebuilt either way; it is deterministic).
     #[arg(long, value_enum)]
     pub only: Option<OnlyModel>,
-    /// CPU threads (default: all cores, or `RAYON_NUM_THREADS`).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Print a progress line every N steps (when stderr is not a terminal).
     #[arg(long, default_value_t = 50)]
     pub log_every: usize,
@@ -103,9 +100,6 @@ fn options(args: &WorldTrainArgs) -> WorldTrainOptions {
 }
 
 fn train(args: WorldTrainArgs) -> anyhow::Result<ExitCode> {
-    if let Some(threads) = args.threads {
-        retort::world::train::set_threads(threads)?;
-    }
     let options = options(&args);
     let start = Instant::now();
     let mut bar = ui::progress(None, "tokenizer");

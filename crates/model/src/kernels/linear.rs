@@ -34,13 +34,11 @@ pub fn linear_rows(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x2.apply_op2(&w.contiguous()?, LinearRows)?.reshape(dims)
 }
 
-/// Dot products of up to [`MAX_ROWS`] rows of `x` with one weight row, 8 lanes per row; `FMA`
-/// fuses multiply and add (only where the CPU has FMA: otherwise it is a slow libm call).
-#[inline(always)]
-fn dots<T: Real, const FMA: bool>(w_row: &[T], x: &[T], rows: usize, out: &mut [T]) {
+/// Dot products of the rows of `x` with one weight row, portable: 8 independent lanes.
+fn dots<T: Real>(w_row: &[T], x: &[T], out: &mut [T]) {
     let n = w_row.len();
     let lanes = n / 8 * 8;
-    for r in 0..rows {
+    for (r, o) in out.iter_mut().enumerate() {
         let xr = &x[r * n..(r + 1) * n];
         let mut acc = [T::zero(); 8];
         for (wc, xc) in w_row[..lanes]
@@ -48,40 +46,95 @@ fn dots<T: Real, const FMA: bool>(w_row: &[T], x: &[T], rows: usize, out: &mut [
             .zip(xr[..lanes].chunks_exact(8))
         {
             for l in 0..8 {
-                acc[l] = if FMA {
-                    wc[l].mul_add(xc[l], acc[l])
-                } else {
-                    acc[l] + wc[l] * xc[l]
-                };
+                acc[l] = acc[l] + wc[l] * xc[l];
             }
         }
-        let mut sum =
-            (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        let mut sum = acc.iter().fold(T::zero(), |a, &b| a + b);
         for k in lanes..n {
             sum += w_row[k] * xr[k];
         }
-        out[r] = sum;
+        *o = sum;
     }
 }
 
-/// [`dots`] compiled for AVX2 + FMA (the default target has neither).
+/// One f32 dot product with AVX2 + FMA, two 8-wide accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn dots_avx2<T: Real>(w_row: &[T], x: &[T], rows: usize, out: &mut [T]) {
-    dots::<T, true>(w_row, x, rows, out);
+#[allow(unsafe_code)]
+fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut i = 0;
+    // SAFETY: every load reads 8 floats at `i..i + 8` with `i + 8 <= n`, inside both slices.
+    unsafe {
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
+            i += 16;
+        }
+        if i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+            i += 8;
+        }
+        let acc = _mm256_add_ps(acc0, acc1);
+        let quad = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        let mut sum = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+        while i < n {
+            sum += a[i] * b[i];
+            i += 1;
+        }
+        sum
+    }
 }
 
-fn dots_dispatch<T: Real>(w_row: &[T], x: &[T], rows: usize, out: &mut [T]) {
+/// Whether [`dot_f32_avx2`] may run here.
+fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features `dots_avx2` is compiled for (checked above).
-        #[allow(unsafe_code)]
-        unsafe {
-            dots_avx2(w_row, x, rows, out);
-        }
-        return;
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
     }
-    dots::<T, false>(w_row, x, rows, out);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The dot products of `x`'s rows with one weight row: AVX2 + FMA for f32 where the CPU has
+/// them, [`dots`] otherwise.
+pub(crate) trait RowDots: Sized {
+    fn row_dots(w_row: &[Self], x: &[Self], out: &mut [Self]);
+}
+
+impl RowDots for f64 {
+    fn row_dots(w_row: &[Self], x: &[Self], out: &mut [Self]) {
+        dots(w_row, x, out);
+    }
+}
+
+impl RowDots for f32 {
+    fn row_dots(w_row: &[Self], x: &[Self], out: &mut [Self]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            let n = w_row.len();
+            for (r, o) in out.iter_mut().enumerate() {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                #[allow(unsafe_code)]
+                let v = unsafe { dot_f32_avx2(w_row, &x[r * n..(r + 1) * n]) };
+                *o = v;
+            }
+            return;
+        }
+        dots(w_row, x, out);
+    }
 }
 
 fn run<T: Real>(x: &[T], w: &[T], in_dim: usize) -> Vec<T> {
@@ -93,7 +146,7 @@ fn run<T: Real>(x: &[T], w: &[T], in_dim: usize) -> Vec<T> {
         let hi = out_dim.min(lo + BLOCK);
         let mut part = vec![T::zero(); (hi - lo) * rows];
         for (o, chunk) in (lo..hi).zip(part.chunks_mut(rows)) {
-            dots_dispatch(&w[o * in_dim..(o + 1) * in_dim], x, rows, chunk);
+            T::row_dots(&w[o * in_dim..(o + 1) * in_dim], x, chunk);
         }
         part
     };

@@ -23,7 +23,10 @@ pub use swiglu::swiglu;
 use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 
 /// The float types the kernels are written for.
-pub(crate) trait Real: WithDType + num_traits::Float + Send + Sync {}
+pub(crate) trait Real:
+    WithDType + num_traits::Float + linear::RowDots + Send + Sync
+{
+}
 impl Real for f32 {}
 impl Real for f64 {}
 

@@ -274,13 +274,13 @@ fn kernels_reject_what_they_cannot_do() {
 
 #[test]
 fn linear_rows_matches_matmul_and_finite_differences() {
-    // 37 inputs: the 8-lane body and a tail; 130 outputs: more than one block.
+    // 45 inputs: two 16-wide steps, one 8-wide step and a tail; 130 outputs: three blocks.
     for rows in [1, 8] {
         check(
             "linear_rows",
             &|a| linear_rows(&a[0], &a[1]),
             &|a| a[0].matmul(&a[1].t()?),
-            &[&[rows, 37], &[130, 37]],
+            &[&[rows, 45], &[130, 45]],
             2,
             &[rows, 130],
         );

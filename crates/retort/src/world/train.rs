@@ -536,15 +536,6 @@ pub fn save_model(dir: &Path, varmap: &VarMap, config: &Value, tokenizer_dir: &P
     Ok(())
 }
 
-/// Sets the number of threads of the global rayon pool (candle's CPU kernels run on it); call
-/// before any tensor work. `RAYON_NUM_THREADS` does the same from the environment.
-pub fn set_threads(threads: usize) -> Result<()> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .map_err(|e| Error::Invalid(format!("cannot use {threads} threads: {e}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
