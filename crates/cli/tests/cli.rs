@@ -889,3 +889,86 @@ fn reduced_demo_runs_end_to_end_and_writes_its_files() {
         }
     }
 }
+
+/// `retort distill` killed with SIGKILL after its first checkpoint and rerun with `--resume`
+/// ends with the same weights, byte for byte, as an uninterrupted run.
+#[test]
+fn distill_kill_9_then_resume_equals_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    let rows: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({
+                "id": format!("r{i}"),
+                "prompt": format!("Q: {i} + {} = ?\nA:", i + 3),
+                "response": format!(" {i} plus {} is {}. The answer is {}.", i + 3, 2 * i + 3, 2 * i + 3),
+                "finish_reason": "stop",
+            })
+        })
+        .collect();
+    write_jsonl(&data, &rows);
+    let command = |out: &Path, extra: &[&str]| {
+        let mut cmd = retort();
+        cmd.args([
+            "distill",
+            "--objective",
+            "sft",
+            "--max-steps",
+            "150",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--seed",
+            "3",
+            "--checkpoint-every",
+            "10",
+        ])
+        .args(extra)
+        .arg("--student")
+        .arg(fixtures().join("qwen2-tiny"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(out);
+        cmd
+    };
+    let straight = dir.path().join("straight");
+    command(&straight, &[]).assert().success();
+
+    let killed = dir.path().join("killed");
+    let mut child = command(&killed, &[]).spawn().unwrap();
+    let first = killed.join("checkpoint-10").join("trainer_state.json");
+    let steps_done = || {
+        fs_err::read_to_string(killed.join("metrics.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    // Kill between checkpoints (after step 15), so the resumed run redoes lost steps.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !(first.is_file() && steps_done() >= 15) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(first.is_file(), "no checkpoint before the deadline");
+    eprintln!("killed after {} of 150 steps", steps_done());
+    assert!(
+        !killed.join("trainer_state.json").exists(),
+        "the run finished before the kill"
+    );
+    // Without --resume the folder is refused; with it the run finishes.
+    command(&killed, &[]).assert().failure();
+    command(&killed, &["--resume"]).assert().success();
+    let a = fs_err::read(straight.join("model.safetensors")).unwrap();
+    let b = fs_err::read(killed.join("model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "weights after kill -9 and --resume differ from the uninterrupted run"
+    );
+    let steps: Vec<u64> = read_jsonl(&killed.join("metrics.jsonl"))
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=150).collect::<Vec<_>>());
+}
