@@ -381,12 +381,11 @@ pub fn attention(
     let (_, n_kv, kv_len, _) = k.dims4()?;
     let groups = n_heads / n_kv;
     // Heads of one group are adjacent, so grouping them with the query rows is a free reshape
-    // and k/v need no repeat.
+    // and k/v need no repeat. k/v may be views into a KV cache (rows contiguous, batch and head
+    // dims mergeable), which the matmuls read in place: no copy of the cache per step.
     let q = q
         .contiguous()?
         .reshape((b_sz, n_kv, groups * seq_len, head_dim))?;
-    let k = k.contiguous()?;
-    let v = v.contiguous()?;
     let scores = q
         .matmul(&k.t()?)?
         .reshape((b_sz, n_heads, seq_len, kv_len))?;
