@@ -828,7 +828,7 @@ fn reduced_demo_runs_end_to_end_and_writes_its_files() {
         "generate",
         "select",
         "distill-sft",
-        "distill-kd",
+        "distill-on-policy",
         "eval",
         "trace",
         "report",

@@ -1,6 +1,7 @@
 //! `retort demo`: the whole distillation pipeline on the bundled synthetic world, in minutes on a
 //! laptop CPU. Problems → the teacher samples traces → verify → select (correct, then
-//! teacher-guided) → distill the base student (SFT, then KD on the teacher's logits) → evaluate
+//! teacher-guided) → distill the base student (SFT, then on-policy distillation: the student
+//! samples, the teacher scores its tokens, per-token reverse KL as the reward) → evaluate
 //! teacher, base and distilled students on held-out problems (including level 5, harder than any
 //! training problem) → trace the provenance of the base and distilled students' sentences →
 //! `report.html` and `summary.json`. Every stage reads and writes plain files in the run folder,
@@ -16,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::backend::SamplingParams;
 use crate::backend::open::{open_local, resolve_local_spec};
-use crate::distill::config::{DistillOptions, Objective};
+use crate::distill::config::{DistillOptions, Objective, OnPolicyLoss};
 use crate::error::{Error, Result};
 use crate::eval::{EvalOptions, EvalSummary, evaluate};
 use crate::generate::{GenerateOptions, generate};
@@ -51,8 +52,10 @@ pub struct DemoOptions {
     pub eval_per_level: usize,
     /// SFT steps.
     pub sft_steps: usize,
-    /// KD steps after SFT (0 skips the stage).
-    pub kd_steps: usize,
+    /// On-policy distillation steps after SFT (0 skips the stage).
+    pub on_policy_steps: usize,
+    /// Student samples per on-policy step.
+    pub on_policy_batch: usize,
     /// Sequences per optimizer step.
     pub batch_size: usize,
     /// Responses traced per model for provenance.
@@ -74,7 +77,8 @@ impl DemoOptions {
             budget: Some(900),
             eval_per_level: 60,
             sft_steps: 300,
-            kd_steps: 30,
+            on_policy_steps: 20,
+            on_policy_batch: 16,
             batch_size: 32,
             trace_records: 120,
             generation_batch: 64,
@@ -88,7 +92,8 @@ impl DemoOptions {
             budget: Some(40),
             eval_per_level: 4,
             sft_steps: 6,
-            kd_steps: 2,
+            on_policy_steps: 2,
+            on_policy_batch: 4,
             batch_size: 8,
             trace_records: 8,
             ..Self::full(out, seed)
@@ -299,7 +304,7 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
         )
     })?;
 
-    // SFT on the selected traces, then KD on the teacher's logits over the same traces.
+    // SFT on the selected traces, then on-policy distillation on the same prompts.
     let sft_dir = out.join("student-sft");
     let distill_base = DistillOptions {
         student: Some(options.student.clone()).map(|s| resolve_local_spec(&s)),
@@ -325,27 +330,30 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
         })
     })?;
     training.insert("sft".to_string(), json!({"first_loss": sft.first_loss, "final_loss": sft.final_loss, "steps": sft.steps, "tokens_per_s": sft.tokens_per_s}));
-    let distilled_dir = if options.kd_steps > 0 {
-        let kd_dir = out.join("student-distilled");
-        let kd = clock.stage("distill-kd", |progress| {
-            let kd_options = DistillOptions {
+    let distilled_dir = if options.on_policy_steps > 0 {
+        let on_policy_dir = out.join("student-distilled");
+        let on_policy = clock.stage("distill-on-policy", |progress| {
+            let on_policy_options = DistillOptions {
                 student: Some(sft_dir.display().to_string()),
                 teacher: Some(resolve_local_spec(&options.teacher)),
-                output: Some(kd_dir.clone()),
-                objective: Objective::Kd,
-                divergence: "fkl".into(),
-                kd_weight: 0.5,
-                max_steps: Some(options.kd_steps),
+                output: Some(on_policy_dir.clone()),
+                objective: Objective::OnPolicy,
+                on_policy_loss: OnPolicyLoss::Reward,
+                lambda: 1.0,
+                max_new_tokens: 80,
+                sample_temperature: 1.0,
+                batch_size: options.on_policy_batch,
+                max_steps: Some(options.on_policy_steps),
                 lr: 1e-4,
                 warmup_steps: 1,
                 ..distill_base.clone()
             };
-            crate::distill::trainer::distill(&kd_options, &mut |stats| {
-                progress(stats.step, options.kd_steps)
+            crate::distill::trainer::distill(&on_policy_options, &mut |stats| {
+                progress(stats.step, options.on_policy_steps)
             })
         })?;
-        training.insert("kd".to_string(), json!({"first_loss": kd.first_loss, "final_loss": kd.final_loss, "steps": kd.steps, "tokens_per_s": kd.tokens_per_s}));
-        kd_dir
+        training.insert("on_policy".to_string(), json!({"first_loss": on_policy.first_loss, "final_loss": on_policy.final_loss, "steps": on_policy.steps, "tokens_per_s": on_policy.tokens_per_s}));
+        on_policy_dir
     } else {
         sft_dir.clone()
     };
