@@ -11,9 +11,11 @@
 //! - `score`: [`score_batch`] on frozen weights (plain tensors, not `Var`s); `tokens = batch·seq`.
 //! - `generate_b1`, `generate_b8`: greedy [`generate`], 16-token prompt, exactly 128 new tokens
 //!   (no EOS), prefill included; `tokens = batch·128`.
-//! - `kd_small_to_tiny`: frozen bench-small teacher forward, bench-tiny-shaped student with the
-//!   teacher's vocabulary, forward KL (token mean) through [`divergence::per_token`], backward and
-//!   AdamW; `tokens = batch·seq` of bench-small.
+//! - `kd_small_to_tiny`: the distillation trainer's KD step ([`objective::loss`] with
+//!   [`LossSpec::Kd`]: frozen bench-small teacher and bench-tiny-shaped student, both projected
+//!   to the teacher's vocabulary only at the target positions, forward KL summed per token; then
+//!   [`Trainer`] backward and AdamW) on `[batch, seq]` random ids whose first token is the prompt;
+//!   `tokens = batch·seq` of bench-small.
 //! - `verify`: [`retort_verify::verify`] on embedded answer pairs, one thread; `pairs_per_s`.
 //!
 //! Timing follows the reference: warmup iterations (2; 1 for generation), then at least
@@ -35,8 +37,9 @@ use retort_model::{CausalLm, GenerationParams, ModelConfig, Tokenizer, generate,
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::distill::divergence::{self, Divergence};
-use crate::distill::teacher::TeacherSignal;
+use crate::distill::data::Example;
+use crate::distill::divergence::Divergence;
+use crate::distill::objective::{self, LossSpec, MicroBatch};
 use crate::error::{Error, Result};
 
 /// The candle version the workspace requires (reported in `versions`).
@@ -632,27 +635,31 @@ fn bench_kd(o: &BenchOptions) -> Result<Value> {
     let (varmap, student) = random_model(&sc.model_config(tc.vocab)?, 5)?;
     let mut trainer = trainer_for(&varmap)?;
     let (b, s) = (tc.batch, tc.seq);
-    let ids = ids_tensor(&random_ids(b, s, tc.vocab, 14))?;
-    let mask = Tensor::ones((b, s), DType::F32, &Device::Cpu)?;
-    let mut phases = Phases::new(&[
-        "teacher_forward",
-        "student_forward",
-        "divergence",
-        "backward",
-        "optimizer",
-    ]);
+    let examples: Vec<Example> = random_ids(b, s, tc.vocab, 14)
+        .into_iter()
+        .enumerate()
+        .map(|(row, ids)| Example {
+            ids,
+            prompt_len: 1,
+            line: row + 1,
+            key: format!("bench-{row}"),
+            correct: None,
+        })
+        .collect();
+    let rows: Vec<&Example> = examples.iter().collect();
+    let batch = MicroBatch::new(&rows, 0, &Device::Cpu)?;
+    let spec = LossSpec::Kd {
+        teacher: &teacher,
+        divergence: Divergence::ForwardKl,
+        temperature: 1.0,
+        kd_weight: 1.0,
+    };
+    let mut phases = Phases::new(&["forward_and_loss", "backward", "optimizer"]);
     let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
         phases.start();
-        let teacher_logits = teacher.forward(&ids, None, None)?;
+        let terms = objective::loss(&student, &batch, &spec)?;
         phases.end_phase();
-        let student_logits = student.forward(&ids, None, None)?;
-        phases.end_phase();
-        let signal = TeacherSignal::dense(teacher_logits);
-        let per_token =
-            divergence::per_token(&student_logits, &signal, Divergence::ForwardKl, 1.0)?;
-        let loss_sum = divergence::masked_sum(&per_token, &mask)?;
-        phases.end_phase();
-        trainer.accumulate(&loss_sum, b * s)?;
+        trainer.accumulate(&terms.sum, terms.tokens)?;
         phases.end_phase();
         trainer.step()?;
         phases.end_phase();
