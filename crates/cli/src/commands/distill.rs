@@ -119,6 +119,17 @@ pub struct DistillArgs {
     /// Continue from the latest checkpoint in the output folder.
     #[arg(long)]
     pub resume: bool,
+    /// The offline teacher cache.
+    #[command(flatten, next_help_heading = "Teacher cache")]
+    pub cache: Box<CacheArgs>,
+    /// LoRA.
+    #[command(flatten, next_help_heading = "LoRA")]
+    pub lora: Box<LoraArgs>,
+}
+
+/// Flags of the offline teacher cache (boxed: they keep the subcommand enum small).
+#[derive(Debug, clap::Args)]
+pub struct CacheArgs {
     /// Build an offline teacher cache in DIR and exit: the teacher's top-k log-probs at every
     /// completion token of `--data` (and `--eval-data`), tokenised as the student trains on
     /// them. Rerunning an interrupted build resumes it.
@@ -137,6 +148,11 @@ pub struct DistillArgs {
     /// Sparse teacher signals: the probability outside the top-k set [default: tail].
     #[arg(long, value_enum)]
     pub missing_mass: Option<MissingMassArg>,
+}
+
+/// LoRA flags.
+#[derive(Debug, clap::Args)]
+pub struct LoraArgs {
     /// Train LoRA adapters of this rank (base weights frozen); the output is a PEFT adapter
     /// folder (`adapter_config.json`, `adapter_model.safetensors`).
     #[arg(long)]
@@ -268,14 +284,24 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     );
     set!(weight_decay, seed, max_seq_len, redi_alpha);
     set!(lambda, max_new_tokens, sample_temperature);
-    set!(lora_rank, lora_alpha, lora_targets, teacher_cache);
+    if let Some(dir) = &args.cache.teacher_cache {
+        o.teacher_cache = Some(dir.clone());
+    }
+    macro_rules! set_lora {
+        ($($field:ident),*) => {$(
+            if let Some(value) = &args.lora.$field {
+                o.$field = value.clone().into();
+            }
+        )*};
+    }
+    set_lora!(lora_rank, lora_alpha, lora_targets);
     if let Some(loss) = args.on_policy_loss {
         o.on_policy_loss = match loss {
             OnPolicyLossArg::Reward => OnPolicyLoss::Reward,
             OnPolicyLossArg::Divergence => OnPolicyLoss::Divergence,
         };
     }
-    if let Some(policy) = args.missing_mass {
+    if let Some(policy) = args.cache.missing_mass {
         o.missing_mass = match policy {
             MissingMassArg::Tail => MissingMass::Tail,
             MissingMassArg::Renormalize => MissingMass::Renormalize,
@@ -313,7 +339,7 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     }
     o.only_correct |= args.only_correct;
     o.resume |= args.resume;
-    o.merge_lora |= args.merge_lora;
+    o.merge_lora |= args.lora.merge_lora;
     Ok(o)
 }
 
@@ -321,8 +347,8 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
 pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let options = options(&args)?;
-    if let Some(dir) = &args.cache_teacher {
-        return cache_teacher(&options, dir, &args);
+    if let Some(dir) = &args.cache.cache_teacher {
+        return cache_teacher(&options, dir, &args.cache);
     }
     let bar = ui::progress(options.max_steps.map(|n| n as u64), "distill");
     let mut last = Instant::now();
@@ -393,7 +419,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
 fn cache_teacher(
     options: &DistillOptions,
     dir: &std::path::Path,
-    args: &DistillArgs,
+    args: &CacheArgs,
 ) -> anyhow::Result<ExitCode> {
     let dtype = match args.cache_dtype {
         CacheDtypeArg::F16 => CacheDtype::F16,

@@ -264,7 +264,7 @@ impl DistillOptions {
             targets: self
                 .lora_targets
                 .clone()
-                .unwrap_or_else(|| DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect()),
+                .unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec()),
         })
     }
 
