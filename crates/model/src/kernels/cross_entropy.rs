@@ -58,11 +58,13 @@ impl CustomOp1 for CrossEntropy {
                 let (_, lse) = log_sum_exp(row);
                 (lse - row[target as usize]).to_f64()
             };
-            let total: f64 = if z.len() >= PARALLEL_MIN {
-                self.targets.par_iter().enumerate().map(row_loss).sum()
+            // Per-row losses in parallel, summed in row order: the same bits for any schedule.
+            let losses: Vec<f64> = if z.len() >= PARALLEL_MIN {
+                self.targets.par_iter().enumerate().map(row_loss).collect()
             } else {
-                self.targets.iter().enumerate().map(row_loss).sum()
+                self.targets.iter().enumerate().map(row_loss).collect()
             };
+            let total: f64 = losses.iter().sum();
             Ok((T::to_cpu_storage_owned(vec![T::from_f64(total)]), Shape::from(())))
         })
     }
