@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use retort::backend::open::resolve_local_spec;
 use retort::distill::cache::CacheDtype;
 use retort::distill::teacher::MissingMass;
 use retort::distill::{DistillOptions, Objective, OnPolicyLoss};
@@ -22,7 +23,7 @@ pub struct DistillArgs {
     /// TOML file with the same keys as these flags (`max-steps = 100`); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The student: a model folder or `hf:ORG/NAME[@REV]`.
+    /// The student: a model folder, `hf:ORG/NAME[@REV]` or `world:student`.
     #[arg(long)]
     pub student: Option<String>,
     /// Training records (JSONL or JSON array): `prompt`/`messages`/`prompt_ids` with `response`,
@@ -337,6 +338,9 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
             InputFormatArg::Math => InputFormat::Math,
         };
     }
+    // `world:NAME` names a bundled model folder; resolved here, so the saved config has a path.
+    o.student = o.student.map(|s| resolve_local_spec(&s));
+    o.teacher = o.teacher.map(|s| resolve_local_spec(&s));
     o.only_correct |= args.only_correct;
     o.resume |= args.resume;
     o.merge_lora |= args.lora.merge_lora;
