@@ -58,6 +58,10 @@ pub struct WorldTrainArgs {
     /// Held-out problems per level (1 to 5) evaluated after training; 0 skips the evaluation.
     #[arg(long)]
     pub eval_per_level: Option<usize>,
+    /// Continue training from the models in DIR (`DIR/teacher`, `DIR/student`) instead of a
+    /// fresh initialisation.
+    #[arg(long, value_name = "DIR")]
+    pub init: Option<std::path::PathBuf>,
     /// Train only this model (the tokenizer is rebuilt either way; it is deterministic).
     #[arg(long, value_enum)]
     pub only: Option<OnlyModel>,
@@ -91,6 +95,7 @@ fn options(args: &WorldTrainArgs) -> WorldTrainOptions {
     if let Some(n) = args.eval_per_level {
         options.eval_per_level = n;
     }
+    options.init.clone_from(&args.init);
     options.models = match args.only {
         None => vec![WorldModel::Teacher, WorldModel::Student],
         Some(OnlyModel::Teacher) => vec![WorldModel::Teacher],

@@ -380,6 +380,9 @@ pub struct WorldTrainOptions {
     pub student: TrainOptions,
     /// Held-out problems per level for the evaluation after training (0: skip it).
     pub eval_per_level: usize,
+    /// Continue from the weights in `init/teacher` and `init/student` instead of a fresh
+    /// initialisation (a new warmup and cosine over the given steps).
+    pub init: Option<PathBuf>,
 }
 
 impl WorldTrainOptions {
@@ -394,6 +397,7 @@ impl WorldTrainOptions {
             teacher: TrainOptions::world(1200, seed),
             student: TrainOptions::world(1500, seed.wrapping_add(1)),
             eval_per_level: 200,
+            init: None,
         }
     }
 }
@@ -476,6 +480,13 @@ pub fn train_world(
         let examples = encode_examples(&tokenizer, &pairs)?;
         let config = qwen2_config(&shape, vocab_size, eos);
         let (model, varmap, _) = init_model(&config, train_options.seed)?;
+        if let Some(init) = &options.init {
+            let weights = init.join(which.name()).join("model.safetensors");
+            let mut varmap = varmap.clone();
+            varmap.load(&weights).map_err(|e| {
+                Error::Invalid(format!("cannot continue from `{}`: {e}", weights.display()))
+            })?;
+        }
         let parameters = named_vars(&varmap)
             .iter()
             .map(|(_, v)| v.elem_count())
