@@ -58,6 +58,9 @@ pub struct WorldTrainArgs {
     /// Held-out problems per level (1 to 5) evaluated after training; 0 skips the evaluation.
     #[arg(long)]
     pub eval_per_level: Option<usize>,
+    /// Peak learning rate of both models [default: 2e-3].
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Continue training from the models in DIR (`DIR/teacher`, `DIR/student`) instead of a
     /// fresh initialisation.
     #[arg(long, value_name = "DIR")]
@@ -96,6 +99,10 @@ fn options(args: &WorldTrainArgs) -> WorldTrainOptions {
         options.eval_per_level = n;
     }
     options.init.clone_from(&args.init);
+    if let Some(lr) = args.lr {
+        options.teacher.lr = lr;
+        options.student.lr = lr;
+    }
     options.models = match args.only {
         None => vec![WorldModel::Teacher, WorldModel::Student],
         Some(OnlyModel::Teacher) => vec![WorldModel::Teacher],
