@@ -62,18 +62,28 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             args.out.display()
         )
     })?;
+    let harder = |model: &str| {
+        summary
+            .harder_level_accuracy
+            .get(model)
+            .map_or("-".to_string(), |v| format!("{v:.3}"))
+    };
     let mut rows: Vec<(&str, String)> = vec![
         (
-            "teacher accuracy",
-            format!("{:.3}", summary.teacher_accuracy),
+            "teacher accuracy (levels 1-4 | level 5)",
+            format!("{:.3} | {}", summary.teacher_accuracy, harder("teacher")),
         ),
         (
             "base student accuracy",
-            format!("{:.3}", summary.base_accuracy),
+            format!("{:.3} | {}", summary.base_accuracy, harder("base")),
         ),
         (
             "distilled student accuracy",
-            format!("{:.3}", summary.distilled_accuracy),
+            format!(
+                "{:.3} | {}",
+                summary.distilled_accuracy,
+                harder("distilled")
+            ),
         ),
     ];
     let share = |model: &str, category: &str| {
