@@ -261,8 +261,6 @@ mod tests {
 
     /// The shipped teacher solves three fixed held-out problems (levels 2-4) greedily.
     #[test]
-    #[ignore = "the committed teacher is undertrained (docs/world.md); enable with full-recipe weights: \
-                cargo test -p retort --lib world::eval -- --ignored"]
     fn shipped_teacher_answers_held_out_problems() {
         let loaded = retort_model::load(&assets("teacher"), &Default::default())
             .expect("load the shipped teacher");
