@@ -6,6 +6,7 @@
 //! dtypes and devices use the plain-op versions in [`crate::models`], which the tests use as the
 //! reference: every kernel has a parity test against them and a finite-difference check.
 
+mod adamw;
 mod cross_entropy;
 mod linear;
 mod rms_norm;
@@ -13,6 +14,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
+pub use adamw::{AdamWStep, adamw_update, sum_squares};
 pub use cross_entropy::cross_entropy_sum;
 pub use linear::{MAX_ROWS as LINEAR_ROWS_MAX, linear_rows};
 pub use rms_norm::rms_norm;
@@ -26,9 +28,25 @@ use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 pub(crate) trait Real:
     WithDType + num_traits::Float + linear::RowDots + Send + Sync
 {
+    /// The elements of a storage of this type, writable (for in-place kernels).
+    fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
 }
-impl Real for f32 {}
-impl Real for f64 {}
+impl Real for f32 {
+    fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F32(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+impl Real for f64 {
+    fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F64(v) => Some(v),
+            _ => None,
+        }
+    }
+}
 
 /// Whether the fused kernels handle `t`: a CPU tensor of f32 or f64.
 pub fn supported(t: &Tensor) -> bool {

@@ -288,3 +288,64 @@ fn linear_rows_matches_matmul_and_finite_differences() {
     let x = random(&[17, 4], 1, DType::F32);
     assert!(linear_rows(&x, &random(&[3, 4], 2, DType::F32)).is_err());
 }
+
+#[test]
+fn adamw_update_matches_plain_ops() {
+    for dtype in [DType::F32, DType::F64] {
+        let shape = [37, 300];
+        let param = Var::from_tensor(&random(&shape, 31, dtype)).unwrap();
+        let m = random(&shape, 32, dtype).affine(0.1, 0.0).unwrap();
+        let v = random(&shape, 33, dtype)
+            .abs()
+            .unwrap()
+            .affine(0.01, 0.0)
+            .unwrap();
+        let (m_k, v_k) = (m.copy().unwrap(), v.copy().unwrap());
+        let (mut p_ref, mut m_ref, mut v_ref) = (param.as_tensor().copy().unwrap(), m, v);
+        for (step, decay) in [(1, 0.999), (2, 1.0), (3, 0.98)] {
+            let grad = random(&shape, 40 + step, dtype);
+            let c = AdamWStep {
+                grad_scale: 0.37,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                step_size: 0.01 / (1.0 - 0.9f64.powi(step as i32)),
+                bias_correction2_sqrt: (1.0 - 0.95f64.powi(step as i32)).sqrt(),
+                decay,
+            };
+            adamw_update(param.as_tensor(), &m_k, &v_k, &grad, c).unwrap();
+            (p_ref, m_ref, v_ref) =
+                crate::train::optimizer::adamw_plain(&p_ref, &m_ref, &v_ref, &grad, c).unwrap();
+        }
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-13 };
+        assert!(
+            max_abs_diff(param.as_tensor(), &p_ref) < tol,
+            "{dtype:?} weights"
+        );
+        assert!(max_abs_diff(&m_k, &m_ref) < tol, "{dtype:?} first moment");
+        assert!(max_abs_diff(&v_k, &v_ref) < tol, "{dtype:?} second moment");
+        assert!(max_abs_diff(param.as_tensor(), &random(&shape, 31, dtype)) > 1e-3);
+    }
+}
+
+#[test]
+fn sum_squares_matches_plain_ops() {
+    for dtype in [DType::F32, DType::F64] {
+        // Longer than one chunk, so the partial sums are combined.
+        let t = random(&[3, 70_001], 50, dtype);
+        let want = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_vec0::<f64>()
+            .unwrap();
+        let got = sum_squares(&t).unwrap();
+        assert!(
+            (got - want).abs() < 1e-9 * want,
+            "{dtype:?}: {got} vs {want}"
+        );
+    }
+}

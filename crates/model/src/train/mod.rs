@@ -182,6 +182,14 @@ impl GradAccumulator {
     /// The gradient of `sum(token losses) / total_tokens`, the mean loss and the token count;
     /// resets the accumulator.
     pub fn finish(&mut self, params: &[Param]) -> Result<(Gradients, f64, usize)> {
+        let (mut grads, scale, loss, tokens) = self.finish_unscaled(params)?;
+        grads.scale(scale)?;
+        Ok((grads, loss, tokens))
+    }
+
+    /// Like [`GradAccumulator::finish`] but returns the summed gradients unscaled, with the
+    /// scale (`1 / tokens`) that turns them into the step's gradient.
+    pub fn finish_unscaled(&mut self, params: &[Param]) -> Result<(Gradients, f64, f64, usize)> {
         let tokens = self.tokens;
         let loss_sum = self.loss_sum;
         let sums = std::mem::take(&mut self.sums);
@@ -194,10 +202,9 @@ impl GradAccumulator {
         let scale = 1.0 / tokens as f64;
         let mut grads = Vec::with_capacity(params.len());
         for (param, sum) in params.iter().zip(sums) {
-            let sum = sum.ok_or_else(|| optimizer::missing_gradient(&param.name))?;
-            grads.push(sum.affine(scale, 0.0)?);
+            grads.push(sum.ok_or_else(|| optimizer::missing_gradient(&param.name))?);
         }
-        Ok((Gradients { grads }, loss_sum * scale, tokens))
+        Ok((Gradients { grads }, scale, loss_sum * scale, tokens))
     }
 }
 
@@ -258,10 +265,13 @@ impl Trainer {
     /// applies AdamW with the scheduled learning rate. A non-finite gradient norm is an error
     /// and leaves the weights untouched.
     pub fn step(&mut self) -> Result<StepStats> {
-        let (mut grads, loss, tokens) = self.accumulator.finish(self.optimizer.params())?;
-        let grad_norm = match self.max_grad_norm {
-            Some(max_norm) => grads.clip_by_global_norm(max_norm)?,
-            None => grads.global_norm()?,
+        let (grads, scale, loss, tokens) =
+            self.accumulator.finish_unscaled(self.optimizer.params())?;
+        let grad_norm = scale * grads.global_norm()?;
+        // The clip coefficient of `Gradients::clip_by_global_norm`, folded into the update.
+        let clip = match self.max_grad_norm {
+            Some(max_norm) if grad_norm.is_finite() => (max_norm / (grad_norm + 1e-6)).min(1.0),
+            _ => 1.0,
         };
         if !grad_norm.is_finite() {
             return Err(Error::Model(format!(
@@ -270,7 +280,7 @@ impl Trainer {
             )));
         }
         let lr = self.schedule.lr_at(self.optimizer.step_count());
-        self.optimizer.step(&grads, lr)?;
+        self.optimizer.step_scaled(&grads, scale * clip, lr)?;
         Ok(StepStats {
             step: self.optimizer.step_count(),
             loss,

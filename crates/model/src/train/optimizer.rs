@@ -75,11 +75,14 @@ impl Gradients {
     pub fn global_norm(&self) -> Result<f64> {
         let mut sum_sq = 0f64;
         for grad in &self.grads {
-            sum_sq += grad
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            sum_sq += if crate::kernels::supported(grad) {
+                crate::kernels::sum_squares(grad)?
+            } else {
+                grad.to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f64>()?
+            };
         }
         Ok(sum_sq.sqrt())
     }
@@ -182,6 +185,13 @@ impl AdamW {
 
     /// Applies one AdamW update with learning rate `lr`.
     pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
+        self.step_scaled(grads, 1.0, lr)
+    }
+
+    /// Applies one AdamW update with learning rate `lr` from the gradients multiplied by
+    /// `grad_scale` (the scaled gradients are never materialised on CPU: the fused
+    /// [`crate::kernels::adamw_update`] scales on the fly and updates in place).
+    pub fn step_scaled(&mut self, grads: &Gradients, grad_scale: f64, lr: f64) -> Result<()> {
         if grads.grads.len() != self.params.len() {
             return Err(Error::Model(format!(
                 "optimizer: {} gradients for {} parameters",
@@ -209,16 +219,40 @@ impl AdamW {
                     param.var.shape()
                 )));
             }
-            let grad = grad.to_dtype(param.var.dtype())?;
-            let m = (self.exp_avg[i].affine(beta1, 0.0)? + grad.affine(1.0 - beta1, 0.0)?)?;
-            let v =
-                (self.exp_avg_sq[i].affine(beta2, 0.0)? + grad.sqr()?.affine(1.0 - beta2, 0.0)?)?;
-            let denom = v.sqrt()?.affine(1.0 / bias_correction2_sqrt, eps)?;
-            let mut value = param.var.as_detached_tensor();
-            if param.weight_decay && weight_decay != 0.0 {
-                value = value.affine(1.0 - lr * weight_decay, 0.0)?;
+            let decay = if param.weight_decay {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            let coefficients = crate::kernels::AdamWStep {
+                grad_scale,
+                beta1,
+                beta2,
+                eps,
+                step_size,
+                bias_correction2_sqrt,
+                decay,
+            };
+            if crate::kernels::supported(param.var.as_tensor())
+                && grad.dtype() == param.var.dtype()
+                && param.var.is_contiguous()
+            {
+                crate::kernels::adamw_update(
+                    param.var.as_tensor(),
+                    &self.exp_avg[i],
+                    &self.exp_avg_sq[i],
+                    grad,
+                    coefficients,
+                )?;
+                continue;
             }
-            let value = (value - (m.div(&denom)?.affine(step_size, 0.0))?)?;
+            let (value, m, v) = adamw_plain(
+                &param.var.as_detached_tensor(),
+                &self.exp_avg[i],
+                &self.exp_avg_sq[i],
+                &grad.to_dtype(param.var.dtype())?,
+                coefficients,
+            )?;
             param.var.set(&value)?;
             self.exp_avg[i] = m;
             self.exp_avg_sq[i] = v;
@@ -310,6 +344,28 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// One AdamW update from plain candle ops (any dtype and device; the reference of
+/// [`crate::kernels::adamw_update`]): the new weight, first and second moments.
+pub(crate) fn adamw_plain(
+    value: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    grad: &Tensor,
+    c: crate::kernels::AdamWStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let grad = grad.affine(c.grad_scale, 0.0)?;
+    let m = (exp_avg.affine(c.beta1, 0.0)? + grad.affine(1.0 - c.beta1, 0.0)?)?;
+    let v = (exp_avg_sq.affine(c.beta2, 0.0)? + grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+    let denom = v.sqrt()?.affine(1.0 / c.bias_correction2_sqrt, c.eps)?;
+    let value = if c.decay != 1.0 {
+        value.affine(c.decay, 0.0)?
+    } else {
+        value.clone()
+    };
+    let value = (value - (m.div(&denom)?.affine(c.step_size, 0.0))?)?;
+    Ok((value, m, v))
 }
 
 pub(crate) fn missing_gradient(name: &str) -> Error {
