@@ -8,6 +8,7 @@
 
 mod adamw;
 mod cross_entropy;
+mod gemm;
 mod linear;
 mod rms_norm;
 mod rope;
@@ -16,6 +17,7 @@ mod swiglu;
 
 pub use adamw::{AdamWStep, adamw_update, sum_squares};
 pub use cross_entropy::cross_entropy_sum;
+pub use gemm::linear;
 pub use linear::{MAX_ROWS as LINEAR_ROWS_MAX, linear_rows};
 pub use rms_norm::rms_norm;
 pub use rope::rope;

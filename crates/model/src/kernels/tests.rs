@@ -349,3 +349,36 @@ fn sum_squares_matches_plain_ops() {
         );
     }
 }
+
+#[test]
+fn linear_matches_plain_and_finite_differences() {
+    let plain = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| -> candle_core::Result<Tensor> {
+        let (rows, in_dim) = (x.elem_count() / x.dim(2)?, x.dim(2)?);
+        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?.reshape((
+            x.dim(0)?,
+            x.dim(1)?,
+            w.dim(0)?,
+        ))?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    };
+    // More rows than the decoding kernel takes, with and without a bias.
+    check(
+        "linear",
+        &|a| linear(&a[0], &a[1], None),
+        &|a| plain(&a[0], &a[1], None),
+        &[&[3, 7, 24], &[10, 24]],
+        2,
+        &[3, 7, 10],
+    );
+    check(
+        "linear (bias)",
+        &|a| linear(&a[0], &a[1], Some(&a[2])),
+        &|a| plain(&a[0], &a[1], Some(&a[2])),
+        &[&[2, 40, 33], &[17, 33], &[17]],
+        3,
+        &[2, 40, 17],
+    );
+}

@@ -440,8 +440,9 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     Ok(Linear::new(weight, bias))
 }
 
-/// `y = x · Wᵀ + b` with `W` `[out, in]`: one GEMM over all rows, or, for the few rows of a
-/// decoding step on CPU, [`kernels::linear_rows`] (no weight packing).
+/// `y = x · Wᵀ + b` with `W` `[out, in]`. On CPU in f32/f64: [`kernels::linear`] (one GEMM,
+/// bias fused, hand-written backward), or [`kernels::linear_rows`] for the few rows of a
+/// decoding step (no weight packing); elsewhere candle's matmul.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -464,11 +465,14 @@ impl candle_core::Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let in_dim = xs.dim(D::Minus1)?;
         let rows = xs.elem_count() / in_dim.max(1);
-        let ys = if rows <= kernels::LINEAR_ROWS_MAX
-            && kernels::supported(xs)
+        let fused = kernels::supported(xs)
+            && kernels::supported(&self.weight)
             && xs.dtype() == self.weight.dtype()
-        {
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == xs.dtype());
+        let ys = if fused && rows <= kernels::LINEAR_ROWS_MAX {
             kernels::linear_rows(xs, &self.weight)?
+        } else if fused {
+            return kernels::linear(xs, &self.weight, self.bias.as_ref());
         } else {
             let mut dims = xs.dims().to_vec();
             let last = dims.len() - 1;
