@@ -40,13 +40,35 @@ fn main() -> ExitCode {
         set_threads(threads);
     }
     ui::init_logging(cli.global.verbose, cli.global.quiet);
-    match commands::run(cli) {
+    match run_in_pool(cli) {
         Ok(code) => code,
         Err(err) => {
             ui::print_error(&err);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Stack of each rayon worker: the command runs on one, and candle's backward walks the
+/// graph recursively.
+const WORKER_STACK_BYTES: usize = 64 << 20;
+
+/// Runs the command on a worker of rayon's global pool rather than on the main thread.
+///
+/// Parallel work started from outside the pool is queued and the caller sleeps until it is
+/// done: every kernel call then costs a wake-up of the workers and one of the caller, which
+/// dominated decoding (hundreds of small parallel calls per token). From inside the pool the
+/// calling thread takes its share of the work and only the other workers are woken.
+fn run_in_pool(cli: args::Cli) -> anyhow::Result<ExitCode> {
+    // The pool's size still comes from `RAYON_NUM_THREADS` (set by `--threads`).
+    if let Err(err) = rayon::ThreadPoolBuilder::new()
+        .stack_size(WORKER_STACK_BYTES)
+        .thread_name(|i| format!("retort-worker-{i}"))
+        .build_global()
+    {
+        tracing::debug!("rayon pool already built: {err}");
+    }
+    rayon::scope(|_| commands::run(cli))
 }
 
 /// Sizes candle's two CPU pools (its barrier pool for element-wise ops, rayon for GEMM), which
