@@ -6,7 +6,8 @@
 //! the output starts as the broadcast bias and the GEMM accumulates onto it; its gradient is the
 //! column sum of `dy`.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::{Real, by_float, data};
 
@@ -166,7 +167,11 @@ fn backward(
     let grad = grad.contiguous()?;
     let dx = grad.apply_op2_no_bwd(w, &InputGrad)?;
     let dw = grad.apply_op2_no_bwd(x, &WeightGrad)?;
-    let db = if with_bias { Some(grad.sum(0)?) } else { None };
+    let db = if with_bias {
+        Some(grad.apply_op1_no_bwd(&ColumnSums)?)
+    } else {
+        None
+    };
     Ok((dx, dw, db))
 }
 
@@ -306,6 +311,45 @@ impl CustomOp2 for WeightGrad {
                 View::row_major(x, in_dim),
             )?;
             Ok((T::to_cpu_storage_owned(dw), Shape::from((out_dim, in_dim))))
+        })
+    }
+}
+
+/// Rows per partial sum of [`ColumnSums`]; partials are added in row order, so the result does
+/// not depend on the thread schedule.
+const SUM_ROWS: usize = 64;
+
+/// The bias gradient: `[rows, n] -> [n]`, the sum over rows.
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "linear-bias-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_float!(s, self.name(), T => {
+            let xs = data::<T>(s, l, self.name())?;
+            let (_, n) = l.shape().dims2()?;
+            let partials: Vec<Vec<T>> = xs
+                .par_chunks(SUM_ROWS * n.max(1))
+                .map(|block| {
+                    let mut acc = vec![T::zero(); n];
+                    for row in block.chunks(n.max(1)) {
+                        for (a, &v) in acc.iter_mut().zip(row) {
+                            *a += v;
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            let mut sums = vec![T::zero(); n];
+            for part in &partials {
+                for (a, &v) in sums.iter_mut().zip(part) {
+                    *a += v;
+                }
+            }
+            Ok((T::to_cpu_storage_owned(sums), Shape::from(n)))
         })
     }
 }

@@ -377,8 +377,8 @@ fn linear_matches_plain_and_finite_differences() {
         "linear (bias)",
         &|a| linear(&a[0], &a[1], Some(&a[2])),
         &|a| plain(&a[0], &a[1], Some(&a[2])),
-        &[&[2, 40, 33], &[17, 33], &[17]],
+        &[&[3, 50, 33], &[17, 33], &[17]],
         3,
-        &[2, 40, 17],
+        &[3, 50, 17],
     );
 }
