@@ -28,13 +28,17 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: Vec<i64>) -> Result<Tensor> {
     })
 }
 
-/// `log(sum(exp(z)))` of one row, stable.
-fn log_sum_exp<T: Real>(row: &[T]) -> (T, T) {
-    let max = row
-        .iter()
-        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
-    let sum = row.iter().fold(T::zero(), |acc, &v| acc + (v - max).exp());
-    (max, max + sum.ln())
+/// The row's maximum.
+fn row_max<T: Real>(row: &[T]) -> T {
+    row.iter()
+        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
+}
+
+/// `log(sum(exp(z)))` of one row, stable; `scratch` receives `exp(z - max)`.
+fn log_sum_exp<T: Real>(row: &[T], scratch: &mut [T]) -> T {
+    let max = row_max(row);
+    scratch.copy_from_slice(row);
+    max + T::exp_shifted(scratch, max).ln()
 }
 
 struct CrossEntropy {
@@ -55,7 +59,8 @@ impl CustomOp1 for CrossEntropy {
                     return 0.0;
                 }
                 let row = &z[r * vocab..(r + 1) * vocab];
-                let (_, lse) = log_sum_exp(row);
+                let mut scratch = vec![T::zero(); vocab];
+                let lse = log_sum_exp(row, &mut scratch);
                 (lse - row[target as usize]).to_f64()
             };
             // Per-row losses in parallel, summed in row order: the same bits for any schedule.
@@ -101,9 +106,12 @@ impl CustomOp1 for CrossEntropyBwd {
                     return;
                 }
                 let row = &z[r * vocab..(r + 1) * vocab];
-                let (_, lse) = log_sum_exp(row);
-                for (o, &v) in out.iter_mut().zip(row) {
-                    *o = g * (v - lse).exp();
+                // softmax = exp(z - max) / sum: one pass of exp, written in place.
+                let max = row_max(row);
+                out.copy_from_slice(row);
+                let scale = g / T::exp_shifted(out, max);
+                for o in out.iter_mut() {
+                    *o *= scale;
                 }
                 out[target as usize] -= g;
             });

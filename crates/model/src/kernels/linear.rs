@@ -96,7 +96,7 @@ fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Whether [`dot_f32_avx2`] may run here.
-fn has_avx2_fma() -> bool {
+pub(crate) fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -8,6 +8,7 @@
 
 mod adamw;
 mod cross_entropy;
+mod exp;
 mod gemm;
 mod linear;
 mod rms_norm;
@@ -32,6 +33,9 @@ pub(crate) trait Real:
 {
     /// The elements of a storage of this type, writable (for in-place kernels).
     fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+
+    /// `xs[i] = exp(xs[i] - shift)` in place; returns the sum of the results.
+    fn exp_shifted(xs: &mut [Self], shift: Self) -> Self;
 }
 impl Real for f32 {
     fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
@@ -40,6 +44,10 @@ impl Real for f32 {
             _ => None,
         }
     }
+
+    fn exp_shifted(xs: &mut [Self], shift: Self) -> Self {
+        exp::exp_shifted_f32(xs, shift)
+    }
 }
 impl Real for f64 {
     fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
@@ -47,6 +55,10 @@ impl Real for f64 {
             CpuStorage::F64(v) => Some(v),
             _ => None,
         }
+    }
+
+    fn exp_shifted(xs: &mut [Self], shift: Self) -> Self {
+        exp::exp_shifted_scalar(xs, shift)
     }
 }
 

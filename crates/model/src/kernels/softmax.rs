@@ -60,11 +60,7 @@ impl ScaledSoftmax {
             let max = out
                 .iter()
                 .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
-            let mut sum = T::zero();
-            for o in out.iter_mut() {
-                *o = (*o - max).exp();
-                sum += *o;
-            }
+            let sum = T::exp_shifted(out, max);
             let inv = sum.recip();
             for o in out.iter_mut() {
                 *o *= inv;

@@ -13,8 +13,15 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
-fn sigmoid<T: Real>(g: T) -> T {
-    (T::one() + (-g).exp()).recip()
+/// `out[k] = sigmoid(g[k])` over one chunk.
+fn sigmoid_into<T: Real>(g: &[T], out: &mut [T]) {
+    for (o, &gv) in out.iter_mut().zip(g) {
+        *o = -gv;
+    }
+    T::exp_shifted(out, T::zero());
+    for o in out.iter_mut() {
+        *o = (T::one() + *o).recip();
+    }
 }
 
 /// Rows of this many elements are the unit of parallel work.
@@ -40,9 +47,10 @@ impl CustomOp2 for Swiglu {
             let mut y = vec![T::zero(); g.len()];
             for_rows(&mut y, CHUNK, |c, out| {
                 let at = c * CHUNK;
-                for (k, o) in out.iter_mut().enumerate() {
-                    let gv = g[at + k];
-                    *o = gv * sigmoid(gv) * u[at + k];
+                let (g, u) = (&g[at..at + out.len()], &u[at..at + out.len()]);
+                sigmoid_into(g, out);
+                for ((o, &gv), &uv) in out.iter_mut().zip(g).zip(u) {
+                    *o = gv * *o * uv;
                 }
             });
             Ok((T::to_cpu_storage_owned(y), l1.shape().clone()))
@@ -89,17 +97,19 @@ impl CustomOp3 for SwigluBwd {
             let (dg, du) = out.split_at_mut(n);
             for_rows(dg, CHUNK, |c, out| {
                 let at = c * CHUNK;
+                let m = out.len();
+                sigmoid_into(&g[at..at + m], out);
                 for (k, o) in out.iter_mut().enumerate() {
-                    let gv = g[at + k];
-                    let sg = sigmoid(gv);
+                    let (gv, sg) = (g[at + k], *o);
                     *o = dy[at + k] * u[at + k] * sg * (T::one() + gv * (T::one() - sg));
                 }
             });
             for_rows(du, CHUNK, |c, out| {
                 let at = c * CHUNK;
+                let m = out.len();
+                sigmoid_into(&g[at..at + m], out);
                 for (k, o) in out.iter_mut().enumerate() {
-                    let gv = g[at + k];
-                    *o = dy[at + k] * gv * sigmoid(gv);
+                    *o = dy[at + k] * g[at + k] * *o;
                 }
             });
             Ok((T::to_cpu_storage_owned(out), Shape::from((2, n))))
