@@ -190,6 +190,10 @@ pub struct BenchArgs {
     /// Seconds per figure (longer is steadier).
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
+    /// A reference run to compare with (`torch_bench.py`'s JSON output from the same machine):
+    /// prints each figure's ratio and adds them to the JSON as `compare`.
+    #[arg(long, value_name = "JSON")]
+    pub compare: Option<std::path::PathBuf>,
 }
 
 /// `retort verify`.

@@ -794,6 +794,54 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
     }))
 }
 
+/// One figure of a side-by-side comparison with a reference run (`torch_bench.py`'s output).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// `config/figure`, or the figure alone for `kd_small_to_tiny`.
+    pub figure: String,
+    /// Our tokens/s.
+    pub ours: f64,
+    /// The reference's tokens/s.
+    pub reference: f64,
+    /// `ours / reference`.
+    pub ratio: f64,
+}
+
+/// Pairs every tokens/s figure of `report` with the same key in `reference` (both shaped as
+/// `results.<config>.<figure>.tokens_per_s`, or `results.<figure>.tokens_per_s`); figures the
+/// reference lacks are skipped.
+pub fn compare(report: &Value, reference: &Value) -> Vec<Comparison> {
+    let rate = |v: &Value| v.get("tokens_per_s").and_then(Value::as_f64);
+    let mut out = Vec::new();
+    let Some(ours) = report.get("results").and_then(Value::as_object) else {
+        return out;
+    };
+    let theirs = reference.get("results");
+    for (key, value) in ours {
+        let mut push = |figure: String, ours: &Value, theirs: Option<&Value>| {
+            if let (Some(a), Some(b)) = (rate(ours), theirs.and_then(rate)) {
+                if b > 0.0 {
+                    out.push(Comparison {
+                        figure,
+                        ours: a,
+                        reference: b,
+                        ratio: a / b,
+                    });
+                }
+            }
+        };
+        if rate(value).is_some() {
+            push(key.clone(), value, theirs.and_then(|t| t.get(key)));
+        } else if let Some(figures) = value.as_object() {
+            for (figure, v) in figures {
+                let theirs = theirs.and_then(|t| t.get(key)).and_then(|c| c.get(figure));
+                push(format!("{key}/{figure}"), v, theirs);
+            }
+        }
+    }
+    out
+}
+
 /// About three hundred (response, gold) pairs in the shapes real math answers take: integers,
 /// thousands separators, fractions, decimals, roots, percents, tuples, intervals, sets,
 /// polynomials, π, units, degrees, multiple choice, wrong answers and responses without an
@@ -927,6 +975,25 @@ mod tests {
         for k in ["median_s", "min_s", "max_s", "iters", "times_s"] {
             assert!(value.get(k).is_some(), "{path} lacks `{k}`");
         }
+    }
+
+    #[test]
+    fn comparison_pairs_figures_by_key() {
+        let ours = json!({"results": {
+            "bench-tiny": {"train": {"tokens_per_s": 300.0}, "score": {"tokens_per_s": 50.0}},
+            "kd_small_to_tiny": {"tokens_per_s": 30.0},
+            "verify": {"pairs_per_s": 9.0}
+        }});
+        let reference = json!({"results": {
+            "bench-tiny": {"train": {"tokens_per_s": 200.0}},
+            "kd_small_to_tiny": {"tokens_per_s": 60.0}
+        }});
+        let rows = compare(&ours, &reference);
+        let got: Vec<(&str, f64)> = rows.iter().map(|r| (r.figure.as_str(), r.ratio)).collect();
+        assert_eq!(
+            got,
+            vec![("bench-tiny/train", 1.5), ("kd_small_to_tiny", 0.5)]
+        );
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl DemoOptions {
             samples: 1,
             budget: Some(900),
             eval_per_level: 60,
-            sft_steps: 400,
+            sft_steps: 640,
             on_policy_steps: 20,
             on_policy_batch: 16,
             batch_size: 32,

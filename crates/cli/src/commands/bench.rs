@@ -4,14 +4,52 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use retort::bench::{BenchOptions, run as run_bench};
+use retort::bench::{BenchOptions, compare, run as run_bench};
 
 use crate::args::BenchArgs;
 
 /// Runs the selected figures and prints the report.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let options = BenchOptions::from_filters(&args.only, &args.config, args.seconds)?;
-    let report = run_bench(&options, &mut |line| eprintln!("{line}")).context("bench failed")?;
+    // Read the reference first: a bad path should fail before minutes of benchmarking.
+    let reference = match &args.compare {
+        Some(path) => {
+            let text = fs_err::read_to_string(path)?;
+            let value: serde_json::Value =
+                serde_json::from_str(text.trim()).with_context(|| {
+                    format!(
+                        "{}: expected the JSON line printed by torch_bench.py",
+                        path.display()
+                    )
+                })?;
+            Some((path, value))
+        }
+        None => None,
+    };
+    let mut report =
+        run_bench(&options, &mut |line| eprintln!("{line}")).context("bench failed")?;
+    if let Some((path, reference)) = reference {
+        let rows = compare(&report, &reference);
+        let table: Vec<(&str, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.figure.as_str(),
+                    format!(
+                        "{:>9.0} vs {:>9.0} tokens/s   {:>5.2}x",
+                        r.ours, r.reference, r.ratio
+                    ),
+                )
+            })
+            .collect();
+        crate::ui::table(
+            &format!("retort vs {} (ratio > 1: retort is faster)", path.display()),
+            &table,
+        );
+        if let Some(map) = report.as_object_mut() {
+            map.insert("compare".into(), serde_json::to_value(&rows)?);
+        }
+    }
     println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
 }
