@@ -60,6 +60,9 @@ impl PaddedBatch {
 /// -> `[b, t]` f32. Differentiable with respect to `logits`.
 pub fn token_logprobs_from_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
+    if crate::kernels::supported(&logits) {
+        return Ok(crate::kernels::target_logprobs(&logits, targets)?);
+    }
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let targets = targets.to_dtype(DType::U32)?.unsqueeze(D::Minus1)?;
     Ok(logp

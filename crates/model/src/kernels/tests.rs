@@ -382,3 +382,22 @@ fn linear_matches_plain_and_finite_differences() {
         &[3, 50, 17],
     );
 }
+
+#[test]
+fn target_logprobs_matches_plain_and_finite_differences() {
+    // Targets cover the first, last and middle ids; more rows than one block.
+    let targets: Vec<u32> = (0..2 * 21).map(|i| (i * 7 % 13) as u32).collect();
+    let targets = Tensor::from_vec(targets, (2, 21), &Device::Cpu).unwrap();
+    let plain = |z: &Tensor| -> candle_core::Result<Tensor> {
+        let lp = candle_nn::ops::log_softmax(z, 2)?;
+        lp.gather(&targets.unsqueeze(2)?, 2)?.squeeze(2)
+    };
+    check(
+        "target_logprobs",
+        &|a| target_logprobs(&a[0], &targets),
+        &|a| plain(&a[0]),
+        &[&[2, 21, 13]],
+        1,
+        &[2, 21],
+    );
+}

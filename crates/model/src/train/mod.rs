@@ -46,6 +46,9 @@ pub fn log_softmax(xs: &Tensor) -> Result<Tensor> {
 /// Log-probabilities of `targets` (`[b, t]`, u32) under `logits` (`[b, t, vocab]`): `[b, t]`,
 /// differentiable with respect to `logits`.
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if crate::kernels::supported(logits) {
+        return Ok(crate::kernels::target_logprobs(logits, targets)?);
+    }
     let logprobs = log_softmax(logits)?;
     let targets = targets.to_dtype(DType::U32)?.unsqueeze(2)?;
     Ok(logprobs.gather(&targets.contiguous()?, 2)?.squeeze(2)?)
