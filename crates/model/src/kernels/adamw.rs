@@ -64,8 +64,8 @@ pub fn adamw_update(
     step: AdamWStep,
 ) -> Result<()> {
     let grad = grad.contiguous()?;
-    exp_avg.inplace_op2(&grad, &FirstMoment(step))?;
-    exp_avg_sq.inplace_op2(&grad, &SecondMoment(step))?;
+    exp_avg.inplace_op2(&grad, &Moment::First(step))?;
+    exp_avg_sq.inplace_op2(&grad, &Moment::Second(step))?;
     param.inplace_op3(exp_avg, exp_avg_sq, &Update(step))
 }
 
@@ -90,44 +90,20 @@ fn zip_chunks<T: Real>(out: &mut [T], xs: &[T], f: impl Fn(&mut [T], &[T]) + Syn
         .for_each(|(o, x)| f(o, x));
 }
 
-/// `m = beta1 * m + (1 - beta1) * s * g`.
-struct FirstMoment(AdamWStep);
-
-impl InplaceOp2 for FirstMoment {
-    fn name(&self) -> &'static str {
-        "adamw-first-moment"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<()> {
-        let s = self.0;
-        by_float!(s2, self.name(), T => {
-            let g = data::<T>(s2, l2, self.name())?;
-            let m = data_mut::<T>(s1, l1, self.name())?;
-            check_len(m.len(), g.len(), self.name())?;
-            let b1 = T::from_f64(s.beta1);
-            let c = T::from_f64((1.0 - s.beta1) * s.grad_scale);
-            zip_chunks(m, g, |m, g| {
-                for (m, &g) in m.iter_mut().zip(g) {
-                    *m = b1 * *m + c * g;
-                }
-            });
-            Ok(())
-        })
-    }
+/// A moment update from the raw gradient `g` scaled by `s`.
+enum Moment {
+    /// `m = beta1 * m + (1 - beta1) * s * g`.
+    First(AdamWStep),
+    /// `v = beta2 * v + (1 - beta2) * (s * g)^2`.
+    Second(AdamWStep),
 }
 
-/// `v = beta2 * v + (1 - beta2) * (s * g)^2`.
-struct SecondMoment(AdamWStep);
-
-impl InplaceOp2 for SecondMoment {
+impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
-        "adamw-second-moment"
+        match self {
+            Self::First(_) => "adamw-first-moment",
+            Self::Second(_) => "adamw-second-moment",
+        }
     }
 
     fn cpu_fwd(
@@ -137,20 +113,32 @@ impl InplaceOp2 for SecondMoment {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let s = self.0;
         by_float!(s2, self.name(), T => {
             let g = data::<T>(s2, l2, self.name())?;
-            let v = data_mut::<T>(s1, l1, self.name())?;
-            check_len(v.len(), g.len(), self.name())?;
-            let b2 = T::from_f64(s.beta2);
-            let c = T::from_f64(1.0 - s.beta2);
-            let scale = T::from_f64(s.grad_scale);
-            zip_chunks(v, g, |v, g| {
-                for (v, &g) in v.iter_mut().zip(g) {
-                    let g = scale * g;
-                    *v = b2 * *v + c * g * g;
+            let state = data_mut::<T>(s1, l1, self.name())?;
+            check_len(state.len(), g.len(), self.name())?;
+            match *self {
+                Self::First(s) => {
+                    let b1 = T::from_f64(s.beta1);
+                    let c = T::from_f64((1.0 - s.beta1) * s.grad_scale);
+                    zip_chunks(state, g, |m, g| {
+                        for (m, &g) in m.iter_mut().zip(g) {
+                            *m = b1 * *m + c * g;
+                        }
+                    });
                 }
-            });
+                Self::Second(s) => {
+                    let b2 = T::from_f64(s.beta2);
+                    let c = T::from_f64(1.0 - s.beta2);
+                    let scale = T::from_f64(s.grad_scale);
+                    zip_chunks(state, g, |v, g| {
+                        for (v, &g) in v.iter_mut().zip(g) {
+                            let g = scale * g;
+                            *v = b2 * *v + c * g * g;
+                        }
+                    });
+                }
+            }
             Ok(())
         })
     }

@@ -165,8 +165,8 @@ fn backward(
     with_bias: bool,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let grad = grad.contiguous()?;
-    let dx = grad.apply_op2_no_bwd(w, &InputGrad)?;
-    let dw = grad.apply_op2_no_bwd(x, &WeightGrad)?;
+    let dx = grad.apply_op2_no_bwd(w, &Grad::Input)?;
+    let dw = grad.apply_op2_no_bwd(x, &Grad::Weight)?;
     let db = if with_bias {
         Some(grad.apply_op1_no_bwd(&ColumnSums)?)
     } else {
@@ -245,47 +245,21 @@ impl CustomOp3 for LinearBias {
     }
 }
 
-/// `dx = dy · W`: `[rows, out] x [out, in] -> [rows, in]`.
-struct InputGrad;
-
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "linear-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_float!(s1, self.name(), T => {
-            let dy = data::<T>(s1, l1, self.name())?;
-            let w = data::<T>(s2, l2, self.name())?;
-            let (rows, out_dim) = l1.shape().dims2()?;
-            let (_, in_dim) = l2.shape().dims2()?;
-            let mut dx = vec![T::zero(); rows * in_dim];
-            gemm_into(
-                &mut dx,
-                rows,
-                in_dim,
-                out_dim,
-                false,
-                View::row_major(dy, out_dim),
-                View::row_major(w, in_dim),
-            )?;
-            Ok((T::to_cpu_storage_owned(dx), Shape::from((rows, in_dim))))
-        })
-    }
+/// A gradient product of the linear layer, from `dy` `[rows, out]` and a second operand.
+#[derive(Clone, Copy)]
+enum Grad {
+    /// `dx = dy · W` with `W` `[out, in]`: `[rows, in]`.
+    Input,
+    /// `dW = dyᵀ · x` with `x` `[rows, in]`: `[out, in]`.
+    Weight,
 }
 
-/// `dW = dyᵀ · x`: `[rows, out]ᵀ x [rows, in] -> [out, in]`.
-struct WeightGrad;
-
-impl CustomOp2 for WeightGrad {
+impl CustomOp2 for Grad {
     fn name(&self) -> &'static str {
-        "linear-weight-grad"
+        match self {
+            Self::Input => "linear-input-grad",
+            Self::Weight => "linear-weight-grad",
+        }
     }
 
     fn cpu_fwd(
@@ -297,20 +271,19 @@ impl CustomOp2 for WeightGrad {
     ) -> Result<(CpuStorage, Shape)> {
         by_float!(s1, self.name(), T => {
             let dy = data::<T>(s1, l1, self.name())?;
-            let x = data::<T>(s2, l2, self.name())?;
+            let other = data::<T>(s2, l2, self.name())?;
             let (rows, out_dim) = l1.shape().dims2()?;
             let (_, in_dim) = l2.shape().dims2()?;
-            let mut dw = vec![T::zero(); out_dim * in_dim];
-            gemm_into(
-                &mut dw,
-                out_dim,
-                in_dim,
-                rows,
-                false,
-                View::row_major(dy, out_dim).transposed(),
-                View::row_major(x, in_dim),
-            )?;
-            Ok((T::to_cpu_storage_owned(dw), Shape::from((out_dim, in_dim))))
+            let dy_view = View::row_major(dy, out_dim);
+            let other_view = View::row_major(other, in_dim);
+            // (m, k, lhs): the product is `m x in_dim` over `k`.
+            let (m, k, lhs) = match self {
+                Self::Input => (rows, out_dim, dy_view),
+                Self::Weight => (out_dim, rows, dy_view.transposed()),
+            };
+            let mut out = vec![T::zero(); m * in_dim];
+            gemm_into(&mut out, m, in_dim, k, false, lhs, other_view)?;
+            Ok((T::to_cpu_storage_owned(out), Shape::from((m, in_dim))))
         })
     }
 }
