@@ -23,8 +23,17 @@ pub struct LocalBackend {
 
 impl LocalBackend {
     /// Loads `spec` (a folder or `hf:ORG/NAME[@REV]`); `batch_size` rows are decoded together.
+    ///
+    /// A PEFT LoRA adapter folder (as `retort distill --lora-rank` writes) loads onto the base
+    /// model its `adapter_config.json` names, merged for inference.
     pub fn load(spec: &str, batch_size: usize) -> Result<Self> {
-        let model = load(spec, &LoadOptions::default())?;
+        let dir = std::path::Path::new(spec);
+        let model = match crate::distill::lora::adapter_base(dir)? {
+            Some(base) => {
+                crate::distill::lora::load_with_adapter(&base, dir, &LoadOptions::default())?
+            }
+            None => load(spec, &LoadOptions::default())?,
+        };
         Ok(Self::from_loaded(spec, model, batch_size))
     }
 

@@ -647,6 +647,30 @@ pub fn write_adapter(dir: &Path, lora: &LoraModel, source_dir: &Path) -> Result<
     Ok(())
 }
 
+/// The base model spec an adapter folder names, when `dir` is a PEFT adapter folder (an
+/// `adapter_config.json` and no `config.json`), as `AutoPeftModelForCausalLM` reads it: an
+/// existing folder as is, otherwise a hub name (`hf:NAME[@REVISION]`).
+pub fn adapter_base(dir: &Path) -> Result<Option<String>> {
+    if !dir.join(ADAPTER_CONFIG_FILE).is_file() || dir.join("config.json").is_file() {
+        return Ok(None);
+    }
+    let config = AdapterConfig::read(dir)?;
+    let Some(name) = config.base_model_name_or_path else {
+        return Err(Error::Invalid(format!(
+            "`{}`: adapter_config.json has no base_model_name_or_path; load the base model and \
+             the adapter explicitly",
+            dir.join(ADAPTER_CONFIG_FILE).display()
+        )));
+    };
+    if Path::new(&name).is_dir() {
+        return Ok(Some(name));
+    }
+    Ok(Some(match config.revision {
+        Some(revision) => format!("hf:{name}@{revision}"),
+        None => format!("hf:{name}"),
+    }))
+}
+
 /// Loads the base model `base` (a folder or `hf:` spec) with the PEFT LoRA adapter in
 /// `adapter_dir` merged into its weights, ready for inference.
 pub fn load_with_adapter(

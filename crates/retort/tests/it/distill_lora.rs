@@ -156,6 +156,15 @@ fn lora_trains_only_the_adapters_and_reloads_onto_its_base() -> TestResult {
         .max_all()?
         .to_scalar::<f32>()?;
     assert!(moved > 1e-3, "the adapter changed nothing: {moved}");
+
+    // Every command's local loader takes the adapter folder itself, as AutoPeftModel does.
+    let backend = retort::backend::local::LocalBackend::load(output.to_str().ok_or("path")?, 4)?;
+    let from_folder = backend.model().model.forward(&ids, None, None)?;
+    let diff = (&from_folder - &from_adapter)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(diff == 0.0, "adapter folder load differs by {diff}");
     Ok(())
 }
 
