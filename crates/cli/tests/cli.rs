@@ -972,3 +972,49 @@ fn distill_kill_9_then_resume_equals_uninterrupted_run() {
         .collect();
     assert_eq!(steps, (1..=150).collect::<Vec<_>>());
 }
+
+#[test]
+fn bench_compare_prints_ratios_and_refuses_a_bad_reference_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    // A reference that is not JSON fails before any figure runs, naming the file.
+    let bad = dir.path().join("torch.json");
+    fs_err::write(&bad, "not json\n").unwrap();
+    let assert = retort()
+        .args(["bench", "--only", "verify", "--seconds", "0.1", "--compare"])
+        .arg(&bad)
+        .assert()
+        .failure();
+    let stderr = String::from_utf8_lossy(&assert.get_output().stderr).to_string();
+    assert!(stderr.contains("torch.json"), "{stderr}");
+    // A reference with the figure: the JSON gains its ratio.
+    let reference = dir.path().join("ref.json");
+    fs_err::write(
+        &reference,
+        json!({"results": {"verify": {"pairs_per_s": 1.0},
+                           "bench-tiny": {"score": {"tokens_per_s": 1.0}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let assert = retort()
+        .args([
+            "bench",
+            "--only",
+            "score",
+            "--config",
+            "bench-tiny",
+            "--seconds",
+            "0.1",
+        ])
+        .arg("--compare")
+        .arg(&reference)
+        .assert()
+        .success();
+    let report: Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let rows = report["compare"].as_array().expect("compare rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["figure"], "bench-tiny/score");
+    let ours = report["results"]["bench-tiny"]["score"]["tokens_per_s"]
+        .as_f64()
+        .unwrap();
+    assert!((rows[0]["ratio"].as_f64().unwrap() - ours).abs() < 1e-9 * ours);
+}
