@@ -157,20 +157,26 @@ fn forward<T: Real>(
     Ok((T::to_cpu_storage_owned(y), Shape::from((rows, out_dim))))
 }
 
-/// The gradients with respect to `x` and `w` (and the bias when `with_bias`).
+/// The gradients with respect to `x` and `w` (and `bias`), each only when that input takes part
+/// in autograd: a frozen weight costs no weight-gradient GEMM.
 fn backward(
     x: &Tensor,
     w: &Tensor,
+    bias: Option<&Tensor>,
     grad: &Tensor,
-    with_bias: bool,
-) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let grad = grad.contiguous()?;
-    let dx = grad.apply_op2_no_bwd(w, &Grad::Input)?;
-    let dw = grad.apply_op2_no_bwd(x, &Grad::Weight)?;
-    let db = if with_bias {
-        Some(grad.apply_op1_no_bwd(&ColumnSums)?)
-    } else {
-        None
+    let dx = match x.track_op() {
+        true => Some(grad.apply_op2_no_bwd(w, &Grad::Input)?),
+        false => None,
+    };
+    let dw = match w.track_op() {
+        true => Some(grad.apply_op2_no_bwd(x, &Grad::Weight)?),
+        false => None,
+    };
+    let db = match bias {
+        Some(b) if b.track_op() => Some(grad.apply_op1_no_bwd(&ColumnSums)?),
+        _ => None,
     };
     Ok((dx, dw, db))
 }
@@ -201,8 +207,8 @@ impl CustomOp2 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = backward(x, w, grad, false)?;
-        Ok((Some(dx), Some(dw)))
+        let (dx, dw, _) = backward(x, w, None, grad)?;
+        Ok((dx, dw))
     }
 }
 
@@ -236,12 +242,11 @@ impl CustomOp3 for LinearBias {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = backward(x, w, grad, true)?;
-        Ok((Some(dx), Some(dw), db))
+        backward(x, w, Some(b), grad)
     }
 }
 

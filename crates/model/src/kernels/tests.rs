@@ -373,6 +373,15 @@ fn linear_matches_plain_and_finite_differences() {
         2,
         &[3, 7, 10],
     );
+    // A frozen weight and bias (not differentiated): the input's gradient alone.
+    check(
+        "linear (frozen weight)",
+        &|a| linear(&a[0], &a[1], Some(&a[2])),
+        &|a| plain(&a[0], &a[1], Some(&a[2])),
+        &[&[2, 20, 9], &[5, 9], &[5]],
+        1,
+        &[2, 20, 5],
+    );
     check(
         "linear (bias)",
         &|a| linear(&a[0], &a[1], Some(&a[2])),
