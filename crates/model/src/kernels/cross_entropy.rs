@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{PARALLEL_MIN, Real, by_float, data, for_rows};
+use super::{PARALLEL_MIN, Real, by_float, data, for_rows, row_max};
 
 /// Fused summed cross-entropy of `logits` `[.., vocab]` (f32 or f64, CPU) against one target
 /// per row (`targets.len()` = number of rows; negative = not counted). Returns a scalar.
@@ -26,12 +26,6 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: Vec<i64>) -> Result<Tensor> {
     logits.contiguous()?.apply_op1(CrossEntropy {
         targets: Arc::new(targets),
     })
-}
-
-/// The row's maximum.
-fn row_max<T: Real>(row: &[T]) -> T {
-    row.iter()
-        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
 }
 
 /// `log(sum(exp(z)))` of one row, stable; `scratch` receives `exp(z - max)`.

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 
 use rayon::prelude::*;
 
-use super::{PARALLEL_MIN, Real, by_float, data, for_rows};
+use super::{PARALLEL_MIN, Real, by_float, data, for_rows, row_max};
 
 /// `log softmax(logits)[.., target]` for `logits` `[.., vocab]` and `targets` `[..]` (integer
 /// ids below `vocab`); same leading shape out. f32 or f64 on CPU.
@@ -34,11 +34,6 @@ pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets: Arc::new(ids),
         })?
         .reshape(lead)
-}
-
-fn row_max<T: Real>(row: &[T]) -> T {
-    row.iter()
-        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
 }
 
 struct TargetLogprobs {

@@ -109,6 +109,12 @@ macro_rules! by_float {
 }
 pub(crate) use by_float;
 
+/// The largest element of a row (`-inf` for an empty one).
+fn row_max<T: Real>(row: &[T]) -> T {
+    row.iter()
+        .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m })
+}
+
 /// Runs `f(row_index, row)` over the `row_len`-sized rows of `out`, in parallel when large.
 fn for_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
     use rayon::prelude::*;

@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{Real, by_float, data, for_rows};
+use super::{Real, by_float, data, for_rows, row_max};
 
 /// Fused `softmax(scale * scores + bias)` over the last dim of `scores` `[b, h, t, s]`; `bias`
 /// `[b or 1, 1, t, s]` is a constant (no gradient). Same float dtype, CPU.
@@ -57,9 +57,7 @@ impl ScaledSoftmax {
                     }
                 }
             }
-            let max = out
-                .iter()
-                .fold(T::neg_infinity(), |m, &v| if v > m { v } else { m });
+            let max = row_max(out);
             let sum = T::exp_shifted(out, max);
             let inv = sum.recip();
             for o in out.iter_mut() {
