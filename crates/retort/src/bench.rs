@@ -819,15 +819,15 @@ pub fn compare(report: &Value, reference: &Value) -> Vec<Comparison> {
     let theirs = reference.get("results");
     for (key, value) in ours {
         let mut push = |figure: String, ours: &Value, theirs: Option<&Value>| {
-            if let (Some(a), Some(b)) = (rate(ours), theirs.and_then(rate)) {
-                if b > 0.0 {
-                    out.push(Comparison {
-                        figure,
-                        ours: a,
-                        reference: b,
-                        ratio: a / b,
-                    });
-                }
+            if let (Some(a), Some(b)) = (rate(ours), theirs.and_then(rate))
+                && b > 0.0
+            {
+                out.push(Comparison {
+                    figure,
+                    ours: a,
+                    reference: b,
+                    ratio: a / b,
+                });
             }
         };
         if rate(value).is_some() {

@@ -137,21 +137,21 @@ pub fn generate(
             )));
         }
     }
-    if options.verify.is_some() || options.until_correct.is_some() {
-        if let Some((_, problem)) = problems.iter().find(|(_, p)| p.answer.is_none()) {
-            return Err(Error::Invalid(format!(
-                "`{}`: problem `{}` has no gold answer (`answer`, GSM8K `answer` or MATH `solution`) to verify against",
-                options.input.display(),
-                problem.id
-            )));
-        }
+    if (options.verify.is_some() || options.until_correct.is_some())
+        && let Some((_, problem)) = problems.iter().find(|(_, p)| p.answer.is_none())
+    {
+        return Err(Error::Invalid(format!(
+            "`{}`: problem `{}` has no gold answer (`answer`, GSM8K `answer` or MATH `solution`) to verify against",
+            options.input.display(),
+            problem.id
+        )));
     }
-    if let Some((k, max)) = options.until_correct {
-        if k == 0 || max < k {
-            return Err(Error::Invalid(format!(
-                "`--until-correct {k}` needs 1 <= K <= `--max-samples` ({max})"
-            )));
-        }
+    if let Some((k, max)) = options.until_correct
+        && (k == 0 || max < k)
+    {
+        return Err(Error::Invalid(format!(
+            "`--until-correct {k}` needs 1 <= K <= `--max-samples` ({max})"
+        )));
     }
     let index: HashMap<&str, usize> = problems
         .iter()

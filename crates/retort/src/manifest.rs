@@ -98,7 +98,7 @@ impl Manifest {
 pub fn manifest_path(output: &Path) -> PathBuf {
     let mut name = output
         .file_name()
-        .map(|n| n.to_os_string())
+        .map(std::ffi::OsStr::to_os_string)
         .unwrap_or_default();
     name.push(".manifest.json");
     output.with_file_name(name)

@@ -46,7 +46,7 @@ fn dots<T: Real>(w_row: &[T], x: &[T], out: &mut [T]) {
             .zip(xr[..lanes].chunks_exact(8))
         {
             for l in 0..8 {
-                acc[l] = acc[l] + wc[l] * xc[l];
+                acc[l] += wc[l] * xc[l];
             }
         }
         let mut sum = acc.iter().fold(T::zero(), |a, &b| a + b);

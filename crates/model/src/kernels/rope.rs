@@ -106,7 +106,7 @@ impl CustomOp3 for Rope {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dx = grad
             .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { transpose: true })?;
+            .apply_op3_no_bwd(cos, sin, &Self { transpose: true })?;
         Ok((Some(dx), None, None))
     }
 }

@@ -109,7 +109,7 @@ impl CustomOp3 for SwigluBwd {
                 let m = out.len();
                 sigmoid_into(&g[at..at + m], out);
                 for (k, o) in out.iter_mut().enumerate() {
-                    *o = dy[at + k] * g[at + k] * *o;
+                    *o *= dy[at + k] * g[at + k];
                 }
             });
             Ok((T::to_cpu_storage_owned(out), Shape::from((2, n))))

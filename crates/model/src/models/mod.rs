@@ -395,7 +395,7 @@ pub fn attention(
         scaled_softmax_plain(&scores, bias, scale)?
     };
     let probs = probs.reshape((b_sz, n_kv, groups * seq_len, kv_len))?;
-    let out = probs.matmul(&v)?;
+    let out = probs.matmul(v)?;
     Ok(out.reshape((b_sz, n_heads, seq_len, head_dim))?)
 }
 

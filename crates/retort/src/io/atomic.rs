@@ -36,7 +36,9 @@ impl AtomicFile {
     /// Flushes, syncs and renames the temporary file onto the target.
     pub fn commit(mut self) -> Result<()> {
         if let Some(writer) = self.writer.take() {
-            let file = writer.into_inner().map_err(|e| e.into_error())?;
+            let file = writer
+                .into_inner()
+                .map_err(std::io::IntoInnerError::into_error)?;
             file.sync_all()?;
         }
         fs_err::rename(&self.temp, &self.target)?;
