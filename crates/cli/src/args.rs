@@ -1,8 +1,13 @@
-//! Raw command-line arguments (clap derive). Doc comments are the help text.
+//! The command line (clap derive; doc comments are the help text): the top-level parser, the
+//! options every command takes, and the argument groups several commands share. Each command's
+//! own arguments live beside it in `commands/`. Defaults that the library also has come from the
+//! library, so the two never disagree.
 
-use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use retort::backend::SamplingParams;
+use retort::backend::open::BackendOptions;
 
 /// retort: reasoning distillation from teacher traces to a small student, in one binary.
 #[derive(Debug, Parser)]
@@ -34,11 +39,11 @@ pub enum Command {
     /// Run the whole pipeline on the bundled synthetic world (the main job; minutes on a CPU).
     Demo(crate::commands::demo::DemoArgs),
     /// Sample reasoning traces from a model (local or OpenAI-compatible); resumable, exactly once.
-    Generate(GenerateArgs),
+    Generate(crate::commands::generate::GenerateArgs),
     /// Add a `verdict` to every record by checking its response's final answer against the gold.
-    Verify(VerifyArgs),
+    Verify(crate::commands::verify::VerifyArgs),
     /// Per-token log-probs of completions given prompts under a local model.
-    Score(ScoreArgs),
+    Score(crate::commands::score::ScoreArgs),
     /// Select training data: filters, dedup, decontamination, student-ppl, RSR, teacher-guided.
     Select(crate::commands::select::SelectArgs),
     /// Distill into a student (SFT, KD, on-policy, REDI; full or LoRA); checkpoints, --resume.
@@ -52,9 +57,9 @@ pub enum Command {
     /// The synthetic demo world: train the bundled teacher and base student.
     World(crate::commands::world::WorldArgs),
     /// Compare a teacher and a student before distilling: vocabulary, tokenizer, chat template, EOS, scores.
-    Check(CheckArgs),
+    Check(crate::commands::check::CheckArgs),
     /// Print one JSON line of speed figures (tokens/s, pairs/s), shaped like the PyTorch reference.
-    Bench(BenchArgs),
+    Bench(crate::commands::bench::BenchArgs),
 }
 
 /// Sampling flags shared by commands that generate.
@@ -70,7 +75,7 @@ pub struct SamplingArgs {
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Maximum new tokens per trace.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = SamplingParams::default().max_new_tokens)]
     pub max_new_tokens: usize,
     /// Seed: the same seed gives the same traces (each (id, sample) draws its own stream).
     #[arg(long, default_value_t = 0)]
@@ -80,169 +85,54 @@ pub struct SamplingArgs {
     pub stop: Vec<String>,
 }
 
+impl SamplingArgs {
+    /// The library's sampling settings.
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            max_new_tokens: self.max_new_tokens,
+            seed: Some(self.seed),
+            stop: self.stop.clone(),
+            logprobs: 0,
+        }
+    }
+}
+
 /// How to reach a model: batching for local models, concurrency and retries for servers.
 #[derive(Debug, Args, Clone)]
 pub struct BackendArgs {
     /// Rows decoded together by a local model.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = BackendOptions::default().batch_size)]
     pub batch_size: usize,
     /// Requests in flight at once to a remote server.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = BackendOptions::default().concurrency)]
     pub concurrency: usize,
     /// Seconds before a remote request attempt times out.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, default_value_t = BackendOptions::default().timeout.as_secs_f64())]
     pub timeout: f64,
     /// Retries of a failed remote request (429, 5xx, timeouts, resets, malformed bodies).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = BackendOptions::default().max_retries)]
     pub max_retries: usize,
     /// Seconds before the first retry; doubles per retry, with jitter (`Retry-After` wins).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = BackendOptions::default().backoff_base.as_secs_f64())]
     pub backoff_base: f64,
     /// Longest wait between retries in seconds.
-    #[arg(long, default_value_t = 60.0)]
+    #[arg(long, default_value_t = BackendOptions::default().backoff_max.as_secs_f64())]
     pub backoff_max: f64,
 }
 
-/// `retort generate`.
-#[derive(Debug, Args)]
-pub struct GenerateArgs {
-    /// Model: a Hugging Face folder, `hf:ORG/NAME[@REV]`, `openai:URL#MODEL` or `world:teacher`.
-    #[arg(long, short)]
-    pub model: String,
-    /// Input problems: JSONL or a JSON array (prompt, messages, GSM8K, MATH, ShareGPT, prompt_ids).
-    #[arg(long, short)]
-    pub input: PathBuf,
-    /// Output traces (JSONL); rerunning resumes, skipping (id, sample) pairs already present.
-    #[arg(long, short)]
-    pub output: PathBuf,
-    /// Traces per problem.
-    #[arg(long, default_value_t = 1)]
-    pub samples: usize,
-    /// Input shape.
-    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
-    pub format: FormatArg,
-    /// Work on shard i of n (records whose position modulo n is i), e.g. `--shard 0/4`.
-    #[arg(long)]
-    pub shard: Option<String>,
-    /// Verify each trace against the record's gold answer and add `verdict`.
-    #[arg(long)]
-    pub verify: bool,
-    /// Rejection sampling: resample each problem until K traces verify correct (implies --verify).
-    #[arg(long, value_name = "K", requires = "max_samples")]
-    pub until_correct: Option<usize>,
-    /// With --until-correct: at most this many samples per problem.
-    #[arg(long, value_name = "M")]
-    pub max_samples: Option<usize>,
-    #[command(flatten)]
-    pub sampling: SamplingArgs,
-    #[command(flatten)]
-    pub backend: BackendArgs,
-}
-
-/// Input record shapes.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum FormatArg {
-    /// Recognise from the fields present.
-    Auto,
-    /// `prompt` text.
-    Prompt,
-    /// `messages` chat.
-    Messages,
-    /// `conversations` (ShareGPT).
-    Sharegpt,
-    /// `question` + `answer` with `#### n`.
-    Gsm8k,
-    /// `problem` + `solution`/`answer`.
-    Math,
-    /// `prompt_ids`.
-    Ids,
-}
-
-/// `retort score`.
-#[derive(Debug, Args)]
-pub struct ScoreArgs {
-    /// Model: a Hugging Face folder, `hf:ORG/NAME[@REV]`, or `openai:URL#MODEL` (vLLM `prompt_logprobs`).
-    #[arg(long, short)]
-    pub model: String,
-    /// Input: `prompt`/`messages` + `completion`, or `prompt_ids` + `completion_ids`.
-    #[arg(long, short)]
-    pub input: PathBuf,
-    /// Output JSONL with `token_logprobs`, `logprob`, `num_tokens`; reruns resume.
-    #[arg(long, short)]
-    pub output: PathBuf,
-    /// Records per forward pass.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    /// With a server (`openai:URL#MODEL`): also keep the top-k alternatives of each token.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-}
-
-/// `retort bench`.
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// Only these figures (comma separated: train, score, generate_b1, generate_b8, kd, verify).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
-    /// Only these configs (bench-tiny, bench-small).
-    #[arg(long, value_delimiter = ',')]
-    pub config: Vec<String>,
-    /// Seconds per figure (longer is steadier).
-    #[arg(long, default_value_t = 3.0)]
-    pub seconds: f64,
-    /// A reference run to compare with (`torch_bench.py`'s JSON output from the same machine):
-    /// prints each figure's ratio and adds them to the JSON as `compare`.
-    #[arg(long, value_name = "JSON")]
-    pub compare: Option<std::path::PathBuf>,
-}
-
-/// `retort verify`.
-#[derive(Debug, Args)]
-pub struct VerifyArgs {
-    /// Input records (JSONL or a JSON array).
-    #[arg(long, short)]
-    pub input: PathBuf,
-    /// Output JSONL: the input records with `verdict` added.
-    #[arg(long, short)]
-    pub output: PathBuf,
-    /// Field holding the gold answer.
-    #[arg(long, default_value = "answer")]
-    pub gold_field: String,
-    /// Field holding the model response.
-    #[arg(long, default_value = "response")]
-    pub response_field: String,
-    /// Percent policy: `either` (28% = 28 = 0.28), `strict` (28% = 0.28 only), `ignore` (28% = 28 only).
-    #[arg(long, value_enum, default_value_t = PercentArg::Either)]
-    pub percent: PercentArg,
-    /// Accept numbers within this relative tolerance of the gold (default: exact, so 1.414 is not √2).
-    #[arg(long)]
-    pub tolerance: Option<f64>,
-    /// Keep units after values (`5 cm` vs `5`) instead of stripping them.
-    #[arg(long)]
-    pub keep_units: bool,
-}
-
-/// Percent handling in answers.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum PercentArg {
-    /// `28%` equals `28` and `0.28`.
-    Either,
-    /// `28%` equals `0.28` only.
-    Strict,
-    /// `%` is ignored: `28%` equals `28` only.
-    Ignore,
-}
-
-/// `retort check`.
-#[derive(Debug, Args)]
-pub struct CheckArgs {
-    /// Teacher model (folder, `hf:ORG/NAME[@REV]` or `world:teacher`).
-    #[arg(long)]
-    pub teacher: String,
-    /// Student model.
-    #[arg(long)]
-    pub student: String,
-    /// Also print the report as one JSON line on stdout.
-    #[arg(long)]
-    pub json: bool,
+impl BackendArgs {
+    /// The library's backend settings.
+    pub fn options(&self) -> BackendOptions {
+        BackendOptions {
+            batch_size: self.batch_size,
+            concurrency: self.concurrency,
+            timeout: Duration::from_secs_f64(self.timeout),
+            max_retries: self.max_retries,
+            backoff_base: Duration::from_secs_f64(self.backoff_base),
+            backoff_max: Duration::from_secs_f64(self.backoff_max),
+        }
+    }
 }

@@ -16,13 +16,14 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::backend::SamplingParams;
-use crate::backend::open::{open_local, resolve_local_spec};
+use crate::backend::open::open_local;
 use crate::distill::config::{DistillOptions, Objective, OnPolicyLoss};
 use crate::error::{Error, Result};
-use crate::eval::{EvalOptions, EvalSummary, evaluate};
+use crate::eval::{EvalOptions, EvalSummary};
 use crate::generate::{GenerateOptions, generate};
 use crate::io::AtomicFile;
 use crate::manifest::Manifest;
+use crate::model_spec::ModelSpec;
 use crate::provenance::{TraceOptions, trace};
 use crate::select::scoring::LocalScorer;
 use crate::select::{SelectOptions, Strategy, select_file};
@@ -38,10 +39,10 @@ pub struct DemoOptions {
     pub out: PathBuf,
     /// Seed of problems, sampling and training order.
     pub seed: u64,
-    /// Teacher model spec.
-    pub teacher: String,
-    /// Base student model spec.
-    pub student: String,
+    /// Teacher model.
+    pub teacher: ModelSpec,
+    /// Base student model.
+    pub student: ModelSpec,
     /// Training problems (spread over levels 1-4).
     pub train_problems: usize,
     /// Teacher samples per training problem.
@@ -70,8 +71,8 @@ impl DemoOptions {
         Self {
             out,
             seed,
-            teacher: "world:teacher".into(),
-            student: "world:student".into(),
+            teacher: ModelSpec::World("teacher".into()),
+            student: ModelSpec::World("student".into()),
             train_problems: 1024,
             samples: 1,
             budget: Some(900),
@@ -208,7 +209,7 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
     let out = &options.out;
     fs_err::create_dir_all(out)?;
     for spec in [&options.teacher, &options.student] {
-        let dir = PathBuf::from(resolve_local_spec(spec));
+        let dir = spec.local_path().unwrap_or_default();
         if !dir.join("config.json").exists() {
             return Err(Error::Invalid(format!(
                 "the demo model `{spec}` is missing at `{}`; run `retort world train` or set `RETORT_WORLD_DIR`",
@@ -265,10 +266,7 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             json!({"sampling": generate_options.sampling, "samples": options.samples}),
         );
         manifest.add_input(&problems_path)?;
-        manifest.add_model(
-            &options.teacher,
-            Some(Path::new(&resolve_local_spec(&options.teacher))),
-        )?;
+        manifest.add_model(&options.teacher)?;
         manifest.counts =
             serde_json::to_value(&summary).map_err(|e| Error::Invalid(e.to_string()))?;
         manifest.wall_seconds = started.elapsed().as_secs_f64();
@@ -290,29 +288,19 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             seed: options.seed,
             ..SelectOptions::default()
         };
-        let models = [
-            (
-                options.teacher.clone(),
-                Some(PathBuf::from(resolve_local_spec(&options.teacher))),
-            ),
-            (
-                options.student.clone(),
-                Some(PathBuf::from(resolve_local_spec(&options.student))),
-            ),
-        ];
         select_file(
             &traces_path,
             &selected_path,
             &select_options,
             Some(&scorer),
-            &models,
+            &[&options.teacher, &options.student],
         )
     })?;
 
     // SFT on the selected traces, then on-policy distillation on the same prompts.
     let sft_dir = out.join("student-sft");
     let distill_base = DistillOptions {
-        student: Some(options.student.clone()).map(|s| resolve_local_spec(&s)),
+        student: Some(ModelSpec::folder(options.student.local_dir()?)),
         data: Some(selected_path.clone()),
         batch_size: options.batch_size,
         seed: options.seed,
@@ -339,8 +327,8 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
         let on_policy_dir = out.join("student-distilled");
         let on_policy = clock.stage("distill-on-policy", |progress| {
             let on_policy_options = DistillOptions {
-                student: Some(sft_dir.display().to_string()),
-                teacher: Some(resolve_local_spec(&options.teacher)),
+                student: Some(ModelSpec::folder(&sft_dir)),
+                teacher: Some(ModelSpec::folder(options.teacher.local_dir()?)),
                 output: Some(on_policy_dir.clone()),
                 objective: Objective::OnPolicy,
                 on_policy_loss: OnPolicyLoss::Reward,
@@ -362,10 +350,7 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
     } else {
         sft_dir.clone()
     };
-    let distilled = open_local(
-        &distilled_dir.display().to_string(),
-        options.generation_batch,
-    )?;
+    let distilled = open_local(&ModelSpec::folder(&distilled_dir), options.generation_batch)?;
 
     // Held-out evaluation, greedy, per level.
     let mut summaries = BTreeMap::new();
@@ -379,7 +364,7 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             eval_options.output = Some(out.join(format!("eval_{name}.jsonl")));
             eval_options.sampling = greedy(160, options.seed);
             eval_options.by = Some("level".into());
-            evaluate(backend, &eval_options, progress)
+            crate::eval::run(backend, &eval_options, progress)
         })?;
         write_json(&out.join(format!("eval_{name}.json")), &summary)?;
         summaries.insert(name, summary);

@@ -29,13 +29,14 @@ use serde_json::{Map, Value, json};
 
 use crate::backend::{Backend, SamplingParams};
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, GenerateSummary, generate, read_problems};
+use crate::generate::{GenerateOptions, GenerateSummary, generate_problems, read_problems};
 use crate::io::{AtomicFile, read_records};
 use crate::records::InputFormat;
 
 pub use retort_verify::VerifyOptions;
 
 /// Published evaluation settings.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     /// DeepSeek-R1's: temperature 0.6, top-p 0.95, 4 samples per problem (pass@1 averaged).
@@ -383,14 +384,24 @@ pub fn summarize(records: &[Map<String, Value>], options: &SummaryOptions) -> Re
     Ok(summary)
 }
 
-/// Runs the stage: generates `samples` responses per problem with `backend`, verifies them and
-/// summarises. `progress(done, total)` follows generation.
-pub fn evaluate(
+/// Runs the stage: generates `samples` responses per problem of `options.input` with `backend`,
+/// verifies them and summarises. `progress(done, total)` follows generation.
+pub fn run(
     backend: &dyn Backend,
     options: &EvalOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalSummary> {
     let problems = read_problems(&options.input, options.format)?;
+    run_problems(backend, problems, options, progress)
+}
+
+/// [`run`] on `problems`, already read from `options.input` by [`read_problems`].
+pub fn run_problems(
+    backend: &dyn Backend,
+    problems: Vec<(Map<String, Value>, crate::records::Problem)>,
+    options: &EvalOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<EvalSummary> {
     let gold: HashMap<String, Option<String>> = problems
         .iter()
         .map(|(_, p)| (p.id.clone(), p.answer.clone()))
@@ -415,55 +426,56 @@ pub fn evaluate(
         chunk_size: options.chunk_size,
         ..GenerateOptions::default()
     };
-    let result = generate(backend, &generate_options, progress).and_then(|generation| {
-        let traces = read_records(&output)?;
-        let mut kept = Vec::new();
-        let mut all = Vec::with_capacity(traces.len());
-        let mut unverifiable = 0;
-        for (_, mut record) in traces {
-            let id = record.get("id").and_then(id_of);
-            let sample = record
-                .get("sample")
-                .and_then(Value::as_u64)
-                .map_or(usize::MAX, |s| s as usize);
-            let answer = id.as_ref().and_then(|id| gold.get(id));
-            if let Some(answer) = answer.filter(|_| sample < options.samples) {
-                match (answer, record.get("response").and_then(Value::as_str)) {
-                    (Some(gold), Some(response)) => {
-                        let verdict = retort_verify::verify(response, gold, &options.policy);
-                        record.insert(
-                            "verdict".into(),
-                            json!({"correct": verdict.correct, "extracted": verdict.extracted}),
-                        );
-                        kept.push(record.clone());
+    let result =
+        generate_problems(backend, problems, &generate_options, progress).and_then(|generation| {
+            let traces = read_records(&output)?;
+            let mut kept = Vec::new();
+            let mut all = Vec::with_capacity(traces.len());
+            let mut unverifiable = 0;
+            for (_, mut record) in traces {
+                let id = record.get("id").and_then(id_of);
+                let sample = record
+                    .get("sample")
+                    .and_then(Value::as_u64)
+                    .map_or(usize::MAX, |s| s as usize);
+                let answer = id.as_ref().and_then(|id| gold.get(id));
+                if let Some(answer) = answer.filter(|_| sample < options.samples) {
+                    match (answer, record.get("response").and_then(Value::as_str)) {
+                        (Some(gold), Some(response)) => {
+                            let verdict = retort_verify::verify(response, gold, &options.policy);
+                            record.insert(
+                                "verdict".into(),
+                                json!({"correct": verdict.correct, "extracted": verdict.extracted}),
+                            );
+                            kept.push(record.clone());
+                        }
+                        _ => unverifiable += 1,
                     }
-                    _ => unverifiable += 1,
                 }
+                all.push(record);
             }
-            all.push(record);
-        }
-        if !temporary {
-            let mut file = AtomicFile::create(&output)?;
-            for record in &all {
-                serde_json::to_writer(&mut file, record)
-                    .map_err(|e| Error::Invalid(e.to_string()))?;
-                file.write_all(b"\n")?;
+            if !temporary {
+                let mut file = AtomicFile::create(&output)?;
+                for record in &all {
+                    serde_json::to_writer(&mut file, record)
+                        .map_err(|e| Error::Invalid(e.to_string()))?;
+                    file.write_all(b"\n")?;
+                }
+                file.commit()?;
             }
-            file.commit()?;
-        }
-        let mut summary = summarize(
-            &kept,
-            &SummaryOptions {
-                by: options.by.clone(),
-                policy: options.policy.clone(),
-            },
-        )?;
-        summary.unverifiable = unverifiable;
-        summary.model = Some(backend.name().to_string());
-        summary.sampling = Some(options.sampling.clone());
-        summary.generation = Some(generation);
-        Ok(summary)
-    });
+            let mut summary = summarize(
+                &kept,
+                &SummaryOptions {
+                    by: options.by.clone(),
+                    policy: options.policy.clone(),
+                },
+            )?;
+            summary.unverifiable = unverifiable;
+            summary.model = Some(backend.name().to_string());
+            summary.sampling = Some(options.sampling.clone());
+            summary.generation = Some(generation);
+            Ok(summary)
+        });
     if temporary {
         let _ = fs_err::remove_file(&output);
     }

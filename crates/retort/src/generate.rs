@@ -99,16 +99,28 @@ pub fn read_problems(
     Ok(out)
 }
 
-/// Runs the stage. `progress(done, total)` is called as traces complete.
+/// Runs the stage on the problems of `options.input`. `progress(done, total)` is called as
+/// traces complete.
 pub fn generate(
     backend: &dyn Backend,
+    options: &GenerateOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<GenerateSummary> {
+    let problems = read_problems(&options.input, options.format)?;
+    generate_problems(backend, problems, options, progress)
+}
+
+/// Runs the stage on `problems`, already read from `options.input` by [`read_problems`] (so a
+/// caller that checks the input first reads it once).
+pub fn generate_problems(
+    backend: &dyn Backend,
+    mut problems: Vec<(Map<String, Value>, Problem)>,
     options: &GenerateOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<GenerateSummary> {
     if options.samples == 0 && options.until_correct.is_none() {
         return Err(Error::Invalid("`--samples` must be at least 1".into()));
     }
-    let mut problems = read_problems(&options.input, options.format)?;
     if let Some((index, count)) = options.shard {
         if count == 0 || index >= count {
             return Err(Error::Invalid(format!(

@@ -11,7 +11,9 @@ pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod manifest;
+#[cfg(feature = "test-util")]
 pub mod mock_server;
+pub mod model_spec;
 pub mod provenance;
 pub mod records;
 pub mod report;
@@ -21,3 +23,4 @@ pub mod verify;
 pub mod world;
 
 pub use error::{Error, Result};
+pub use model_spec::ModelSpec;

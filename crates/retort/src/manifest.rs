@@ -11,6 +11,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Result;
 use crate::io::AtomicFile;
+use crate::model_spec::ModelSpec;
+pub use crate::model_spec::redact;
 
 /// A file and its SHA-256.
 #[derive(Debug, Clone, Serialize)]
@@ -63,10 +65,10 @@ impl Manifest {
         Ok(())
     }
 
-    /// Adds a model: its spec and the hashes of its `*.safetensors` files when it is a folder.
-    pub fn add_model(&mut self, spec: &str, dir: Option<&Path>) -> Result<()> {
+    /// Adds a model: its spec and, for a local model, the hashes of its `*.safetensors` files.
+    pub fn add_model(&mut self, spec: &ModelSpec) -> Result<()> {
         let mut weights = Vec::new();
-        if let Some(dir) = dir {
+        if let Some(dir) = spec.local_path().filter(|dir| dir.is_dir()) {
             let mut files: Vec<PathBuf> = fs_err::read_dir(dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -80,7 +82,7 @@ impl Manifest {
             }
         }
         self.models
-            .push(serde_json::json!({ "spec": redact(spec), "weights": weights }));
+            .push(serde_json::json!({ "spec": spec.to_string(), "weights": weights }));
         Ok(())
     }
 
@@ -146,16 +148,6 @@ pub fn redact_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
         }
     }
     out
-}
-
-/// Removes `user:password@` from URLs inside `text`.
-pub fn redact(text: &str) -> String {
-    match (text.find("://"), text.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme && !text[scheme + 3..at].contains('/') => {
-            format!("{}****@{}", &text[..scheme + 3], &text[at + 1..])
-        }
-        _ => text.to_string(),
-    }
 }
 
 #[cfg(test)]

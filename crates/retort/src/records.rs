@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::io::read::kind;
 
 /// The shape of an input record.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum InputFormat {

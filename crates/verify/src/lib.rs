@@ -30,6 +30,7 @@ pub use equiv::equivalent;
 pub use extract::extract_answer;
 
 /// How a trailing `%` is compared with a plain number.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PercentPolicy {
     /// `28%` equals both `28` and `0.28` (a percent question answered without the sign, or

@@ -6,7 +6,23 @@ use std::process::ExitCode;
 use anyhow::Context;
 use retort::bench::{BenchOptions, compare, run as run_bench};
 
-use crate::args::BenchArgs;
+/// `retort bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Only these figures (comma separated: train, score, generate_b1, generate_b8, kd, verify).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Only these configs (bench-tiny, bench-small).
+    #[arg(long, value_delimiter = ',')]
+    pub config: Vec<String>,
+    /// Seconds per figure (longer is steadier).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// A reference run to compare with (`torch_bench.py`'s JSON output from the same machine):
+    /// prints each figure's ratio and adds them to the JSON as `compare`.
+    #[arg(long, value_name = "JSON")]
+    pub compare: Option<std::path::PathBuf>,
+}
 
 /// Runs the selected figures and prints the report.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {

@@ -3,20 +3,34 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use retort::backend::open::resolve_local_spec;
+use retort::ModelSpec;
 use retort::check::{Status, check_pair};
 use retort_model::load::{LoadOptions, load};
 
-use crate::args::CheckArgs;
+/// `retort check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Teacher model (folder, `hf:ORG/NAME[@REV]` or `world:teacher`).
+    #[arg(long)]
+    pub teacher: ModelSpec,
+    /// Student model.
+    #[arg(long)]
+    pub student: ModelSpec,
+    /// Also print the report as one JSON line on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
+/// Runs `retort check`.
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let open = |spec: &str| {
-        if spec.starts_with("openai:") {
+    let open = |spec: &ModelSpec| {
+        if spec.is_remote() {
             anyhow::bail!(
                 "`retort check` compares local models (folders or `hf:` specs); `{spec}` is a server"
             );
         }
-        load(&resolve_local_spec(spec), &LoadOptions::default())
+        let dir = spec.local_dir()?;
+        load(&dir.to_string_lossy(), &LoadOptions::default())
             .with_context(|| format!("cannot open model `{spec}`"))
     };
     let teacher = open(&args.teacher)?;

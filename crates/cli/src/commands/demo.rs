@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
+use retort::ModelSpec;
 use retort::demo::{DemoEvent, DemoOptions, run_demo};
 
 use crate::ui;
@@ -25,12 +26,13 @@ pub struct DemoArgs {
     pub quick: bool,
     /// Teacher model (default: the bundled world teacher).
     #[arg(long, default_value = "world:teacher")]
-    pub teacher: String,
+    pub teacher: ModelSpec,
     /// Base student model (default: the bundled world student).
     #[arg(long, default_value = "world:student")]
-    pub student: String,
+    pub student: ModelSpec,
 }
 
+/// Runs `retort demo`.
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut options = if args.quick {
         DemoOptions::reduced(args.out.clone(), args.seed)

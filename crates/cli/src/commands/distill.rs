@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use retort::backend::open::resolve_local_spec;
+use retort::ModelSpec;
 use retort::distill::cache::CacheDtype;
 use retort::distill::teacher::MissingMass;
-use retort::distill::{DistillOptions, Objective, OnPolicyLoss};
+use retort::distill::{DistillOptions, DivergenceKind, Objective, OnPolicyLoss};
 use retort::manifest::Manifest;
 use retort::records::InputFormat;
 
@@ -25,7 +25,7 @@ pub struct DistillArgs {
     pub config: Option<PathBuf>,
     /// The student: a model folder, `hf:ORG/NAME[@REV]` or `world:student`.
     #[arg(long)]
-    pub student: Option<String>,
+    pub student: Option<ModelSpec>,
     /// Training records (JSONL or JSON array): `prompt`/`messages`/`prompt_ids` with `response`,
     /// `completion` or `completion_ids`.
     #[arg(long)]
@@ -35,13 +35,13 @@ pub struct DistillArgs {
     pub output: Option<PathBuf>,
     /// The teacher for `kd` (same vocabulary as the student).
     #[arg(long)]
-    pub teacher: Option<String>,
+    pub teacher: Option<ModelSpec>,
     /// Training objective.
     #[arg(long, value_enum)]
-    pub objective: Option<ObjectiveArg>,
+    pub objective: Option<Objective>,
     /// KD divergence.
     #[arg(long, value_enum)]
-    pub divergence: Option<DivergenceArg>,
+    pub divergence: Option<DivergenceKind>,
     /// β of `jsd`: the teacher's weight in the mixture (TRL's semantics).
     #[arg(long)]
     pub beta: Option<f64>,
@@ -59,7 +59,7 @@ pub struct DistillArgs {
     pub lambda: Option<f64>,
     /// On-policy: the loss on the student's samples [default: reward].
     #[arg(long, value_enum)]
-    pub on_policy_loss: Option<OnPolicyLossArg>,
+    pub on_policy_loss: Option<OnPolicyLoss>,
     /// On-policy: most new tokens per student sample [default: 128].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
@@ -106,8 +106,8 @@ pub struct DistillArgs {
     #[arg(long)]
     pub only_correct: bool,
     /// Prompt shape of the records [default: auto].
-    #[arg(long, value_enum)]
-    pub input_format: Option<InputFormatArg>,
+    #[arg(long, value_enum, visible_alias = "format")]
+    pub input_format: Option<InputFormat>,
     /// Held-out records for the evaluation loss.
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
@@ -141,14 +141,14 @@ pub struct CacheArgs {
     pub top_k: usize,
     /// With `--cache-teacher`: storage of the log-probs (f16: 6 bytes per id and log-prob pair,
     /// f32: 8).
-    #[arg(long, value_enum, default_value_t = CacheDtypeArg::F16)]
-    pub cache_dtype: CacheDtypeArg,
+    #[arg(long, value_enum, default_value_t = CacheDtype::F16)]
+    pub cache_dtype: CacheDtype,
     /// Train `kd` from the teacher cache in DIR instead of a live `--teacher`.
     #[arg(long, value_name = "DIR")]
     pub teacher_cache: Option<PathBuf>,
     /// Sparse teacher signals: the probability outside the top-k set [default: tail].
     #[arg(long, value_enum)]
-    pub missing_mass: Option<MissingMassArg>,
+    pub missing_mass: Option<MissingMass>,
 }
 
 /// LoRA flags.
@@ -168,84 +168,6 @@ pub struct LoraArgs {
     /// With LoRA, also write the merged model as a Hugging Face folder in `OUTPUT/merged`.
     #[arg(long)]
     pub merge_lora: bool,
-}
-
-/// `--objective`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ObjectiveArg {
-    /// Cross-entropy on completion tokens.
-    Sft,
-    /// Token-level KD from `--teacher`, mixed with SFT by `--kd-weight`.
-    Kd,
-    /// On-policy distillation: the student samples (with probability `--lambda`), the teacher
-    /// scores its tokens (`--on-policy-loss`).
-    OnPolicy,
-    /// REDI on positive and negative traces (`verdict.correct`), after an SFT stage.
-    Redi,
-}
-
-/// `--divergence`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DivergenceArg {
-    /// Forward KL(teacher ‖ student).
-    Fkl,
-    /// Reverse KL(student ‖ teacher).
-    Rkl,
-    /// Generalised JSD (`--beta`).
-    Jsd,
-    /// Skew forward KL (`--alpha`).
-    Skl,
-    /// Skew reverse KL (`--alpha`).
-    Srkl,
-    /// Total variation distance.
-    Tvd,
-}
-
-/// `--on-policy-loss`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum OnPolicyLossArg {
-    /// Per-token reverse KL as a reward: the teacher scores the sampled tokens, policy gradient
-    /// on `log p_teacher - log p_student` (logged as `reverse_kl`).
-    Reward,
-    /// The `--divergence` on the full distributions at the sampled positions (GKD).
-    Divergence,
-}
-
-/// `--cache-dtype`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CacheDtypeArg {
-    /// Half precision (absolute error below 0.008 for log-probs above -16).
-    F16,
-    /// Single precision.
-    F32,
-}
-
-/// `--missing-mass`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum MissingMassArg {
-    /// Compare on the k tokens plus one bucket for everything else.
-    Tail,
-    /// Renormalise both distributions over the k tokens (the student's outside mass is free).
-    Renormalize,
-}
-
-/// `--input-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum InputFormatArg {
-    /// Detect from the fields present.
-    Auto,
-    /// `prompt_ids`.
-    Ids,
-    /// `messages`.
-    Messages,
-    /// ShareGPT `conversations`.
-    Sharegpt,
-    /// `prompt` text.
-    Prompt,
-    /// GSM8K `question`.
-    Gsm8k,
-    /// MATH `problem`.
-    Math,
 }
 
 /// The options from `--config` (if any) with every given flag applied on top.
@@ -285,8 +207,12 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     );
     set!(weight_decay, seed, max_seq_len, redi_alpha);
     set!(lambda, max_new_tokens, sample_temperature);
+    set!(objective, divergence, on_policy_loss, input_format);
     if let Some(dir) = &args.cache.teacher_cache {
         o.teacher_cache = Some(dir.clone());
+    }
+    if let Some(policy) = args.cache.missing_mass {
+        o.missing_mass = policy;
     }
     macro_rules! set_lora {
         ($($field:ident),*) => {$(
@@ -296,51 +222,6 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
         )*};
     }
     set_lora!(lora_rank, lora_alpha, lora_targets);
-    if let Some(loss) = args.on_policy_loss {
-        o.on_policy_loss = match loss {
-            OnPolicyLossArg::Reward => OnPolicyLoss::Reward,
-            OnPolicyLossArg::Divergence => OnPolicyLoss::Divergence,
-        };
-    }
-    if let Some(policy) = args.cache.missing_mass {
-        o.missing_mass = match policy {
-            MissingMassArg::Tail => MissingMass::Tail,
-            MissingMassArg::Renormalize => MissingMass::Renormalize,
-        };
-    }
-    if let Some(objective) = args.objective {
-        o.objective = match objective {
-            ObjectiveArg::Sft => Objective::Sft,
-            ObjectiveArg::Kd => Objective::Kd,
-            ObjectiveArg::OnPolicy => Objective::OnPolicy,
-            ObjectiveArg::Redi => Objective::Redi,
-        };
-    }
-    if let Some(divergence) = args.divergence {
-        let name = match divergence {
-            DivergenceArg::Fkl => "fkl",
-            DivergenceArg::Rkl => "rkl",
-            DivergenceArg::Jsd => "jsd",
-            DivergenceArg::Skl => "skl",
-            DivergenceArg::Srkl => "srkl",
-            DivergenceArg::Tvd => "tvd",
-        };
-        o.divergence = name.into();
-    }
-    if let Some(format) = args.input_format {
-        o.input_format = match format {
-            InputFormatArg::Auto => InputFormat::Auto,
-            InputFormatArg::Ids => InputFormat::Ids,
-            InputFormatArg::Messages => InputFormat::Messages,
-            InputFormatArg::Sharegpt => InputFormat::Sharegpt,
-            InputFormatArg::Prompt => InputFormat::Prompt,
-            InputFormatArg::Gsm8k => InputFormat::Gsm8k,
-            InputFormatArg::Math => InputFormat::Math,
-        };
-    }
-    // `world:NAME` names a bundled model folder; resolved here, so the saved config has a path.
-    o.student = o.student.map(|s| resolve_local_spec(&s));
-    o.teacher = o.teacher.map(|s| resolve_local_spec(&s));
     o.only_correct |= args.only_correct;
     o.resume |= args.resume;
     o.merge_lora |= args.lora.merge_lora;
@@ -383,8 +264,7 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
         manifest.add_input(&cache.join(retort::distill::cache::CACHE_FILE))?;
     }
     for spec in [&options.student, &options.teacher].into_iter().flatten() {
-        let dir = PathBuf::from(spec);
-        manifest.add_model(spec, dir.is_dir().then_some(dir.as_path()))?;
+        manifest.add_model(spec)?;
     }
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
@@ -425,10 +305,7 @@ fn cache_teacher(
     dir: &std::path::Path,
     args: &CacheArgs,
 ) -> anyhow::Result<ExitCode> {
-    let dtype = match args.cache_dtype {
-        CacheDtypeArg::F16 => CacheDtype::F16,
-        CacheDtypeArg::F32 => CacheDtype::F32,
-    };
+    let dtype = args.cache_dtype;
     let bar = ui::progress(None, "cache-teacher");
     let mut on_shard = |done: usize, total: usize| {
         bar.set_length(total as u64);

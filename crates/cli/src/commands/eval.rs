@@ -6,27 +6,23 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use retort::ModelSpec;
 use retort::backend::SamplingParams;
-use retort::backend::open::{open_backend, resolve_local_spec};
-use retort::eval::{EvalOptions, EvalSummary, Metrics, Protocol, evaluate};
+use retort::backend::open::open_backend;
+use retort::eval::{EvalOptions, EvalSummary, Metrics, Protocol};
+use retort::generate::read_problems;
 use retort::manifest::Manifest;
+use retort::records::InputFormat;
 
-use crate::args::{BackendArgs, FormatArg};
+use crate::args::BackendArgs;
 use crate::ui;
-
-/// Published evaluation protocols.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum ProtocolArg {
-    /// DeepSeek-R1: temperature 0.6, top-p 0.95, 4 samples per problem.
-    DeepseekR1,
-}
 
 /// `retort eval`.
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
     /// Model: a Hugging Face folder, `hf:ORG/NAME[@REV]`, `openai:URL#MODEL` or `world:student`.
     #[arg(long, short)]
-    pub model: String,
+    pub model: ModelSpec,
     /// Problems with gold answers: JSONL or a JSON array (prompt, messages, GSM8K, MATH, ...).
     #[arg(long, short)]
     pub input: PathBuf,
@@ -35,7 +31,7 @@ pub struct EvalArgs {
     pub samples: Option<usize>,
     /// Preset sampling settings; flags given explicitly take precedence.
     #[arg(long, value_enum)]
-    pub protocol: Option<ProtocolArg>,
+    pub protocol: Option<Protocol>,
     /// Softmax temperature; 0 is greedy [default: 1, or the protocol's].
     #[arg(long)]
     pub temperature: Option<f64>,
@@ -46,7 +42,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Maximum new tokens per response.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = SamplingParams::default().max_new_tokens)]
     pub max_new_tokens: usize,
     /// Seed: the same seed gives the same samples.
     #[arg(long, default_value_t = 0)]
@@ -64,8 +60,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub by: Option<String>,
     /// Input shape.
-    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
-    pub format: FormatArg,
+    #[arg(long, value_enum, default_value_t = InputFormat::Auto, visible_alias = "input-format")]
+    pub format: InputFormat,
     #[command(flatten)]
     pub backend: BackendArgs,
 }
@@ -110,9 +106,7 @@ fn show(title: &str, rows: &[(String, String)]) {
 /// Runs `retort eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    let preset = args.protocol.map(|p| match p {
-        ProtocolArg::DeepseekR1 => Protocol::DeepseekR1.preset(),
-    });
+    let preset = args.protocol.map(Protocol::preset);
     let samples = args.samples.or(preset.map(|p| p.samples)).unwrap_or(1);
     if samples == 0 {
         anyhow::bail!("`--samples` must be at least 1");
@@ -132,28 +126,26 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let mut options = EvalOptions::new(&args.input);
     options.output = args.output.clone();
     options.samples = samples;
-    options.format = super::generate::format(args.format);
+    options.format = args.format;
     options.sampling = sampling;
     options.by = args.by.clone();
     // Read the input before loading the model so bad input fails fast.
-    retort::generate::read_problems(&options.input, options.format)?;
-    let backend = open_backend(
-        &args.model,
-        &super::generate::backend_options(&args.backend),
-    )
-    .with_context(|| format!("cannot open model `{}`", args.model))?;
+    let problems = read_problems(&options.input, options.format)?;
+    let backend = open_backend(&args.model, &args.backend.options())
+        .with_context(|| format!("cannot open model `{}`", args.model))?;
     let bar = ui::progress(Some(0), "eval");
-    let summary: EvalSummary = evaluate(backend.as_ref(), &options, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })
-    .with_context(|| {
-        format!(
-            "cannot evaluate `{}` on `{}`",
-            args.model,
-            args.input.display()
-        )
-    })?;
+    let summary: EvalSummary =
+        retort::eval::run_problems(backend.as_ref(), problems, &options, &mut |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })
+        .with_context(|| {
+            format!(
+                "cannot evaluate `{}` on `{}`",
+                args.model,
+                args.input.display()
+            )
+        })?;
     bar.finish_and_clear();
 
     if let Some(path) = &args.summary {
@@ -169,22 +161,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             "by": args.by,
         }));
         manifest.add_input(&args.input)?;
-        let local_dir =
-            (!args.model.starts_with("openai:")).then(|| resolve_local_spec(&args.model));
-        manifest.add_model(
-            &args.model,
-            local_dir
-                .as_deref()
-                .map(std::path::Path::new)
-                .filter(|p| p.is_dir()),
-        )?;
+        manifest.add_model(&args.model)?;
         manifest.counts = serde_json::to_value(&summary)?;
         manifest.wall_seconds = start.elapsed().as_secs_f64();
         manifest.write_beside(beside)?;
     }
 
     let mut rows = vec![
-        ("model".to_string(), args.model.clone()),
+        ("model".to_string(), args.model.to_string()),
         ("samples per problem".to_string(), samples.to_string()),
     ];
     rows.extend(metric_rows(&summary.overall));

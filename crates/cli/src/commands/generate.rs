@@ -1,51 +1,53 @@
 //! `retort generate`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
-use retort::backend::SamplingParams;
-use retort::backend::open::{BackendOptions, open_backend, resolve_local_spec};
-use retort::generate::{GenerateOptions, generate};
+use retort::ModelSpec;
+use retort::backend::open::open_backend;
+use retort::generate::{GenerateOptions, generate_problems, read_problems};
 use retort::manifest::Manifest;
+use retort::records::InputFormat;
 
-use crate::args::{BackendArgs, FormatArg, GenerateArgs, SamplingArgs};
+use crate::args::{BackendArgs, SamplingArgs};
 use crate::ui;
 
-pub fn sampling_params(args: &SamplingArgs) -> SamplingParams {
-    SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        max_new_tokens: args.max_new_tokens,
-        seed: Some(args.seed),
-        stop: args.stop.clone(),
-        logprobs: 0,
-    }
-}
-
-pub fn backend_options(args: &BackendArgs) -> BackendOptions {
-    BackendOptions {
-        batch_size: args.batch_size,
-        concurrency: args.concurrency,
-        timeout: Duration::from_secs_f64(args.timeout),
-        max_retries: args.max_retries,
-        backoff_base: Duration::from_secs_f64(args.backoff_base),
-        backoff_max: Duration::from_secs_f64(args.backoff_max),
-    }
-}
-
-pub fn format(arg: FormatArg) -> retort::records::InputFormat {
-    use retort::records::InputFormat as F;
-    match arg {
-        FormatArg::Auto => F::Auto,
-        FormatArg::Prompt => F::Prompt,
-        FormatArg::Messages => F::Messages,
-        FormatArg::Sharegpt => F::Sharegpt,
-        FormatArg::Gsm8k => F::Gsm8k,
-        FormatArg::Math => F::Math,
-        FormatArg::Ids => F::Ids,
-    }
+/// `retort generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Model: a Hugging Face folder, `hf:ORG/NAME[@REV]`, `openai:URL#MODEL` or `world:teacher`.
+    #[arg(long, short)]
+    pub model: ModelSpec,
+    /// Input problems: JSONL or a JSON array (prompt, messages, GSM8K, MATH, ShareGPT, prompt_ids).
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output traces (JSONL); rerunning resumes, skipping (id, sample) pairs already present.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Traces per problem.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Input shape.
+    #[arg(long, value_enum, default_value_t = InputFormat::Auto, visible_alias = "input-format")]
+    pub format: InputFormat,
+    /// Work on shard i of n (records whose position modulo n is i), e.g. `--shard 0/4`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Verify each trace against the record's gold answer and add `verdict`.
+    #[arg(long)]
+    pub verify: bool,
+    /// Rejection sampling: resample each problem until K traces verify correct (implies --verify).
+    #[arg(long, value_name = "K", requires = "max_samples")]
+    pub until_correct: Option<usize>,
+    /// With --until-correct: at most this many samples per problem.
+    #[arg(long, value_name = "M")]
+    pub max_samples: Option<usize>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub backend: BackendArgs,
 }
 
 fn parse_shard(text: &str) -> anyhow::Result<(usize, usize)> {
@@ -58,6 +60,7 @@ fn parse_shard(text: &str) -> anyhow::Result<(usize, usize)> {
     }
 }
 
+/// Runs `retort generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let shard = args.shard.as_deref().map(parse_shard).transpose()?;
@@ -65,19 +68,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         input: args.input.clone(),
         output: args.output.clone(),
         samples: args.samples,
-        format: format(args.format),
-        sampling: sampling_params(&args.sampling),
+        format: args.format,
+        sampling: args.sampling.params(),
         shard,
         chunk_size: 4096,
         verify: args.verify.then(retort_verify::VerifyOptions::default),
         until_correct: args.until_correct.zip(args.max_samples),
     };
     // Read the input before loading the model so bad input fails fast and leaves no output.
-    retort::generate::read_problems(&options.input, options.format)?;
-    let backend = open_backend(&args.model, &backend_options(&args.backend))
+    let problems = read_problems(&options.input, options.format)?;
+    let backend = open_backend(&args.model, &args.backend.options())
         .with_context(|| format!("cannot open model `{}`", args.model))?;
     let bar = ui::progress(Some(0), "generate");
-    let summary = generate(backend.as_ref(), &options, &mut |done, total| {
+    let summary = generate_problems(backend.as_ref(), problems, &options, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })
@@ -89,14 +92,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         "shard": args.shard,
     }));
     manifest.add_input(&args.input)?;
-    let local_dir = (!args.model.starts_with("openai:")).then(|| resolve_local_spec(&args.model));
-    manifest.add_model(
-        &args.model,
-        local_dir
-            .as_deref()
-            .map(std::path::Path::new)
-            .filter(|p| p.is_dir()),
-    )?;
+    manifest.add_model(&args.model)?;
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
     manifest.write_beside(&args.output)?;

@@ -4,17 +4,17 @@ use std::process::ExitCode;
 
 use crate::args::{Cli, Command};
 
-mod bench;
-mod check;
+pub mod bench;
+pub mod check;
 pub mod demo;
 pub mod distill;
 pub mod eval;
-mod generate;
+pub mod generate;
 pub mod report;
-mod score;
+pub mod score;
 pub mod select;
 pub mod trace;
-mod verify;
+pub mod verify;
 pub mod world;
 
 /// Runs the parsed command line.

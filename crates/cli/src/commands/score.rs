@@ -1,19 +1,41 @@
 //! `retort score`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use retort::backend::open::{open_local, resolve_local_spec};
+use retort::ModelSpec;
+use retort::backend::open::open_local;
 use retort::manifest::Manifest;
 use retort::score::{ScoreOptions, score};
 
-use crate::args::ScoreArgs;
 use crate::ui;
 
+/// `retort score`.
+#[derive(Debug, clap::Args)]
+pub struct ScoreArgs {
+    /// Model: a Hugging Face folder, `hf:ORG/NAME[@REV]`, or `openai:URL#MODEL` (vLLM `prompt_logprobs`).
+    #[arg(long, short)]
+    pub model: ModelSpec,
+    /// Input: `prompt`/`messages` + `completion`, or `prompt_ids` + `completion_ids`.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output JSONL with `token_logprobs`, `logprob`, `num_tokens`; reruns resume.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Records per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// With a server (`openai:URL#MODEL`): also keep the top-k alternatives of each token.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+}
+
+/// Runs `retort score`.
 pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    if args.model.starts_with("openai:") {
+    if args.model.is_remote() {
         let backend = retort::backend::open::open_backend(&args.model, &Default::default())
             .with_context(|| format!("cannot open model `{}`", args.model))?;
         let options = ScoreOptions {
@@ -35,7 +57,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
         let mut manifest = Manifest::new(serde_json::json!({ "top_k": args.top_k }));
         manifest.add_input(&args.input)?;
-        manifest.add_model(&args.model, None)?;
+        manifest.add_model(&args.model)?;
         manifest.counts = serde_json::to_value(&summary)?;
         manifest.wall_seconds = start.elapsed().as_secs_f64();
         manifest.write_beside(&args.output)?;
@@ -65,10 +87,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let mut manifest = Manifest::new(serde_json::json!({ "batch_size": args.batch_size }));
     manifest.add_input(&args.input)?;
-    manifest.add_model(
-        &args.model,
-        Some(std::path::Path::new(&resolve_local_spec(&args.model))),
-    )?;
+    manifest.add_model(&args.model)?;
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
     manifest.write_beside(&args.output)?;

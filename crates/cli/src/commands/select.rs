@@ -1,70 +1,15 @@
 //! `retort select`: curate traces into a training set (strategies compose in the order given).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use retort::ModelSpec;
 use retort::backend::local::LocalBackend;
-use retort::backend::open::{open_local, resolve_local_spec};
+use retort::backend::open::open_local;
 use retort::select::{DedupOn, LocalScorer, Scorer, SelectOptions, Strategy, select_file};
 
 use crate::ui;
-
-/// A selection strategy (see `retort::select` for the table of what each does).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StrategyArg {
-    /// Keep records whose `verdict.correct` is true.
-    Correct,
-    /// Drop truncated records (`finish_reason: "length"`).
-    Finished,
-    /// Keep records within `--min-tokens`/`--max-tokens`.
-    Length,
-    /// Drop exact duplicates and MinHash near-duplicates (`--jaccard`).
-    Dedup,
-    /// Drop records sharing an n-gram with the prompts of `--eval-files`.
-    Decontaminate,
-    /// Keep problems whose student pass rate is within `--min-pass-rate`..`--max-pass-rate`.
-    Difficulty,
-    /// Order by student perplexity, lowest first (needs `--student`).
-    StudentPpl,
-    /// Order by Rank-Surprisal Ratio under the student, lowest first (needs `--student`).
-    Rsr,
-    /// Order by how much the teacher prefers the trace's sentences over the student (needs both).
-    TeacherGuided,
-    /// Seeded shuffle.
-    Random,
-    /// Fewest tokens first.
-    Shortest,
-}
-
-impl From<StrategyArg> for Strategy {
-    fn from(arg: StrategyArg) -> Self {
-        match arg {
-            StrategyArg::Correct => Self::Correct,
-            StrategyArg::Finished => Self::Finished,
-            StrategyArg::Length => Self::Length,
-            StrategyArg::Dedup => Self::Dedup,
-            StrategyArg::Decontaminate => Self::Decontaminate,
-            StrategyArg::Difficulty => Self::Difficulty,
-            StrategyArg::StudentPpl => Self::StudentPpl,
-            StrategyArg::Rsr => Self::Rsr,
-            StrategyArg::TeacherGuided => Self::TeacherGuided,
-            StrategyArg::Random => Self::Random,
-            StrategyArg::Shortest => Self::Shortest,
-        }
-    }
-}
-
-/// Which text `dedup` compares.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum DedupOnArg {
-    /// Prompt and response together.
-    Both,
-    /// The response only.
-    Response,
-    /// The prompt only.
-    Prompt,
-}
 
 /// `retort select` arguments.
 #[derive(Debug, clap::Args)]
@@ -77,7 +22,7 @@ pub struct SelectArgs {
     pub output: PathBuf,
     /// Strategies, applied in the order given (comma-separated or repeated).
     #[arg(long = "strategy", value_enum, value_delimiter = ',', required = true)]
-    pub strategies: Vec<StrategyArg>,
+    pub strategies: Vec<Strategy>,
     /// Keep at most this many records (applied last).
     #[arg(long)]
     pub budget: Option<usize>,
@@ -89,10 +34,10 @@ pub struct SelectArgs {
     pub seed: u64,
     /// Teacher model (local folder, `hf:ORG/NAME`, `world:teacher`) for `teacher-guided`.
     #[arg(long)]
-    pub teacher: Option<String>,
+    pub teacher: Option<ModelSpec>,
     /// Student model for `student-ppl`, `rsr` and `teacher-guided`.
     #[arg(long)]
-    pub student: Option<String>,
+    pub student: Option<ModelSpec>,
     /// Responses scored per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -121,8 +66,8 @@ pub struct SelectArgs {
     #[arg(long, default_value_t = 128)]
     pub num_perm: usize,
     /// `dedup`: which text is compared.
-    #[arg(long, value_enum, default_value = "both")]
-    pub dedup_on: DedupOnArg,
+    #[arg(long, value_enum, default_value_t = DedupOn::Both)]
+    pub dedup_on: DedupOn,
     /// `difficulty`: the student's samples with verdicts (default: the input's own verdicts).
     #[arg(long)]
     pub difficulty_from: Option<PathBuf>,
@@ -144,12 +89,12 @@ pub struct SelectArgs {
 }
 
 fn open(
-    spec: &Option<String>,
+    spec: Option<&ModelSpec>,
     role: &str,
     batch_size: usize,
 ) -> anyhow::Result<Option<LocalBackend>> {
     let Some(spec) = spec else { return Ok(None) };
-    if spec.starts_with("openai:") {
+    if spec.is_remote() {
         anyhow::bail!(
             "`--{role}`: selection scores with local models; give a Hugging Face folder or `hf:ORG/NAME`"
         );
@@ -161,7 +106,7 @@ fn open(
 
 /// Runs `retort select`.
 pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
-    let mut strategies: Vec<Strategy> = args.strategies.iter().map(|&s| s.into()).collect();
+    let mut strategies = args.strategies.clone();
     if args.drop_truncated && !strategies.contains(&Strategy::Finished) {
         strategies.insert(0, Strategy::Finished);
     }
@@ -175,11 +120,7 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         jaccard: args.jaccard,
         shingle: args.shingle,
         num_perm: args.num_perm,
-        dedup_on: match args.dedup_on {
-            DedupOnArg::Both => DedupOn::Both,
-            DedupOnArg::Response => DedupOn::Response,
-            DedupOnArg::Prompt => DedupOn::Prompt,
-        },
+        dedup_on: args.dedup_on,
         eval_files: args.eval_files.clone(),
         ngram: args.ngram,
         difficulty_from: args.difficulty_from.clone(),
@@ -190,20 +131,16 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         response_field: args.response_field.clone(),
         source: Some(args.input.clone()),
     };
-    let teacher = open(&args.teacher, "teacher", args.batch_size)?;
-    let student = open(&args.student, "student", args.batch_size)?;
+    let teacher = open(args.teacher.as_ref(), "teacher", args.batch_size)?;
+    let student = open(args.student.as_ref(), "student", args.batch_size)?;
     let scorer = LocalScorer {
         student: student.as_ref(),
         teacher: teacher.as_ref(),
         batch_size: args.batch_size,
     };
-    let models: Vec<(String, Option<PathBuf>)> = [&args.teacher, &args.student]
+    let models: Vec<&ModelSpec> = [&args.teacher, &args.student]
         .into_iter()
         .flatten()
-        .map(|spec| {
-            let dir = PathBuf::from(resolve_local_spec(spec));
-            (spec.clone(), Path::new(&dir).is_dir().then_some(dir))
-        })
         .collect();
     let scorer_ref: Option<&dyn Scorer> =
         (teacher.is_some() || student.is_some()).then_some(&scorer as &dyn Scorer);

@@ -1,17 +1,18 @@
 //! `retort trace`: sentence provenance of responses under a teacher, the base student and the
 //! distilled student, with a summary table of category shares.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use retort::ModelSpec;
 use retort::backend::local::LocalBackend;
-use retort::backend::open::{open_local, resolve_local_spec};
+use retort::backend::open::open_local;
 use retort::manifest::Manifest;
 use retort::provenance::{Category, Thresholds, TraceOptions, trace};
+use retort::records::InputFormat;
 
-use crate::args::FormatArg;
 use crate::ui;
 
 /// `retort trace`.
@@ -19,13 +20,13 @@ use crate::ui;
 pub struct TraceArgs {
     /// The teacher: a Hugging Face folder, `hf:ORG/NAME[@REV]` or `world:teacher`.
     #[arg(long)]
-    pub teacher: String,
+    pub teacher: ModelSpec,
     /// The student before distillation.
     #[arg(long)]
-    pub base: String,
+    pub base: ModelSpec,
     /// The student after distillation.
     #[arg(long)]
-    pub distilled: String,
+    pub distilled: ModelSpec,
     /// Records with a prompt (any input shape) and a response, e.g. traces from `retort generate`.
     #[arg(long, short)]
     pub input: PathBuf,
@@ -42,8 +43,8 @@ pub struct TraceArgs {
     #[arg(long, default_value = "response")]
     pub response_field: String,
     /// Input shape (for the prompt).
-    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
-    pub format: FormatArg,
+    #[arg(long, value_enum, default_value_t = InputFormat::Auto, visible_alias = "input-format")]
+    pub format: InputFormat,
     /// Records scored together in one forward pass per model.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -56,18 +57,14 @@ fn opt(x: Option<f64>, digits: usize) -> String {
 /// Runs `retort trace`.
 pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    let specs = [
-        args.teacher.as_str(),
-        args.base.as_str(),
-        args.distilled.as_str(),
-    ];
-    if let Some(remote) = specs.iter().find(|s| s.starts_with("openai:")) {
+    let specs = [&args.teacher, &args.base, &args.distilled];
+    if let Some(remote) = specs.iter().find(|s| s.is_remote()) {
         anyhow::bail!(
             "`retort trace` scores with local models; `{remote}` is a server (give a folder or `hf:ORG/NAME`)"
         );
     }
     // A spec given twice is loaded once (and scored once).
-    let mut loaded: Vec<(&str, LocalBackend)> = Vec::new();
+    let mut loaded: Vec<(&ModelSpec, LocalBackend)> = Vec::new();
     for spec in specs {
         if !loaded.iter().any(|(s, _)| *s == spec) {
             let backend = open_local(spec, args.batch_size)
@@ -75,7 +72,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
             loaded.push((spec, backend));
         }
     }
-    let get = |spec: &str| -> &LocalBackend {
+    let get = |spec: &ModelSpec| -> &LocalBackend {
         &loaded
             .iter()
             .find(|(s, _)| *s == spec)
@@ -83,7 +80,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
             .1
     };
     let mut options = TraceOptions::new(&args.input, &args.output);
-    options.format = super::generate::format(args.format);
+    options.format = args.format;
     options.response_field = args.response_field.clone();
     options.thresholds = Thresholds {
         likely: args.likely,
@@ -107,12 +104,11 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let mut manifest = Manifest::new(serde_json::json!({
         "thresholds": options.thresholds,
         "response_field": args.response_field,
-        "roles": {"teacher": args.teacher, "base": args.base, "distilled": args.distilled},
+        "roles": {"teacher": args.teacher.to_string(), "base": args.base.to_string(), "distilled": args.distilled.to_string()},
     }));
     manifest.add_input(&args.input)?;
     for (spec, _) in &loaded {
-        let dir = resolve_local_spec(spec);
-        manifest.add_model(spec, Some(Path::new(&dir)).filter(|p| p.is_dir()))?;
+        manifest.add_model(spec)?;
     }
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();

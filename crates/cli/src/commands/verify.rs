@@ -1,5 +1,6 @@
 //! `retort verify`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -9,9 +10,35 @@ use retort::verify::{VerifyStageOptions, verify_file};
 
 use retort_verify::PercentPolicy;
 
-use crate::args::{PercentArg, VerifyArgs};
 use crate::ui;
 
+/// `retort verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Input records (JSONL or a JSON array).
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Output JSONL: the input records with `verdict` added.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Field holding the gold answer.
+    #[arg(long, default_value = "answer")]
+    pub gold_field: String,
+    /// Field holding the model response.
+    #[arg(long, default_value = "response")]
+    pub response_field: String,
+    /// Percent policy: `either` (28% = 28 = 0.28), `strict` (28% = 0.28 only), `ignore` (28% = 28 only).
+    #[arg(long, value_enum, default_value_t = PercentPolicy::Either)]
+    pub percent: PercentPolicy,
+    /// Accept numbers within this relative tolerance of the gold (default: exact, so 1.414 is not √2).
+    #[arg(long)]
+    pub tolerance: Option<f64>,
+    /// Keep units after values (`5 cm` vs `5`) instead of stripping them.
+    #[arg(long)]
+    pub keep_units: bool,
+}
+
+/// Runs `retort verify`.
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let mut options = VerifyStageOptions {
@@ -19,11 +46,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         response_field: args.response_field,
         ..VerifyStageOptions::default()
     };
-    options.policy.percent = match args.percent {
-        PercentArg::Either => PercentPolicy::Either,
-        PercentArg::Strict => PercentPolicy::Strict,
-        PercentArg::Ignore => PercentPolicy::Ignore,
-    };
+    options.policy.percent = args.percent;
     options.policy.float_tolerance = args.tolerance;
     options.policy.strip_units = !args.keep_units;
     let bar = ui::progress(None, "verify");

@@ -25,15 +25,6 @@ pub enum WorldCommand {
     Train(WorldTrainArgs),
 }
 
-/// Which model `--only` trains.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum OnlyModel {
-    /// Only the teacher.
-    Teacher,
-    /// Only the base student.
-    Student,
-}
-
 /// Flags of `retort world train`.
 #[derive(Debug, clap::Args)]
 pub struct WorldTrainArgs {
@@ -67,7 +58,7 @@ pub struct WorldTrainArgs {
     pub init: Option<std::path::PathBuf>,
     /// Train only this model (the tokenizer is rebuilt either way; it is deterministic).
     #[arg(long, value_enum)]
-    pub only: Option<OnlyModel>,
+    pub only: Option<WorldModel>,
     /// Print a progress line every N steps (when stderr is not a terminal).
     #[arg(long, default_value_t = 50)]
     pub log_every: usize,
@@ -105,8 +96,7 @@ fn options(args: &WorldTrainArgs) -> WorldTrainOptions {
     }
     options.models = match args.only {
         None => vec![WorldModel::Teacher, WorldModel::Student],
-        Some(OnlyModel::Teacher) => vec![WorldModel::Teacher],
-        Some(OnlyModel::Student) => vec![WorldModel::Student],
+        Some(model) => vec![model],
     };
     options
 }

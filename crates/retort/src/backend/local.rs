@@ -22,19 +22,24 @@ pub struct LocalBackend {
 }
 
 impl LocalBackend {
-    /// Loads `spec` (a folder or `hf:ORG/NAME[@REV]`); `batch_size` rows are decoded together.
+    /// Loads the model folder `dir`; `batch_size` rows are decoded together (model specs are
+    /// resolved to folders by [`crate::ModelSpec::local_dir`]).
     ///
     /// A PEFT LoRA adapter folder (as `retort distill --lora-rank` writes) loads onto the base
     /// model its `adapter_config.json` names, merged for inference.
-    pub fn load(spec: &str, batch_size: usize) -> Result<Self> {
-        let dir = std::path::Path::new(spec);
+    pub fn load(dir: impl AsRef<std::path::Path>, batch_size: usize) -> Result<Self> {
+        let dir = dir.as_ref();
         let model = match crate::distill::lora::adapter_base(dir)? {
             Some(base) => {
                 crate::distill::lora::load_with_adapter(&base, dir, &LoadOptions::default())?
             }
-            None => load(spec, &LoadOptions::default())?,
+            None => load(&dir.to_string_lossy(), &LoadOptions::default())?,
         };
-        Ok(Self::from_loaded(spec, model, batch_size))
+        Ok(Self::from_loaded(
+            &dir.display().to_string(),
+            model,
+            batch_size,
+        ))
     }
 
     /// Wraps an already loaded model.

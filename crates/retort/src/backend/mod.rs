@@ -58,7 +58,7 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
             top_k: None,
-            max_new_tokens: 512,
+            max_new_tokens: 1024,
             seed: None,
             stop: Vec::new(),
             logprobs: 0,

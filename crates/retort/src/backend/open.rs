@@ -6,6 +6,7 @@ use super::Backend;
 use super::local::LocalBackend;
 use super::openai::{OpenAiBackend, OpenAiOptions};
 use crate::error::Result;
+use crate::model_spec::ModelSpec;
 
 /// How to reach a model.
 #[derive(Debug, Clone)]
@@ -37,42 +38,28 @@ impl Default for BackendOptions {
     }
 }
 
-/// Opens `spec`: `openai:URL#MODEL` for a server, otherwise a local model (a folder,
-/// `hf:ORG/NAME[@REV]`, or `world:teacher` / `world:student`).
-pub fn open_backend(spec: &str, options: &BackendOptions) -> Result<Box<dyn Backend>> {
-    if spec.starts_with("openai:") {
-        let openai = OpenAiOptions {
-            concurrency: options.concurrency,
-            timeout: options.timeout,
-            max_retries: options.max_retries,
-            backoff_base: options.backoff_base,
-            backoff_max: options.backoff_max,
-            ..OpenAiOptions::default()
-        };
-        Ok(Box::new(OpenAiBackend::new(spec, openai)?))
-    } else {
-        Ok(Box::new(open_local(spec, options.batch_size)?))
-    }
-}
-
-/// Opens a local model spec, resolving `world:NAME` to the bundled demo models.
-pub fn open_local(spec: &str, batch_size: usize) -> Result<LocalBackend> {
-    let path = resolve_local_spec(spec);
-    let mut backend = LocalBackend::load(&path, batch_size)?;
-    backend.set_name(spec);
-    Ok(backend)
-}
-
-/// `world:NAME` → the bundled `assets/world/NAME` folder (beside the executable's workspace, or
-/// `RETORT_WORLD_DIR`); anything else unchanged.
-pub fn resolve_local_spec(spec: &str) -> String {
-    match spec.strip_prefix("world:") {
-        Some(name) => {
-            let base = std::env::var("RETORT_WORLD_DIR").unwrap_or_else(|_| {
-                concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/world").to_string()
-            });
-            format!("{base}/{name}")
+/// Opens `spec`: a server for `openai:URL#MODEL`, otherwise the local model.
+pub fn open_backend(spec: &ModelSpec, options: &BackendOptions) -> Result<Box<dyn Backend>> {
+    match spec {
+        ModelSpec::Server(server) => {
+            let openai = OpenAiOptions {
+                concurrency: options.concurrency,
+                timeout: options.timeout,
+                max_retries: options.max_retries,
+                backoff_base: options.backoff_base,
+                backoff_max: options.backoff_max,
+                ..OpenAiOptions::default()
+            };
+            Ok(Box::new(OpenAiBackend::connect(server, openai)?))
         }
-        None => spec.to_string(),
+        local => Ok(Box::new(open_local(local, options.batch_size)?)),
     }
+}
+
+/// Opens a local model spec (a folder, `hf:`, `world:` or a PEFT adapter folder); a server spec
+/// is an error.
+pub fn open_local(spec: &ModelSpec, batch_size: usize) -> Result<LocalBackend> {
+    let mut backend = LocalBackend::load(&spec.local_dir()?, batch_size)?;
+    backend.set_name(&spec.to_string());
+    Ok(backend)
 }

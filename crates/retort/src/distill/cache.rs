@@ -21,10 +21,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::distill::config::DistillOptions;
-use crate::distill::data::{self, DataOptions, Example};
+use crate::distill::data::{self, Example, TokenizerView};
 use crate::distill::objective::{MicroBatch, logits_at_targets};
-use crate::distill::teacher::{MissingMass, TeacherSignal};
-use crate::distill::trainer::{load_teacher, tokenizer_view};
+use crate::distill::teacher::{MissingMass, TeacherSignal, load_teacher};
 use crate::error::{Error, Result};
 
 /// File name of the cache header.
@@ -35,6 +34,7 @@ const FORMAT: &str = "retort-teacher-cache";
 const VERSION: u32 = 1;
 
 /// How the log-probs are stored.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CacheDtype {
@@ -153,43 +153,23 @@ pub fn build_teacher_cache(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<CacheSummary> {
     let started = std::time::Instant::now();
-    let missing = |name: &str| {
-        Error::Invalid(format!(
-            "building a teacher cache needs `{name}` (flag `--{name}`)"
-        ))
-    };
-    let student_spec = options
-        .student
-        .as_deref()
-        .ok_or_else(|| missing("student"))?;
-    let data_path = options.data.as_deref().ok_or_else(|| missing("data"))?;
-    let teacher_spec = options
-        .teacher
-        .as_deref()
-        .ok_or_else(|| missing("teacher"))?;
-    if !(options.temperature.is_finite() && options.temperature > 0.0) {
-        return Err(Error::Invalid(format!(
-            "field `temperature`: must be positive, got {}",
-            options.temperature
-        )));
-    }
-    let student = retort_model::load(student_spec, &retort_model::LoadOptions::default())?;
-    let teacher = load_teacher(teacher_spec, &student)?;
+    let plan = options.resolve_cache()?;
+    let data_path = plan.data.as_path();
+    let student = retort_model::load(
+        &plan.student.local_dir()?.to_string_lossy(),
+        &retort_model::LoadOptions::default(),
+    )?;
+    let teacher = load_teacher(&plan.teacher, &student)?;
     let vocab_size = teacher.config.vocab_size;
     if top_k == 0 || top_k > vocab_size {
         return Err(Error::Invalid(format!(
             "field `top-k`: must lie in 1..={vocab_size} (the vocabulary), got {top_k}"
         )));
     }
-    let view = tokenizer_view(&student)?;
-    let data_options = DataOptions {
-        input_format: options.input_format,
-        only_correct: options.only_correct,
-        max_seq_len: options.max_seq_len,
-    };
-    let mut examples = data::load_examples(data_path, &view, &data_options)?.0;
-    if let Some(eval) = &options.eval_data {
-        examples.extend(data::load_examples(eval, &view, &data_options)?.0);
+    let view = TokenizerView::of(&student)?;
+    let mut examples = data::load_examples(data_path, &view, &plan.data_options)?.0;
+    if let Some(eval) = &plan.eval_data {
+        examples.extend(data::load_examples(eval, &view, &plan.data_options)?.0);
     }
     let mut seen = std::collections::HashSet::new();
     examples.retain(|e| seen.insert((e.key.clone(), example_hash(e))));
@@ -203,9 +183,9 @@ pub fn build_teacher_cache(
     let mut header = CacheHeader {
         format: FORMAT.into(),
         version: VERSION,
-        teacher: teacher_spec.into(),
+        teacher: plan.teacher.to_string(),
         top_k,
-        temperature: options.temperature,
+        temperature: plan.temperature,
         dtype,
         vocab_size,
         shard_examples: SHARD_EXAMPLES,
@@ -268,7 +248,7 @@ pub fn build_teacher_cache(
             let batch = MicroBatch::new(&refs, pad_id, &device)?;
             let logits = logits_at_targets(&teacher.model, &batch)?
                 .squeeze(0)?
-                .affine(1.0 / options.temperature, 0.0)?;
+                .affine(1.0 / plan.temperature, 0.0)?;
             let values = retort_model::train::log_softmax(&logits)?
                 .to_device(&Device::Cpu)?
                 .to_vec2::<f32>()?;

@@ -1,6 +1,7 @@
 //! The distillation run's settings: [`DistillOptions`], one struct for the CLI flags and the
 //! `--config FILE` TOML (same keys as the flags, kebab-case, unknown keys rejected), and the
-//! [`Objective`] it trains.
+//! [`Objective`] it trains. [`DistillOptions::resolve`] (in [`super::plan`]) validates them once
+//! into the [`super::plan::DistillPlan`] the trainer runs.
 //!
 //! The resolved options are saved beside the model as `config.toml` and inside every
 //! `trainer_state.json`, so a run can be reproduced and resumed from its output folder alone.
@@ -9,13 +10,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::distill::divergence::Divergence;
-use crate::distill::lora::{DEFAULT_TARGETS, LoraSpec};
+use crate::distill::divergence::DivergenceKind;
 use crate::distill::teacher::MissingMass;
 use crate::error::{Error, Result};
+use crate::model_spec::ModelSpec;
 use crate::records::InputFormat;
 
 /// What the student is trained to do.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Objective {
@@ -47,6 +49,7 @@ impl Objective {
 }
 
 /// The loss of on-policy steps (those that train on the student's own samples).
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnPolicyLoss {
@@ -74,9 +77,9 @@ impl OnPolicyLoss {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct DistillOptions {
-    /// The student: a model folder or `hf:ORG/NAME[@REV]`.
+    /// The student: a model folder, `hf:ORG/NAME[@REV]` or `world:student`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub student: Option<String>,
+    pub student: Option<ModelSpec>,
     /// Training records (JSONL or JSON array).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<PathBuf>,
@@ -86,11 +89,11 @@ pub struct DistillOptions {
     /// The teacher (required by `kd`): a model folder or `hf:` spec sharing the student's
     /// vocabulary.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub teacher: Option<String>,
+    pub teacher: Option<ModelSpec>,
     /// The training objective.
     pub objective: Objective,
     /// KD divergence: `fkl`, `rkl`, `jsd`, `skl`, `srkl`, `tvd`.
-    pub divergence: String,
+    pub divergence: DivergenceKind,
     /// β of `jsd` (TRL's semantics: the teacher's weight in the mixture).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
@@ -189,7 +192,7 @@ impl Default for DistillOptions {
             output: None,
             teacher: None,
             objective: Objective::Sft,
-            divergence: "fkl".into(),
+            divergence: DivergenceKind::Fkl,
             beta: None,
             alpha: None,
             temperature: 1.0,
@@ -247,185 +250,6 @@ impl DistillOptions {
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).map_err(|e| Error::Invalid(format!("cannot write config: {e}")))
     }
-
-    /// The KD divergence named by `divergence`, `beta` and `alpha`.
-    pub fn divergence(&self) -> Result<Divergence> {
-        Divergence::from_name(&self.divergence, self.beta, self.alpha)
-            .map_err(|e| Error::Invalid(format!("field `divergence`: {e}")))
-    }
-
-    /// The LoRA settings, when `lora-rank` is set: alpha defaults to `2 * rank`, the targets to
-    /// [`DEFAULT_TARGETS`].
-    pub fn lora(&self) -> Option<LoraSpec> {
-        let rank = self.lora_rank?;
-        Some(LoraSpec {
-            rank,
-            alpha: self.lora_alpha.unwrap_or(2.0 * rank as f64),
-            targets: self
-                .lora_targets
-                .clone()
-                .unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec()),
-        })
-    }
-
-    /// Sequences per forward/backward.
-    pub fn micro_batch(&self) -> usize {
-        self.micro_batch_size.unwrap_or(self.batch_size).max(1)
-    }
-
-    /// Checks ranges and required fields; returns the student, data and output.
-    pub fn validate(&self) -> Result<(&str, &Path, &Path)> {
-        let missing = |name: &str| Error::Invalid(format!("missing `{name}` (flag `--{name}`)"));
-        let student = self.student.as_deref().ok_or_else(|| missing("student"))?;
-        let data = self.data.as_deref().ok_or_else(|| missing("data"))?;
-        let output = self.output.as_deref().ok_or_else(|| missing("output"))?;
-        let bad = |field: &str, why: String| Error::Invalid(format!("field `{field}`: {why}"));
-        if self.batch_size == 0 {
-            return Err(bad("batch-size", "must be at least 1".into()));
-        }
-        if let Some(micro) = self.micro_batch_size
-            && (micro == 0 || micro > self.batch_size)
-        {
-            return Err(bad(
-                "micro-batch-size",
-                format!("must lie in 1..={}, got {micro}", self.batch_size),
-            ));
-        }
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return Err(bad(
-                "lr",
-                format!("expected a non-negative number, got {}", self.lr),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(bad(
-                "min-lr-ratio",
-                format!("must lie in [0, 1], got {}", self.min_lr_ratio),
-            ));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(bad(
-                "weight-decay",
-                format!("expected a non-negative number, got {}", self.weight_decay),
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.kd_weight) {
-            return Err(bad(
-                "kd-weight",
-                format!("must lie in [0, 1], got {}", self.kd_weight),
-            ));
-        }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(bad(
-                "temperature",
-                format!("must be positive, got {}", self.temperature),
-            ));
-        }
-        if self.max_seq_len < 2 {
-            return Err(bad("max-seq-len", "must be at least 2".into()));
-        }
-        if self.max_steps.is_none() && self.epochs == 0 {
-            return Err(bad(
-                "epochs",
-                "must be at least 1 (or set `max-steps`)".into(),
-            ));
-        }
-        for (field, value) in [
-            ("eval-every", self.eval_every),
-            ("checkpoint-every", self.checkpoint_every),
-        ] {
-            if value == Some(0) {
-                return Err(bad(field, "must be at least 1".into()));
-            }
-        }
-        match self.lora_rank {
-            Some(0) => return Err(bad("lora-rank", "must be at least 1".into())),
-            Some(_) => {
-                if let Some(alpha) = self.lora_alpha
-                    && !(alpha.is_finite() && alpha > 0.0)
-                {
-                    return Err(bad("lora-alpha", format!("must be positive, got {alpha}")));
-                }
-                if let Some(targets) = &self.lora_targets
-                    && (targets.is_empty() || targets.iter().any(|t| t.trim().is_empty()))
-                {
-                    return Err(bad(
-                        "lora-targets",
-                        format!("expected module names such as `q_proj`, got {targets:?}"),
-                    ));
-                }
-            }
-            None => {
-                let set = [
-                    ("lora-alpha", self.lora_alpha.is_some()),
-                    ("lora-targets", self.lora_targets.is_some()),
-                    ("merge-lora", self.merge_lora),
-                ];
-                if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
-                    return Err(bad(field, "needs `lora-rank`".into()));
-                }
-            }
-        }
-        if self.teacher_cache.is_some() && self.objective != Objective::Kd {
-            return Err(bad(
-                "teacher-cache",
-                format!(
-                    "only objective `kd` trains from a cache, not `{}` (on-policy samples are new \
-                     every step)",
-                    self.objective.name()
-                ),
-            ));
-        }
-        match self.objective {
-            Objective::Sft => {}
-            Objective::Kd | Objective::OnPolicy => {
-                self.divergence()?;
-                if self.teacher_cache.is_some() {
-                    if self.teacher.is_some() {
-                        return Err(bad(
-                            "teacher-cache",
-                            "replaces `teacher`: pass one of them".into(),
-                        ));
-                    }
-                } else if self.teacher.is_none() {
-                    return Err(Error::Invalid(format!(
-                        "objective `{}` needs a teacher: pass `--teacher MODEL`",
-                        self.objective.name()
-                    )));
-                }
-                if !(0.0..=1.0).contains(&self.lambda) {
-                    return Err(bad(
-                        "lambda",
-                        format!("must lie in [0, 1], got {}", self.lambda),
-                    ));
-                }
-                if self.objective == Objective::OnPolicy && self.max_new_tokens == 0 {
-                    return Err(bad("max-new-tokens", "must be at least 1".into()));
-                }
-                if !(self.sample_temperature.is_finite() && self.sample_temperature >= 0.0) {
-                    return Err(bad(
-                        "sample-temperature",
-                        format!("must be >= 0, got {}", self.sample_temperature),
-                    ));
-                }
-            }
-            Objective::Redi => {
-                if !(0.0..=1.0).contains(&self.redi_alpha) {
-                    return Err(bad(
-                        "redi-alpha",
-                        format!("must lie in [0, 1], got {}", self.redi_alpha),
-                    ));
-                }
-                if self.only_correct {
-                    return Err(bad(
-                        "only-correct",
-                        "objective `redi` trains on negative traces too".into(),
-                    ));
-                }
-            }
-        }
-        Ok((student, data, output))
-    }
 }
 
 #[cfg(test)]
@@ -439,7 +263,8 @@ mod tests {
         )?;
         assert_eq!(options.objective, Objective::Kd);
         assert_eq!(options.max_steps, Some(5));
-        assert_eq!(options.divergence()?, Divergence::Jsd { beta: 0.9 });
+        assert_eq!(options.divergence, DivergenceKind::Jsd);
+        assert_eq!(options.beta, Some(0.9));
         let again = DistillOptions::from_toml_str(&options.to_toml()?)?;
         assert_eq!(again, options);
         let err = DistillOptions::from_toml_str("max_stepz = 3\n");

@@ -46,7 +46,7 @@ impl Example {
 }
 
 /// How to turn records into examples.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DataOptions {
     /// Prompt shape.
     pub input_format: InputFormat,
@@ -81,6 +81,32 @@ pub struct TokenizerView<'a> {
     pub eos_id: u32,
     /// Every id that ends a generation (an existing one is not doubled).
     pub eos_ids: Vec<u32>,
+}
+
+impl<'a> TokenizerView<'a> {
+    /// The student's tokenizer with its EOS ids; a student that names no EOS token is an error.
+    pub fn of(student: &'a retort_model::LoadedModel) -> Result<Self> {
+        let mut eos_ids = student.eos_ids();
+        let eos_id = student
+            .tokenizer
+            .eos_token_id()
+            .or_else(|| eos_ids.first().copied())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "student `{}` names no EOS token (tokenizer_config.json or \
+                     generation_config.json)",
+                    student.dir.display()
+                ))
+            })?;
+        if !eos_ids.contains(&eos_id) {
+            eos_ids.push(eos_id);
+        }
+        Ok(Self {
+            tokenizer: &student.tokenizer,
+            eos_id,
+            eos_ids,
+        })
+    }
 }
 
 /// Reads and tokenises every record of `path`.

@@ -68,6 +68,68 @@ pub enum Divergence {
     Tvd,
 }
 
+/// A divergence family by its short name, as `--divergence` and the TOML key `divergence` take
+/// it; [`Divergence::new`] adds the family's parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum DivergenceKind {
+    /// Forward KL(teacher ‖ student).
+    #[default]
+    Fkl,
+    /// Reverse KL(student ‖ teacher).
+    Rkl,
+    /// Generalised JSD (`beta`: the teacher's weight in the mixture).
+    Jsd,
+    /// Skew forward KL (`alpha`).
+    Skl,
+    /// Skew reverse KL (`alpha`).
+    Srkl,
+    /// Total variation distance.
+    Tvd,
+}
+
+impl DivergenceKind {
+    /// The short name (`fkl`, `rkl`, `jsd`, `skl`, `srkl`, `tvd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fkl => "fkl",
+            Self::Rkl => "rkl",
+            Self::Jsd => "jsd",
+            Self::Skl => "skl",
+            Self::Srkl => "srkl",
+            Self::Tvd => "tvd",
+        }
+    }
+}
+
+impl fmt::Display for DivergenceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DivergenceKind {
+    type Err = ParseDivergenceError;
+
+    fn from_str(name: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(match name {
+            "fkl" => Self::Fkl,
+            "rkl" => Self::Rkl,
+            "jsd" => Self::Jsd,
+            "skl" => Self::Skl,
+            "srkl" => Self::Srkl,
+            "tvd" => Self::Tvd,
+            other => {
+                return Err(ParseDivergenceError(format!(
+                    "unknown divergence `{other}`; expected one of {}",
+                    Divergence::NAMES.map(|n| format!("`{n}`")).join(", ")
+                )));
+            }
+        })
+    }
+}
+
 /// An invalid divergence name or parameter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -89,6 +151,18 @@ impl Divergence {
         }
     }
 
+    /// The divergence's family.
+    pub fn kind(&self) -> DivergenceKind {
+        match self {
+            Self::ForwardKl => DivergenceKind::Fkl,
+            Self::ReverseKl => DivergenceKind::Rkl,
+            Self::Jsd { .. } => DivergenceKind::Jsd,
+            Self::SkewForwardKl { .. } => DivergenceKind::Skl,
+            Self::SkewReverseKl { .. } => DivergenceKind::Srkl,
+            Self::Tvd => DivergenceKind::Tvd,
+        }
+    }
+
     /// Builds a divergence from its short name and optional `--beta` (jsd) / `--alpha` (skl,
     /// srkl); a missing parameter takes its default, a parameter the divergence does not use is
     /// an error.
@@ -97,25 +171,30 @@ impl Divergence {
         beta: Option<f64>,
         alpha: Option<f64>,
     ) -> std::result::Result<Self, ParseDivergenceError> {
-        let divergence = match name {
-            "fkl" => Self::ForwardKl,
-            "rkl" => Self::ReverseKl,
-            "jsd" => Self::Jsd {
+        Self::new(name.parse()?, beta, alpha)
+    }
+
+    /// Builds a divergence of family `kind` with optional `beta` (jsd) / `alpha` (skl, srkl); a
+    /// missing parameter takes its default, a parameter the family does not use is an error.
+    pub fn new(
+        kind: DivergenceKind,
+        beta: Option<f64>,
+        alpha: Option<f64>,
+    ) -> std::result::Result<Self, ParseDivergenceError> {
+        let name = kind.name();
+        let divergence = match kind {
+            DivergenceKind::Fkl => Self::ForwardKl,
+            DivergenceKind::Rkl => Self::ReverseKl,
+            DivergenceKind::Jsd => Self::Jsd {
                 beta: beta.unwrap_or(DEFAULT_JSD_BETA),
             },
-            "skl" => Self::SkewForwardKl {
+            DivergenceKind::Skl => Self::SkewForwardKl {
                 alpha: alpha.unwrap_or(DEFAULT_SKEW_ALPHA),
             },
-            "srkl" => Self::SkewReverseKl {
+            DivergenceKind::Srkl => Self::SkewReverseKl {
                 alpha: alpha.unwrap_or(DEFAULT_SKEW_ALPHA),
             },
-            "tvd" => Self::Tvd,
-            other => {
-                return Err(ParseDivergenceError(format!(
-                    "unknown divergence `{other}`; expected one of {}",
-                    Self::NAMES.map(|n| format!("`{n}`")).join(", ")
-                )));
-            }
+            DivergenceKind::Tvd => Self::Tvd,
         };
         if beta.is_some() && !matches!(divergence, Self::Jsd { .. }) {
             return Err(ParseDivergenceError(format!(

@@ -5,6 +5,7 @@
 //! the temperature they were computed at and an explicit [`MissingMass`] policy for the
 //! probability outside the top-k set. The KD divergences in [`super::divergence`] consume it.
 //! Text-only (API) teachers give no distribution and are handled as SFT targets elsewhere.
+//! [`load_teacher`] loads a local teacher and checks it against the student.
 
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 /// penalises the student for mass it puts outside the teacher's set. [`MissingMass::Renormalize`]
 /// hides that mass: a student with 90% of its mass outside the set but the right shape inside it
 /// gets zero loss. With k = vocabulary both policies equal the dense divergence.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MissingMass {
@@ -184,6 +186,38 @@ impl TeacherSignal {
         }
         Ok(())
     }
+}
+
+/// Loads the teacher `spec` and checks that it shares the student's vocabulary and tokenizer.
+pub fn load_teacher(
+    spec: &crate::ModelSpec,
+    student: &retort_model::LoadedModel,
+) -> crate::Result<retort_model::LoadedModel> {
+    use crate::Error;
+    let dir = spec.local_dir()?;
+    let teacher = retort_model::load(
+        &dir.to_string_lossy(),
+        &retort_model::LoadOptions::default(),
+    )?;
+    let hint = |what: String| {
+        Error::Invalid(format!(
+            "teacher `{spec}` and student `{}` {what}; token-level KD needs a shared \
+             vocabulary\nhint: run `retort check --teacher {spec} --student {}` to compare them",
+            student.dir.display(),
+            student.dir.display()
+        ))
+    };
+    let (tv, sv) = (teacher.config.vocab_size, student.config.vocab_size);
+    if tv != sv {
+        return Err(hint(format!(
+            "have different vocabulary sizes ({tv} vs {sv})"
+        )));
+    }
+    let sample = "Distillation check: 12 + 30 = 42.\nThe answer is \\boxed{42}.";
+    if teacher.tokenizer.encode(sample, false)? != student.tokenizer.encode(sample, false)? {
+        return Err(hint("tokenise the same text differently".into()));
+    }
+    Ok(teacher)
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{Error, Result};
 use crate::io::{AtomicFile, read_records};
 use crate::manifest::Manifest;
+use crate::model_spec::ModelSpec;
 
 pub use minhash::{NearDuplicates, choose_bands, normalise, shingles};
 pub use scoring::{
@@ -49,26 +50,27 @@ pub use scoring::{
 pub use strategies::{PassRate, pass_rates};
 
 /// One selection step.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
-    /// Keep verified-correct records.
+    /// Keep records whose `verdict.correct` is true.
     Correct,
     /// Drop truncated records (`finish_reason: "length"`).
     Finished,
-    /// Keep records within the token bounds.
+    /// Keep records within `--min-tokens`/`--max-tokens`.
     Length,
-    /// Drop exact and near duplicates.
+    /// Drop exact duplicates and MinHash near-duplicates (`--jaccard`).
     Dedup,
-    /// Drop records overlapping the eval sets.
+    /// Drop records sharing an n-gram with the prompts of `--eval-files`.
     Decontaminate,
-    /// Keep problems within the student's pass-rate band.
+    /// Keep problems whose student pass rate is within `--min-pass-rate`..`--max-pass-rate`.
     Difficulty,
-    /// Order by student perplexity.
+    /// Order by student perplexity, lowest first (needs `--student`).
     StudentPpl,
-    /// Order by Rank-Surprisal Ratio.
+    /// Order by Rank-Surprisal Ratio under the student, lowest first (needs `--student`).
     Rsr,
-    /// Order by teacher–student sentence divergence.
+    /// Order by how much the teacher prefers the trace's sentences over the student (needs both).
     TeacherGuided,
     /// Seeded shuffle.
     Random,
@@ -133,6 +135,7 @@ impl FromStr for Strategy {
 }
 
 /// Which text deduplication compares.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DedupOn {
@@ -497,14 +500,13 @@ fn finite(x: f64) -> Value {
 }
 
 /// Reads `input`, selects, writes the kept records to `output` atomically (JSONL) and
-/// `<output>.manifest.json` beside it. `models` lists the model specs used, with their folders
-/// when local, for the manifest.
+/// `<output>.manifest.json` beside it. `models` lists the models used, for the manifest.
 pub fn select_file(
     input: &Path,
     output: &Path,
     options: &SelectOptions,
     scorer: Option<&dyn Scorer>,
-    models: &[(String, Option<PathBuf>)],
+    models: &[&ModelSpec],
 ) -> Result<SelectSummary> {
     let start = Instant::now();
     let records: Vec<Map<String, Value>> =
@@ -525,8 +527,8 @@ pub fn select_file(
     for path in options.eval_files.iter().chain(&options.difficulty_from) {
         manifest.add_input(path)?;
     }
-    for (spec, dir) in models {
-        manifest.add_model(spec, dir.as_deref())?;
+    for spec in models {
+        manifest.add_model(spec)?;
     }
     manifest.counts = serde_json::to_value(&summary).map_err(|e| Error::Invalid(e.to_string()))?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();

@@ -8,8 +8,7 @@ use retort_model::{CausalLm, Tokenizer};
 use serde::Serialize;
 
 use super::EOS;
-use super::problems::{WorldProblem, generate_problems};
-use super::train::training_problems;
+use super::problems::{WorldProblem, generate_problems, training_problems};
 use crate::{Error, Result};
 
 /// Added to the training seed to draw held-out problems.
@@ -85,7 +84,7 @@ impl EvalReport {
 }
 
 /// Greedy answers of `model` to `problems` in batches of `batch_size`, verified against gold.
-pub fn evaluate(
+pub fn accuracy(
     model: &CausalLm,
     tokenizer: &Tokenizer,
     problems: &[WorldProblem],
@@ -269,7 +268,7 @@ mod tests {
             .filter(|p| (2..=4).contains(&p.level()))
             .collect();
         assert_eq!(problems.len(), 3);
-        let report = evaluate(&loaded.model, &loaded.tokenizer, &problems, 3).expect("evaluate");
+        let report = accuracy(&loaded.model, &loaded.tokenizer, &problems, 3).expect("evaluate");
         for (problem, result) in problems.iter().zip(&report.results) {
             assert!(
                 result.correct,

@@ -8,6 +8,7 @@ pub mod styles;
 pub mod tokenizer;
 pub mod train;
 
+pub use eval::accuracy;
 pub use problems::{Op, WorldProblem, generate_problems};
 pub use styles::{student_corpus, teacher_solution, terse_solution};
 

@@ -191,6 +191,11 @@ pub fn generate_problems(
     out
 }
 
+/// The training problems of levels 1-4 for `seed` (what `retort world train` trains on).
+pub fn training_problems(seed: u64, per_level: usize) -> Vec<WorldProblem> {
+    generate_problems(seed, &[1, 2, 3, 4], per_level, "train", &Default::default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,8 +24,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::EOS;
-use super::eval::{EvalReport, evaluate, held_out_problems};
-use super::problems::{WorldProblem, generate_problems};
+use super::eval::{EvalReport, accuracy, held_out_problems};
+pub use super::problems::training_problems;
 use super::styles::{student_corpus, teacher_solution};
 use super::tokenizer::{DEFAULT_VOCAB_SIZE, write_world_tokenizer};
 use crate::{Error, Result};
@@ -342,6 +342,7 @@ pub fn train_lm(
 }
 
 /// Which models `retort world train` builds.
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorldModel {
@@ -441,11 +442,6 @@ pub enum WorldEvent<'a> {
     Step(WorldModel, &'a StepStats, usize, f64),
 }
 
-/// The training problems of levels 1-4 for `seed`.
-pub fn training_problems(seed: u64, per_level: usize) -> Vec<WorldProblem> {
-    generate_problems(seed, &[1, 2, 3, 4], per_level, "train", &Default::default())
-}
-
 /// Trains the tokenizer and the chosen models and writes them under `options.out`.
 pub fn train_world(
     options: &WorldTrainOptions,
@@ -514,7 +510,7 @@ pub fn train_world(
                 options.train_per_level,
                 options.eval_per_level,
             );
-            Some(evaluate(&loaded.model, &loaded.tokenizer, &held_out, 128)?)
+            Some(accuracy(&loaded.model, &loaded.tokenizer, &held_out, 128)?)
         } else {
             None
         };

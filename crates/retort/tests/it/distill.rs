@@ -6,8 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use retort::ModelSpec;
 use retort::distill::{
-    DistillOptions, Objective, OnPolicyLoss, TrainedStudent, distill, distill_trained,
+    DistillOptions, DivergenceKind, Objective, OnPolicyLoss, TrainedStudent, distill,
+    distill_trained,
 };
 use retort_model::train::named_vars;
 use serde_json::{Value, json};
@@ -45,7 +47,7 @@ pub(crate) fn write_data(dir: &Path) -> std::io::Result<PathBuf> {
 
 pub(crate) fn base_options(dir: &Path, output: &str) -> std::io::Result<DistillOptions> {
     Ok(DistillOptions {
-        student: Some(fixture("qwen2-tiny")),
+        student: Some(ModelSpec::folder(fixture("qwen2-tiny"))),
         data: Some(write_data(dir)?),
         output: Some(dir.join(output)),
         batch_size: 4,
@@ -144,8 +146,8 @@ fn kd_forward_and_reverse_kl_lower_their_loss() -> TestResult {
         let dir = tempfile::tempdir()?;
         let mut options = base_options(dir.path(), "out")?;
         options.objective = Objective::Kd;
-        options.teacher = Some(fixture("llama-tiny"));
-        options.divergence = divergence.into();
+        options.teacher = Some(ModelSpec::folder(fixture("llama-tiny")));
+        options.divergence = divergence.parse()?;
         options.temperature = 2.0;
         options.eval_data = options.data.clone();
         options.eval_every = Some(1);
@@ -160,8 +162,8 @@ fn kd_mixed_with_sft_logs_both_terms() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut options = base_options(dir.path(), "out")?;
     options.objective = Objective::Kd;
-    options.teacher = Some(fixture("llama-tiny"));
-    options.divergence = "jsd".into();
+    options.teacher = Some(ModelSpec::folder(fixture("llama-tiny")));
+    options.divergence = DivergenceKind::Jsd;
     options.beta = Some(0.5);
     options.kd_weight = 0.25;
     options.max_steps = Some(2);
@@ -282,8 +284,8 @@ fn on_policy_lowers_kd_loss_and_resumes_exactly() -> TestResult {
     let mut options = base_options(dir.path(), "straight")?;
     options.objective = Objective::OnPolicy;
     options.on_policy_loss = OnPolicyLoss::Divergence;
-    options.teacher = Some(fixture("llama-tiny"));
-    options.divergence = "rkl".into();
+    options.teacher = Some(ModelSpec::folder(fixture("llama-tiny")));
+    options.divergence = DivergenceKind::Rkl;
     options.lambda = 0.75;
     options.max_new_tokens = 12;
     options.eval_data = options.data.clone();
@@ -325,13 +327,13 @@ fn on_policy_reverse_kl_reward_lowers_the_reverse_kl() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut options = base_options(dir.path(), "out")?;
     options.objective = Objective::OnPolicy;
-    options.teacher = Some(fixture("llama-tiny"));
+    options.teacher = Some(ModelSpec::folder(fixture("llama-tiny")));
     options.lambda = 1.0;
     options.max_new_tokens = 12;
     options.max_steps = Some(30);
     options.batch_size = 8;
     options.lr = 1e-2;
-    options.divergence = "rkl".into();
+    options.divergence = DivergenceKind::Rkl;
     options.eval_data = options.data.clone();
     options.eval_every = Some(1);
     assert_eq!(options.on_policy_loss, OnPolicyLoss::Reward);

@@ -11,7 +11,7 @@ use crate::distill::{TestResult, base_options, fixture, metrics};
 fn kd_options(dir: &std::path::Path, output: &str) -> std::io::Result<DistillOptions> {
     let mut options = base_options(dir, output)?;
     options.objective = Objective::Kd;
-    options.teacher = Some(fixture("llama-tiny"));
+    options.teacher = Some(retort::ModelSpec::folder(fixture("llama-tiny")));
     options.temperature = 2.0;
     options.eval_data = options.data.clone();
     options.eval_every = Some(1);

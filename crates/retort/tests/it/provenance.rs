@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use retort::backend::local::LocalBackend;
 use retort::backend::{Prompt, SamplingParams};
-use retort::eval::{EvalOptions, evaluate};
+use retort::eval::{EvalOptions, run as evaluate};
 use retort::io::read_records;
 use retort::provenance::{Category, Thresholds, TraceOptions, TraceSummary, trace};
 use serde_json::{Map, Value, json};
@@ -294,7 +294,8 @@ fn eval_against_a_remote_model_matches_hand_computed_pass_at_k() {
     use retort::mock_server::{FaultPlan, MockServer, mock_answer};
 
     let server = MockServer::start(FaultPlan::none()).expect("mock server");
-    let backend = open_backend(&server.spec("mock"), &BackendOptions::default()).unwrap();
+    let spec: retort::ModelSpec = server.spec("mock").parse().unwrap();
+    let backend = open_backend(&spec, &BackendOptions::default()).unwrap();
     let (samples, seed) = (4usize, 40u64);
     let prompts = ["Problem one?", "Problem two?", "Problem three?"];
     // The mock answers sample s of prompt p with mock_answer(p, seed + s); gold = sample g's answer.

@@ -59,6 +59,7 @@ use self::retry::{AttemptError, RetryPolicy, post_with_retries};
 use self::wire::{ChatRequest, CommonParams, CompletionRequest, Parsed, PromptField};
 use crate::backend::{Backend, GenerateRequest, Prompt, RequestOutcome, SamplingParams, Scored};
 use crate::error::{Error, Result};
+use crate::model_spec::{ModelSpec, ServerSpec};
 
 /// An API key that never shows itself in `Debug` or `Display` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -223,54 +224,29 @@ impl fmt::Debug for OpenAiBackend {
     }
 }
 
-/// Splits `openai:URL#MODEL` into the API root (no trailing slash) and the model.
-fn parse_spec(spec: &str) -> Result<(String, String)> {
-    let invalid = |why: &str| {
-        Error::Invalid(format!(
-            "model spec `{spec}`: {why}; expected `openai:URL#MODEL`, e.g. `openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B`"
-        ))
-    };
-    let rest = spec
-        .strip_prefix("openai:")
-        .ok_or_else(|| invalid("missing the `openai:` prefix"))?;
-    let (url, model) = rest
-        .rsplit_once('#')
-        .ok_or_else(|| invalid("missing `#MODEL`"))?;
-    if model.trim().is_empty() {
-        return Err(invalid("empty model name"));
-    }
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(invalid("the URL must start with `http://` or `https://`"));
-    }
-    reqwest::Url::parse(url).map_err(|e| invalid(&format!("bad URL ({e})")))?;
-    Ok((url.trim_end_matches('/').to_owned(), model.to_owned()))
-}
-
-/// The spec without any `user:password@` in the URL, for names that end up in records.
-fn redact_userinfo(url: &str, model: &str) -> String {
-    let shown = match reqwest::Url::parse(url) {
-        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
-            // Both setters only fail for URLs that cannot have credentials at all.
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-            parsed.as_str().trim_end_matches('/').to_owned()
-        }
-        _ => url.to_owned(),
-    };
-    format!("openai:{shown}#{model}")
-}
-
 impl OpenAiBackend {
-    /// Connects nothing yet: parses `spec` (`openai:URL#MODEL`), builds the HTTP client and
-    /// the runtime. Fails on a bad spec, zero concurrency or a key that is not a valid header.
+    /// [`Self::connect`] to the server of `spec` (`openai:URL#MODEL`); a spec of another kind
+    /// is an error.
     pub fn new(spec: &str, options: OpenAiOptions) -> Result<Self> {
-        let (url, model) = parse_spec(spec)?;
+        match ModelSpec::parse(spec)? {
+            ModelSpec::Server(server) => Self::connect(&server, options),
+            other => Err(Error::Invalid(format!(
+                "model spec `{other}`: expected `openai:URL#MODEL`, e.g. \
+                 `openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B`"
+            ))),
+        }
+    }
+
+    /// Connects nothing yet: builds the HTTP client and the runtime for `server`. Fails on zero
+    /// concurrency or a key that is not a valid header.
+    pub fn connect(server: &ServerSpec, options: OpenAiOptions) -> Result<Self> {
+        let (url, model) = (server.url.clone(), server.model.clone());
         if options.concurrency == 0 {
             return Err(Error::Invalid(
                 "`concurrency` must be at least 1".to_owned(),
             ));
         }
-        let name = redact_userinfo(&url, &model);
+        let name = server.redacted();
         let auth = options
             .api_key
             .as_ref()
@@ -645,22 +621,25 @@ mod tests {
 
     #[test]
     fn specs_parse_and_redact() {
-        let (url, model) =
-            parse_spec("openai:http://127.0.0.1:8000/v1/#Qwen/Qwen3-8B").expect("ok");
-        assert_eq!(url, "http://127.0.0.1:8000/v1");
-        assert_eq!(model, "Qwen/Qwen3-8B");
+        let server = ModelSpec::parse("openai:http://127.0.0.1:8000/v1/#Qwen/Qwen3-8B")
+            .ok()
+            .and_then(|spec| spec.server().cloned())
+            .expect("a server spec");
+        assert_eq!(server.url, "http://127.0.0.1:8000/v1");
+        assert_eq!(server.model, "Qwen/Qwen3-8B");
         for bad in [
             "http://x/v1#m",
             "openai:http://x/v1",
             "openai:x/v1#m",
             "openai:http://x#",
         ] {
-            assert!(parse_spec(bad).is_err(), "{bad}");
+            assert!(
+                OpenAiBackend::new(bad, OpenAiOptions::default()).is_err(),
+                "{bad}"
+            );
         }
-        assert_eq!(
-            redact_userinfo("http://u:p@h:1/v1", "m"),
-            "openai:http://h:1/v1#m"
-        );
+        let server = ModelSpec::parse("openai:http://u:p@h:1/v1#m").expect("spec");
+        assert_eq!(server.to_string(), "openai:http://****@h:1/v1#m");
         assert_eq!("chat".parse::<Endpoint>().ok(), Some(Endpoint::Chat));
         assert!("both".parse::<Endpoint>().is_err());
         let key = ApiKey::new("sk-123");
