@@ -76,11 +76,21 @@ pub fn verify_record(
                 line,
                 message: format!("field `{name}`: expected a string, got {}", kind(other)),
             }),
-            None => Err(Error::Input {
-                path: path.to_path_buf(),
-                line,
-                message: format!("missing field `{name}`"),
-            }),
+            None => {
+                let flag = if name == options.gold_field {
+                    "--gold-field"
+                } else {
+                    "--response-field"
+                };
+                Err(Error::Input {
+                    path: path.to_path_buf(),
+                    line,
+                    message: format!(
+                        "missing field `{name}`\nhint: pass `{flag} NAME` if the record keeps it \
+                         under another name"
+                    ),
+                })
+            }
         }
     };
     let gold = field(&options.gold_field)?;
@@ -127,6 +137,12 @@ pub fn verify_file(
             out.write_all(b"\n")?;
         }
         progress(summary.total);
+    }
+    if summary.total == 0 {
+        return Err(Error::Invalid(format!(
+            "`{}` holds no records\nhint: pass a JSONL file with one record per line",
+            input.display()
+        )));
     }
     out.commit()?;
     Ok(summary)
