@@ -67,3 +67,45 @@ pub fn interrupted(what: &str, extra: &[&str]) -> ExitCode {
     );
     ExitCode::from(retort::interrupt::exit_code(signal))
 }
+
+/// A started run: its manifest, written again with status `failed` (or `interrupted` when a stop
+/// was requested) if the command returns early, or with the status given to [`Run::finish`].
+pub struct Run {
+    /// The manifest; fill in inputs, models and counts before finishing.
+    pub manifest: Manifest,
+    output: std::path::PathBuf,
+    finished: bool,
+}
+
+impl Run {
+    /// [`start`]s a run into `output`.
+    pub fn start(
+        output: &Path,
+        identity: Identity,
+        settings: serde_json::Value,
+        same_run: SameRun,
+        overwrite: bool,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            manifest: start(output, identity, settings, same_run, overwrite)?,
+            output: output.to_path_buf(),
+            finished: false,
+        })
+    }
+
+    /// Writes the manifest with its final status.
+    pub fn finish(mut self, status: RunStatus) -> anyhow::Result<()> {
+        self.finished = true;
+        self.manifest.finish(&self.output, status)?;
+        Ok(())
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.finished {
+            let result: anyhow::Result<()> = Err(anyhow::anyhow!("the command stopped early"));
+            let _ = fail_on_error(&mut self.manifest, &self.output, result);
+        }
+    }
+}

@@ -7,8 +7,11 @@ use anyhow::Context;
 use retort::ModelSpec;
 use retort::backend::local::LocalBackend;
 use retort::backend::open::open_local;
+use retort::identity::{Identity, RunStatus, SameRun};
+use retort::manifest::{Manifest, manifest_path};
 use retort::select::{DedupOn, LocalScorer, Scorer, SelectOptions, Strategy, select_file};
 
+use crate::run::Run;
 use crate::ui;
 
 /// `retort select` arguments.
@@ -86,6 +89,9 @@ pub struct SelectArgs {
     /// Field holding the response text.
     #[arg(long, default_value = "response")]
     pub response_field: String,
+    /// Replace an existing output made by another run instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 fn open(
@@ -131,6 +137,21 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         response_field: args.response_field.clone(),
         source: Some(args.input.clone()),
     };
+    let mut identity = Identity::new("select")
+        .with("input", std::path::absolute(&args.input)?)
+        .with_fields(&options, &["source"]);
+    for (role, spec) in [("teacher", &args.teacher), ("student", &args.student)] {
+        if let Some(spec) = spec {
+            identity = identity.with_model(role, spec)?;
+        }
+    }
+    let mut run = Run::start(
+        &args.output,
+        identity,
+        serde_json::Value::Null,
+        SameRun::Continue,
+        args.overwrite,
+    )?;
     let teacher = open(args.teacher.as_ref(), "teacher", args.batch_size)?;
     let student = open(args.student.as_ref(), "student", args.batch_size)?;
     let scorer = LocalScorer {
@@ -146,6 +167,11 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         (teacher.is_some() || student.is_some()).then_some(&scorer as &dyn Scorer);
     let summary = select_file(&args.input, &args.output, &options, scorer_ref, &models)
         .with_context(|| format!("cannot select from `{}`", args.input.display()))?;
+    // `select_file` wrote the manifest's inputs, models and counts; keep them with the identity.
+    let identity = std::mem::take(&mut run.manifest.identity);
+    run.manifest = Manifest::read(&manifest_path(&args.output))?;
+    run.manifest.identity = identity;
+    run.finish(RunStatus::Complete)?;
     let mut rows: Vec<(String, String)> = vec![
         ("input records".into(), summary.input.to_string()),
         ("kept".into(), summary.kept.to_string()),

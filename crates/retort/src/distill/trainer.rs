@@ -125,12 +125,8 @@ pub fn distill_trained(
         }
         if crate::interrupt::requested().is_some() && step < run.total_steps {
             // Stop after the step that was running, with a checkpoint to resume from.
-            if !run
-                .summary
-                .checkpoints
-                .last()
-                .is_some_and(|dir| dir == &checkpoint::checkpoint_dir(&plan.output, step))
-            {
+            let written = checkpoint::checkpoint_dir(&plan.output, step);
+            if run.summary.checkpoints.last() != Some(&written) {
                 run.checkpoint(step, stats.loss)?;
             }
             run.summary.interrupted = true;
