@@ -215,8 +215,27 @@ fn a_model_wide_problem_is_one_error_and_degenerate_input_is_refused() {
         .map(|i| json!({"id": i, "messages": [{"role": "user", "content": format!("What is {i} + 1?")}]}))
         .collect();
     write_jsonl(&chats, &rows);
+    // The world teacher without its chat template.
+    let bare_model = dir.path().join("no-template");
+    fs_err::create_dir_all(&bare_model).unwrap();
+    for entry in fs_err::read_dir(world("teacher")).unwrap() {
+        let entry = entry.unwrap();
+        fs_err::copy(entry.path(), bare_model.join(entry.file_name())).unwrap();
+    }
+    let config_path = bare_model.join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&fs_err::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    fs_err::write(&config_path, config.to_string()).unwrap();
     let output = dir.path().join("chat-traces.jsonl");
-    let stderr = stderr_of(&generate(&chats, &output, &[]).assert().failure());
+    let mut chat = retort();
+    chat.args(["generate", "--model"])
+        .arg(&bare_model)
+        .arg("--input")
+        .arg(&chats)
+        .arg("--output")
+        .arg(&output);
+    let stderr = stderr_of(&chat.assert().failure());
     assert_eq!(stderr.matches("no chat template").count(), 1, "{stderr}");
     assert!(!stderr.contains("rerun the same command"), "{stderr}");
 
