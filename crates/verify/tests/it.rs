@@ -640,3 +640,47 @@ fn never_panics_on_deep_and_huge_inputs() {
     let sum = (0..1000).map(|_| "1").collect::<Vec<_>>().join("+");
     assert!(eqv(&sum, "1000"));
 }
+
+const RESPONSES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/responses.jsonl");
+
+/// Realistic model responses, one class of issue #16 per `class`: each case states the right
+/// verdict (and, when no answer should be extracted, the reason). Prints the agreement per class.
+// See: #16
+#[test]
+fn realistic_corpus_agreement() {
+    let text = fs_err::read_to_string(RESPONSES).unwrap_or_else(|e| panic!("{RESPONSES}: {e}"));
+    let opts = VerifyOptions::default();
+    let mut total: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let mut misses = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{RESPONSES}:{}: {e}", i + 1));
+        let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+        let want = v["correct"].as_bool().expect("correct is a bool");
+        let got = verify(&s("response"), &s("gold"), &opts);
+        let ok = got.correct == want;
+        let entry = total.entry(s("class")).or_default();
+        entry.0 += usize::from(ok);
+        entry.1 += 1;
+        if !ok {
+            misses.push(format!(
+                "  line {}: want={want} got={:?} gold={:?} response={:?}",
+                i + 1,
+                got.extracted,
+                s("gold"),
+                short(&s("response"))
+            ));
+        }
+    }
+    let (agree, all) = total
+        .values()
+        .fold((0, 0), |(a, n), (x, y)| (a + x, n + y));
+    for (class, (a, n)) in &total {
+        println!("{class}: {a}/{n}");
+    }
+    println!("misses ({}):\n{}", misses.len(), misses.join("\n"));
+    println!(
+        "realistic agreement {:.2}% on {all} cases",
+        100.0 * agree as f64 / all as f64
+    );
+}
