@@ -28,8 +28,10 @@ pub fn equivalent(a: &str, b: &str, opts: &VerifyOptions) -> bool {
     if a.len() > opts.max_answer_chars || b.len() > opts.max_answer_chars {
         return !a.is_empty() && a.split_whitespace().eq(b.split_whitespace());
     }
-    let a = normalize::fix_doubled_backslashes(a);
-    let b = normalize::fix_doubled_backslashes(b);
+    // `two`, `Twelve`, `twenty-one` are numbers.
+    let words = |s: &str| normalize::number_words(s).map(|n| n.to_string());
+    let a = words(a).unwrap_or_else(|| normalize::fix_doubled_backslashes(a));
+    let b = words(b).unwrap_or_else(|| normalize::fix_doubled_backslashes(b));
     let ta = normalize::lex(&a, opts.strip_units);
     let tb = normalize::lex(&b, opts.strip_units);
     if ta.is_empty() || tb.is_empty() {

@@ -27,7 +27,7 @@ pub mod normalize;
 pub mod number;
 
 pub use equiv::equivalent;
-pub use extract::extract_answer;
+pub use extract::{extract_answer, extract_final};
 
 /// How a trailing `%` is compared with a plain number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -104,6 +104,32 @@ impl Default for VerifyOptions {
     }
 }
 
+/// Why a response has no extracted answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The response ends without a final answer (empty, prose only, nothing after `</think>`).
+    NoAnswer,
+    /// The response was cut off: finish reason `length` without a completed answer, a `<think>`
+    /// that never closes, or a long response that stops mid-sentence.
+    Truncated,
+}
+
+impl Reason {
+    /// The serialised name: `no_answer` or `truncated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoAnswer => "no_answer",
+            Self::Truncated => "truncated",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The outcome of verifying one response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -111,28 +137,58 @@ pub struct Verdict {
     pub correct: bool,
     /// The answer extracted from the response, if any.
     pub extracted: Option<String>,
+    /// Why no answer was extracted; `None` when one was.
+    pub reason: Option<Reason>,
 }
 
 /// Verifies a full model response against a dataset gold (a plain answer such as `42`,
 /// `\frac{3}{4}`, `2\sqrt{3}`, a letter `B`, or a full solution with `\boxed{}`).
 /// A response without a final answer (for example truncated mid-thought) is not correct.
+/// [`verify_finished`] also takes the generation's finish reason.
 pub fn verify(response: &str, gold: &str, opts: &VerifyOptions) -> Verdict {
+    verify_finished(response, gold, None, opts)
+}
+
+/// [`verify`] for a response whose generation stopped for `finish_reason` (`"stop"`,
+/// `"length"`, …; `None` when unknown). With `"length"` only an answer the model completed
+/// counts (see [`extract`], step 4); otherwise the verdict is [`Reason::Truncated`].
+pub fn verify_finished(
+    response: &str,
+    gold: &str,
+    finish_reason: Option<&str>,
+    opts: &VerifyOptions,
+) -> Verdict {
+    let hit_length = finish_reason.is_some_and(|r| r.eq_ignore_ascii_case("length"));
     let gold_answer = extract::gold_answer(gold);
     if let Some(letter) = extract::choice_letter(&gold_answer, opts.max_choice_letter) {
-        let got = extract::extract_choice(response, opts.max_choice_letter);
-        return Verdict {
-            correct: got.as_ref().is_some_and(|(c, _)| *c == letter),
-            extracted: got.map(|(_, s)| s),
+        if hit_length && let Err(reason) = extract::extract_final(response, true) {
+            return Verdict::missing(reason);
+        }
+        return match extract::extract_choice(response, opts.max_choice_letter) {
+            Some((c, s)) => Verdict {
+                correct: c == letter,
+                extracted: Some(s),
+                reason: None,
+            },
+            None => Verdict::missing(Reason::NoAnswer),
         };
     }
-    match extract_answer(response) {
-        Some(pred) => Verdict {
+    match extract::extract_final(response, hit_length) {
+        Ok(pred) => Verdict {
             correct: equivalent(&gold_answer, &pred, opts),
             extracted: Some(pred),
+            reason: None,
         },
-        None => Verdict {
+        Err(reason) => Verdict::missing(reason),
+    }
+}
+
+impl Verdict {
+    fn missing(reason: Reason) -> Self {
+        Self {
             correct: false,
             extracted: None,
-        },
+            reason: Some(reason),
+        }
     }
 }

@@ -396,6 +396,64 @@ pub fn is_unit(w: &str) -> bool {
     )
 }
 
+/// The value of an answer written in English number words: `two`, `Twelve`, `twenty-one`,
+/// `one hundred and five`, `three thousand`. `None` for anything else (including digits).
+pub fn number_words(s: &str) -> Option<i64> {
+    let s = s.trim().trim_end_matches('.');
+    if s.is_empty() || s.len() > 80 || !s.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    let (mut total, mut group, mut any) = (0i64, 0i64, false);
+    for word in s.split(|c: char| c.is_whitespace() || c == '-') {
+        let w = word.to_ascii_lowercase();
+        let small = match w.as_str() {
+            "" | "and" if any => continue,
+            "zero" => 0,
+            "one" => 1,
+            "two" => 2,
+            "three" => 3,
+            "four" => 4,
+            "five" => 5,
+            "six" => 6,
+            "seven" => 7,
+            "eight" => 8,
+            "nine" => 9,
+            "ten" => 10,
+            "eleven" => 11,
+            "twelve" => 12,
+            "thirteen" => 13,
+            "fourteen" => 14,
+            "fifteen" => 15,
+            "sixteen" => 16,
+            "seventeen" => 17,
+            "eighteen" => 18,
+            "nineteen" => 19,
+            "twenty" => 20,
+            "thirty" => 30,
+            "forty" => 40,
+            "fifty" => 50,
+            "sixty" => 60,
+            "seventy" => 70,
+            "eighty" => 80,
+            "ninety" => 90,
+            "hundred" if any => {
+                group = group.max(1) * 100;
+                continue;
+            }
+            "thousand" | "million" if any => {
+                let scale = if w == "thousand" { 1_000 } else { 1_000_000 };
+                total += group.max(1) * scale;
+                group = 0;
+                continue;
+            }
+            _ => return None,
+        };
+        group += small;
+        any = true;
+    }
+    any.then_some(total + group)
+}
+
 fn is_thin_space(c: char) -> bool {
     matches!(
         c,

@@ -1,7 +1,9 @@
 //! Integration tests of retort-verify: the public math-verify cases, feature cases on full
 //! responses, and robustness on hostile input.
 
-use retort_verify::{PercentPolicy, VerifyOptions, equivalent, extract_answer, verify};
+use retort_verify::{
+    PercentPolicy, Reason, VerifyOptions, equivalent, extract_answer, verify, verify_finished,
+};
 use std::time::{Duration, Instant};
 
 const CASES: &str = concat!(
@@ -652,29 +654,34 @@ fn realistic_corpus_agreement() {
     let opts = VerifyOptions::default();
     let mut total: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let mut misses = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{RESPONSES}:{}: {e}", i + 1));
         let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
         let want = v["correct"].as_bool().expect("correct is a bool");
-        let got = verify(&s("response"), &s("gold"), &opts);
-        let ok = got.correct == want;
+        let finish = v["finish_reason"].as_str();
+        let got = verify_finished(&s("response"), &s("gold"), finish, &opts);
+        let want_reason = v["reason"].as_str();
+        let ok = got.correct == want && got.reason.map(Reason::as_str) == want_reason;
         let entry = total.entry(s("class")).or_default();
         entry.0 += usize::from(ok);
         entry.1 += 1;
         if !ok {
             misses.push(format!(
-                "  line {}: want={want} got={:?} gold={:?} response={:?}",
+                "  line {}: want={want} {want_reason:?} got={:?} {:?} gold={:?} response={:?}",
                 i + 1,
                 got.extracted,
+                got.reason,
                 s("gold"),
                 short(&s("response"))
             ));
         }
     }
-    let (agree, all) = total
-        .values()
-        .fold((0, 0), |(a, n), (x, y)| (a + x, n + y));
+    let (agree, all) = total.values().fold((0, 0), |(a, n), (x, y)| (a + x, n + y));
     for (class, (a, n)) in &total {
         println!("{class}: {a}/{n}");
     }
