@@ -104,6 +104,8 @@ pub enum Tok {
     Floor(bool),
     Ceil(bool),
     Percent,
+    /// A degree mark `^\circ` or `°` after a value.
+    Degree,
     Amp,
     RowSep,
     BeginMat,
@@ -169,6 +171,8 @@ enum Cmd {
     Begin,
     End,
     Array,
+    /// `\emptyset`, `\varnothing`: lexed as `\{\}`.
+    EmptySet,
 }
 
 fn command(name: &str) -> Option<Cmd> {
@@ -242,6 +246,7 @@ fn command(name: &str) -> Option<Cmd> {
         "hspace" | "vspace" | "phantom" | "label" | "tag" | "color" | "textcolor" => {
             Some(Cmd::SkipArg)
         }
+        "emptyset" | "varnothing" => Some(Cmd::EmptySet),
         "begin" => Some(Cmd::Begin),
         "end" => Some(Cmd::End),
         "array" => Some(Cmd::Array),
@@ -551,6 +556,15 @@ impl Lexer<'_> {
         )
     }
 
+    /// A degree mark applies to the token before it (`60°`, `x^\circ`, `(a+b)°`).
+    fn after_value(&self) -> bool {
+        self.prev_is_value()
+            || matches!(
+                self.out.last().map(|t| &t.tok),
+                Some(Tok::Ident(_) | Tok::Pi)
+            )
+    }
+
     fn skip_spaces(&mut self) {
         while let Some(c) = self.peek(0) {
             if c.is_whitespace() || is_thin_space(c) {
@@ -761,6 +775,13 @@ impl Lexer<'_> {
         }
         let word: String = self.c[start..self.i].iter().collect();
         let lower = word.to_ascii_lowercase();
+        if self.strip_units
+            && matches!(lower.as_str(), "degree" | "degrees")
+            && self.prev_is_value()
+        {
+            self.push(Tok::Degree);
+            return;
+        }
         // Units right after a value, with an optional power (`cm^2`, `m²`).
         let after_symbol = word.len() > 1
             && matches!(
@@ -801,6 +822,17 @@ impl Lexer<'_> {
         let trimmed = content.trim();
         if trimmed.is_empty() {
             self.space = true;
+            return;
+        }
+        if self.strip_units
+            && trimmed.contains('/')
+            && self.prev_is_value()
+            && trimmed
+                .split(['/', ' '])
+                .all(|w| w.is_empty() || is_unit(w))
+        {
+            // A compound unit `\text{ km/h}`, `\mathrm{m/s}^2`.
+            self.skip_unit_power();
             return;
         }
         if trimmed.chars().all(|c| c.is_ascii_alphabetic() || c == ' ') {
@@ -907,6 +939,7 @@ impl Lexer<'_> {
                     }
                 }
             }
+            Cmd::Skip if name == "degree" && self.after_value() => self.push(Tok::Degree),
             Cmd::Skip => {
                 self.space = true;
                 if matches!(name.as_str(), "left" | "right" | "middle") && self.peek(0) == Some('.')
@@ -949,6 +982,10 @@ impl Lexer<'_> {
                 }
             }
             Cmd::Array => self.space = true,
+            Cmd::EmptySet => {
+                self.push(Tok::SetOpen);
+                self.push(Tok::SetClose);
+            }
         }
     }
 
@@ -978,7 +1015,7 @@ impl Lexer<'_> {
                 '*' | '×' | '·' | '⋅' | '∙' | '∗' => Tok::Times,
                 '/' | '÷' => Tok::Divide,
                 '^' => {
-                    // `^\circ`, `^{\circ}`: degrees are dropped.
+                    // `^\circ`, `^{\circ}`: a degree mark (dropped when nothing precedes it).
                     let rest: String = self.c[self.i..(self.i + 12).min(self.c.len())]
                         .iter()
                         .collect();
@@ -994,10 +1031,15 @@ impl Lexer<'_> {
                             }
                             self.i += 1;
                         }
-                        self.space = true;
-                        continue;
+                        if self.after_value() {
+                            Tok::Degree
+                        } else {
+                            self.space = true;
+                            continue;
+                        }
+                    } else {
+                        Tok::Caret
                     }
-                    Tok::Caret
                 }
                 '²' | '³' | '¹' => {
                     self.push(Tok::Caret);
@@ -1079,6 +1121,7 @@ impl Lexer<'_> {
                 '⅕' => Tok::Vulgar(1, 5),
                 '⅛' => Tok::Vulgar(1, 8),
                 '⅙' => Tok::Vulgar(1, 6),
+                '°' if self.after_value() => Tok::Degree,
                 '°' | '$' | '€' | '£' | '¥' | '₹' | '"' | '`' | '~' | '“' | '”' | '#' => {
                     self.space = true;
                     continue;
@@ -1160,9 +1203,11 @@ mod tests {
 
     #[test]
     fn units_degrees_and_text() {
-        assert_eq!(toks("90^\\circ"), [num("90")]);
-        assert_eq!(toks("90^{\\circ}"), [num("90")]);
-        assert_eq!(toks("90°"), [num("90")]);
+        assert_eq!(toks("90^\\circ"), [num("90"), Tok::Degree]);
+        assert_eq!(toks("90^{\\circ}"), [num("90"), Tok::Degree]);
+        assert_eq!(toks("90°"), [num("90"), Tok::Degree]);
+        assert_eq!(toks("60 \\text{ km/h}"), [num("60")]);
+        assert_eq!(toks("\\varnothing"), [Tok::SetOpen, Tok::SetClose]);
         assert_eq!(toks("15\\mbox{ cm}^2"), [num("15")]);
         assert_eq!(toks("125 miles"), [num("125")]);
         assert_eq!(toks("1,000.99m²"), [num("1000.99")]);

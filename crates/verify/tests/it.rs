@@ -383,10 +383,11 @@ fn realistic_responses() {
             "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
             true,
         ),
+        // A column vector is the tuple of its entries. See: #16
         (
             "\\boxed{(1,2)}",
             "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
-            false,
+            true,
         ),
         ("The answer is 16 and 17", "16, 17", true),
         ("\\boxed{\\{1, 2, 3\\}}", "\\{3, 2, 1\\}", true),
@@ -439,7 +440,9 @@ fn realistic_responses() {
         ("\\boxed{[2, 5)}", "2 \\le x < 5", true),
         ("\\boxed{2 \\le x < 5}", "[2,5)", true),
         ("\\boxed{\\pi/2}", "\\frac{\\pi}{2}", true),
-        ("\\boxed{90^\\circ}", "\\frac{\\pi}{2}", false),
+        // 90 degrees is π/2 radians. See: #16
+        ("\\boxed{90^\\circ}", "\\frac{\\pi}{2}", true),
+        ("\\boxed{90^\\circ}", "\\frac{\\pi}{3}", false),
         ("\\boxed{a = 2, b = 3}", "(2,3)", true),
         ("\\boxed{\\$1,234.56}", "1234.56", true),
         ("\\boxed{8 \\text{ apples}}", "8", true),
