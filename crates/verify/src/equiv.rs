@@ -12,6 +12,7 @@ use crate::eval;
 use crate::expr::{self, Konst, Node, ParseOptions, Sign};
 use crate::normalize::{self, RelOp, Tok};
 use crate::number::{Complex, Rational};
+use crate::units;
 use crate::{PercentPolicy, VerifyOptions};
 
 /// Numerical noise allowed between two constant expressions (relative).
@@ -27,6 +28,12 @@ pub fn equivalent(a: &str, b: &str, opts: &VerifyOptions) -> bool {
     let b = b.trim();
     if a.len() > opts.max_answer_chars || b.len() > opts.max_answer_chars {
         return !a.is_empty() && a.split_whitespace().eq(b.split_whitespace());
+    }
+    if opts.convert_units
+        && let (Some(x), Some(y)) = (units::quantity(a), units::quantity(b))
+        && let Some(same) = units::same_quantity(&x, &y)
+    {
+        return same;
     }
     // `two`, `Twelve`, `twenty-one` are numbers.
     let words = |s: &str| normalize::number_words(s).map(|n| n.to_string());

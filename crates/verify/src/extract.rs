@@ -754,6 +754,62 @@ mod tests {
         );
     }
 
+    // See: #16
+    #[test]
+    fn marker_keeps_the_sign() {
+        assert_eq!(ex("12 - 17 = -5.\n#### -5"), Some("-5".into()));
+        assert_eq!(ex("The answer is -3."), Some("-3".into()));
+        assert_eq!(ex("Answer: - 7"), Some("- 7".into()));
+        assert_eq!(ex("Answer:\n- 7"), Some("7".into()));
+        assert_eq!(ex("Final answer: --- 4"), Some("4".into()));
+    }
+
+    // See: #16
+    #[test]
+    fn continuation_after_a_committed_answer() {
+        assert_eq!(
+            ex("So \\boxed{17}. Question: What is 5 + 6? Answer: 11"),
+            Some("17".into())
+        );
+        assert_eq!(
+            ex("#### 36\n\nQ: How many cows?\nA: The answer is 6."),
+            Some("36".into())
+        );
+        // No answer before the marker: it belongs to the response.
+        assert_eq!(
+            ex("Question: what is 2 + 2? We add. The answer is 4."),
+            Some("4".into())
+        );
+        // Corrections within the response still count.
+        assert_eq!(ex("\\boxed{10}, no: \\boxed{12}"), Some("12".into()));
+    }
+
+    // See: #16
+    #[test]
+    fn truncation_by_length() {
+        assert_eq!(
+            extract_final("We get 3, then 7, then 13", true),
+            Err(Reason::Truncated)
+        );
+        assert_eq!(
+            extract_final("The sum is \\boxed{17}.", true),
+            Ok("17".into())
+        );
+        assert_eq!(
+            extract_final("The sum is \\boxed{17}.\nQuestion: 5 + 6?\nAnswer: 1", true),
+            Ok("17".into())
+        );
+        assert_eq!(extract_final("", false), Err(Reason::NoAnswer));
+        assert_eq!(
+            extract_final("<think>so 3 and", false),
+            Err(Reason::Truncated)
+        );
+        assert_eq!(
+            extract_final("<think>x</think>", false),
+            Err(Reason::NoAnswer)
+        );
+    }
+
     #[test]
     fn think_and_chat_tokens() {
         assert_eq!(

@@ -17,7 +17,7 @@
 //! Modules: [`extract`] (response to answer string), [`normalize`] (answer string to tokens),
 //! [`expr`] (tokens to trees), [`eval`] (exact and numeric evaluation), [`number`] (rationals,
 //! complex),
-//! [`equiv`] (tree comparison).
+//! [`equiv`] (tree comparison), [`units`] (quantities such as `3 hours`).
 
 pub mod equiv;
 pub mod eval;
@@ -25,6 +25,7 @@ pub mod expr;
 pub mod extract;
 pub mod normalize;
 pub mod number;
+pub mod units;
 
 pub use equiv::equivalent;
 pub use extract::{extract_answer, extract_final};
@@ -55,8 +56,15 @@ pub struct VerifyOptions {
     /// to within its last digit. Default `Some(12)`; `None` disables.
     pub precise_decimal_digits: Option<u32>,
     /// Drop units after a value: `\text{cm}`, `miles`, `m^2`, `\mbox{ cm}^2` (default true).
-    /// Degrees (`^\circ`, `°`) and currency signs (`$`, `\$`, `€`) are always dropped.
+    /// Currency signs (`$`, `\$`, `€`) are always dropped. A degree mark (`^\circ`, `°`) may be
+    /// dropped (`90^\circ` equals `90`) or read as `π/180` (`60^\circ` equals `\frac{\pi}{3}`,
+    /// `\sin 30^\circ` equals `\frac12`).
     pub strip_units: bool,
+    /// Two answers that both carry a unit of the same dimension (time, length, mass, volume)
+    /// compare as quantities: `3 \text{ hours}` equals `180 minutes` and not `3 minutes`
+    /// (default true). A unit against a bare number is dropped and the numbers compare as
+    /// written (`180 minutes` is not gold `3`): the bare number's unit is the question's.
+    pub convert_units: bool,
     /// Highest multiple-choice letter: a gold that is a single letter `A`..=this (optionally
     /// `(B)`, `\text{B}`) is compared with the letter the response chose (default `'J'`).
     pub max_choice_letter: char,
@@ -90,6 +98,7 @@ impl Default for VerifyOptions {
             float_tolerance: None,
             precise_decimal_digits: Some(12),
             strip_units: true,
+            convert_units: true,
             max_choice_letter: 'J',
             e_is_euler: true,
             i_is_imaginary: true,

@@ -1239,6 +1239,19 @@ mod tests {
         assert_eq!(toks("1½"), [num("1"), Tok::Vulgar(1, 2)]);
     }
 
+    // See: #16
+    #[test]
+    fn number_words_are_numbers() {
+        assert_eq!(number_words("two"), Some(2));
+        assert_eq!(number_words("Twelve."), Some(12));
+        assert_eq!(number_words("twenty-one"), Some(21));
+        assert_eq!(number_words("one hundred and five"), Some(105));
+        assert_eq!(number_words("three thousand two hundred"), Some(3200));
+        assert_eq!(number_words("no one"), None);
+        assert_eq!(number_words("12"), None);
+        assert_eq!(number_words("and"), None);
+    }
+
     #[test]
     fn doubled_backslashes_before_commands() {
         assert_eq!(fix_doubled_backslashes("\\\\frac{1}{2}"), "\\frac{1}{2}");
