@@ -30,7 +30,8 @@ pub fn equivalent(a: &str, b: &str, opts: &VerifyOptions) -> bool {
         return !a.is_empty() && a.split_whitespace().eq(b.split_whitespace());
     }
     if opts.convert_units
-        && let (Some(x), Some(y)) = (units::quantity(a), units::quantity(b))
+        && let Some(x) = units::quantity(a)
+        && let Some(y) = units::quantity(b)
         && let Some(same) = units::same_quantity(&x, &y)
     {
         return same;

@@ -6,7 +6,7 @@
 //!    [`Reason::Truncated`] unless it holds a strong answer (step 3); one whose text after
 //!    `</think>` is empty only counts a strong answer.
 //! 2. A response that keeps going after its answer is cut: at the first new-question marker
-//!    (`Question:`, `Q:`, `Problem:`, `Human:`, `User:`, `### Instruction` at the start of a line
+//!    (`Question:`, `Q:`, `Problem:`, `Human:`, `User:`, `### Instruction:` at the start of a line
 //!    or a sentence) that follows a strong answer, the rest is a continuation the model invented,
 //!    and the answer committed before it counts. A marker with no strong answer before it is
 //!    part of the response (`... Question: what is the width? ...`). Inside the kept text the
@@ -44,16 +44,8 @@ const MARKERS: &[&str] = &[
     "answer:",
     "####",
 ];
-/// Markers that start a new exchange the model invented after answering (lower case).
-const CONTINUATIONS: &[&str] = &[
-    "question:",
-    "q:",
-    "problem:",
-    "human:",
-    "user:",
-    "### instruction",
-    "instruction:",
-];
+/// Words that, before a colon, start a new exchange the model invented after answering.
+const CONTINUATIONS: &[&str] = &["question", "q", "problem", "human", "user", "instruction"];
 /// Continuation markers checked per response (each costs a strong-answer scan of the prefix).
 const MAX_CONTINUATION_CHECKS: usize = 8;
 
@@ -105,24 +97,31 @@ pub fn extract_final(response: &str, hit_length: bool) -> Result<String, Reason>
 }
 
 /// Where a continuation starts: the first new-question marker, at the start of a line or a
-/// sentence, with a strong answer before it.
+/// sentence, with a strong answer before it. One pass over the colons (every marker ends in
+/// one), since this runs on every response.
 fn committed_prefix(body: &str) -> Option<usize> {
     let bytes = body.as_bytes();
     let mut checks = 0;
-    let mut from = 0;
-    // Markers that do not start a block are skipped; bound those too (hostile `q:q:q:..`).
-    for _ in 0..8 * MAX_CONTINUATION_CHECKS {
-        if checks >= MAX_CONTINUATION_CHECKS {
-            return None;
-        }
-        let (pos, len) = CONTINUATIONS
+    let mut colon = 0;
+    while checks < MAX_CONTINUATION_CHECKS {
+        // `str::find` with a char uses memchr: this runs over every response.
+        colon += body[colon..].find(':')?;
+        let word_len = bytes[..colon]
             .iter()
-            .filter_map(|m| find_ignore_case(&body[from..], m).map(|p| (from + p, m.len())))
-            .min_by_key(|(p, _)| *p)?;
-        from = pos + len;
+            .rev()
+            .take(12)
+            .take_while(|c| c.is_ascii_alphabetic())
+            .count();
+        let pos = colon - word_len;
+        colon += 1;
+        if !CONTINUATIONS
+            .iter()
+            .any(|m| m.as_bytes().eq_ignore_ascii_case(&bytes[pos..colon - 1]))
+        {
+            continue;
+        }
         let before = body[..pos].trim_end_matches([' ', '\t', '*', '#']);
-        let starts_block = before.is_empty()
-            || before.ends_with('\n')
+        let starts_block = before.ends_with('\n')
             || (bytes.get(pos.wrapping_sub(1)) == Some(&b' ')
                 && before.ends_with(['.', '!', '?', '$', '}', ']']));
         if !starts_block || before.trim().is_empty() {
@@ -132,24 +131,6 @@ fn committed_prefix(body: &str) -> Option<usize> {
         if strong_answer(before).is_some() {
             return Some(before.len());
         }
-    }
-    None
-}
-
-/// Byte offset of `needle` (lower-case ASCII) in `hay`, ignoring ASCII case.
-fn find_ignore_case(hay: &str, needle: &str) -> Option<usize> {
-    let (h, n) = (hay.as_bytes(), needle.as_bytes());
-    let first = n.first()?;
-    let mut i = 0;
-    while i + n.len() <= h.len() {
-        let rel = h[i..=h.len() - n.len()]
-            .iter()
-            .position(|c| c.eq_ignore_ascii_case(first))?;
-        i += rel;
-        if h[i..i + n.len()].eq_ignore_ascii_case(n) {
-            return Some(i);
-        }
-        i += 1;
     }
     None
 }

@@ -60,7 +60,8 @@ fn unit(word: &str) -> Option<(Dimension, &'static str, f64)> {
 }
 
 /// Reads `3 hours`, `$180 \text{ minutes}$`, `2.5\,\mathrm{km}`, `1,500 m`; `None` for anything
-/// that is not exactly a plain number and one known unit.
+/// that is not exactly a plain number and one known unit. Allocates only for a match, since
+/// every compared answer passes through here.
 pub fn quantity(answer: &str) -> Option<Quantity> {
     let s = answer.trim().trim_matches('$').trim();
     if s.len() > 64 || !s.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.') {
@@ -69,24 +70,43 @@ pub fn quantity(answer: &str) -> Option<Quantity> {
     let end = s
         .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | ',' | '-')))
         .unwrap_or(s.len());
-    // Most answers are plain numbers or expressions: reject them before allocating.
-    if !s[end..].contains(|c: char| c.is_ascii_alphabetic()) {
+    let mut rest = &s[end..];
+    loop {
+        let trimmed = rest.trim_start();
+        rest = [
+            "\\text{",
+            "\\mathrm{",
+            "\\mbox{",
+            "\\textrm{",
+            "{",
+            "\\ ",
+            "\\,",
+            "\\;",
+            "~",
+        ]
+        .iter()
+        .find_map(|p| trimmed.strip_prefix(p))
+        .unwrap_or(trimmed);
+        if rest.len() == trimmed.len() {
+            break;
+        }
+    }
+    let word_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+    let (word, tail) = rest.split_at(word_len);
+    if word.is_empty()
+        || word.len() > 12
+        || !tail
+            .chars()
+            .all(|c| c == '}' || c == '.' || c.is_whitespace())
+    {
         return None;
     }
+    let mut lower = [0u8; 12];
+    lower[..word.len()].copy_from_slice(word.as_bytes());
+    lower[..word.len()].make_ascii_lowercase();
+    let (dimension, unit, size) = unit(std::str::from_utf8(&lower[..word.len()]).ok()?)?;
     let number: String = s[..end].chars().filter(|c| *c != ',').collect();
     let value: f64 = number.parse().ok()?;
-    let mut rest = s[end..].to_string();
-    for wrapper in [
-        "\\text", "\\mathrm", "\\mbox", "\\textrm", "\\ ", "\\,", "\\;", "~",
-    ] {
-        rest = rest.replace(wrapper, " ");
-    }
-    let word = rest
-        .trim()
-        .trim_matches(|c: char| c == '{' || c == '}' || c.is_whitespace())
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let (dimension, unit, size) = unit(&word)?;
     Some(Quantity {
         base_value: value * size,
         dimension,
