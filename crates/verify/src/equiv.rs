@@ -1,12 +1,17 @@
 //! Equivalence of two extracted answers.
 //!
-//! Order of checks in [`equivalent`]: identical token streams; text answers (words compared
+//! Order of checks in [`equivalent`]: two quantities with units of one dimension compare
+//! converted ([`crate::units`], when [`VerifyOptions::convert_units`]); number words become
+//! numbers (`twelve`); identical token streams; text answers (words compared
 //! case-insensitively); then parsed trees compared by `Checker::eq`: relations (label forms
-//! such as `x = 3` reduce to their value, equations and inequalities compare as `lhs - rhs` up to
-//! a constant factor, inequalities and `x \in I` become intervals), collections (tuples and
-//! intervals in order, sets and bare lists in any order, `\pm` expands to two elements),
-//! matrices cell by cell, and scalars exactly as rationals when possible, otherwise numerically
-//! at seeded pseudo-random points.
+//! such as `x = 3` or `f(2) = 6` reduce to their value, equations and inequalities compare as
+//! `lhs - rhs` up to a constant factor, inequalities, `|x| < a` and `x \in I` become intervals
+//! or unions), a one-column or one-row matrix against a tuple entry by entry, collections
+//! (tuples and intervals in order, sets, bare lists and unions in any order, `\pm` expands to
+//! two elements), matrices cell by cell, and scalars: a degree mark dropped or read as `π/180`,
+//! a `%` dropped only after a written number (`28\%` may be `28`, `\frac{3}{4}\%` is only
+//! 0.0075), then exactly as rationals when possible, otherwise numerically at seeded
+//! pseudo-random points.
 
 use crate::eval;
 use crate::expr::{self, Konst, Node, ParseOptions, Sign};

@@ -4,7 +4,9 @@
 //! gold? It extracts the answer ([`extract_answer`], fallback order in [`extract`]), reduces the
 //! gold the same way (a plain answer, or the boxed answer of a full solution), and compares the
 //! two with [`equivalent`]. Every policy is a field of [`VerifyOptions`]; its [`Default`] is the
-//! recommended setting. The crate is pure (no I/O), never panics on any input, and bounds its
+//! recommended setting. A response without an answer gets a [`Reason`] (`no_answer`,
+//! `truncated`); [`verify_finished`] also takes the generation's finish reason, so a response
+//! cut at its token limit is not judged by the last number it happened to reach. The crate is pure (no I/O), never panics on any input, and bounds its
 //! work (nesting depth, evaluation steps, answer length), so a pair takes microseconds.
 //!
 //! ```

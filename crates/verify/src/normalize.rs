@@ -2,8 +2,10 @@
 //!
 //! This is where notation is unified: `\dfrac`/`\tfrac`/`\cfrac` become `\frac`, thousands
 //! separators (commas, spaces, thin spaces U+2009/U+202F, `\,`, `{,}`, `,\!`) are dropped inside
-//! numbers, `\text{..}` units, degrees, currency signs and spacing commands disappear, percent words
-//! become [`Tok::Percent`], and unicode (½ √ π ° × ÷ − ≤ …) maps to the same tokens as LaTeX.
+//! numbers, `\text{..}` units (`cm`, `km/h`), currency signs and spacing commands disappear, a
+//! degree mark after a value becomes [`Tok::Degree`], `\emptyset`/`\varnothing` become `\{\}`,
+//! percent words become [`Tok::Percent`], and unicode (½ √ π ° × ÷ − ≤ …) maps to the same
+//! tokens as LaTeX. [`number_words`] reads English number words.
 //! The lexer is iterative and linear in the input; nested `\text{}` is re-lexed at most
 //! three levels deep. The file runs past 800 lines because the LaTeX command, unit and unicode
 //! tables are one entry per line; they are the lexer's data and read best next to it.
