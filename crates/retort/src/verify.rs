@@ -88,8 +88,7 @@ pub fn verify_record(
     let gold = field(&options.gold_field)?;
     let response = field(&options.response_field)?;
     let finish_reason = record.get("finish_reason").and_then(Value::as_str);
-    let verdict =
-        retort_verify::verify_finished(&response, &gold, finish_reason, &options.policy);
+    let verdict = retort_verify::verify_finished(&response, &gold, finish_reason, &options.policy);
     let mut out = json!({ "correct": verdict.correct, "extracted": verdict.extracted });
     if let Some(reason) = verdict.reason {
         out["reason"] = json!(reason.as_str());
