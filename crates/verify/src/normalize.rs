@@ -444,21 +444,21 @@ pub fn number_words(s: &str) -> Option<i64> {
             "eighty" => 80,
             "ninety" => 90,
             "hundred" if any => {
-                group = group.max(1) * 100;
+                group = group.max(1).checked_mul(100)?;
                 continue;
             }
             "thousand" | "million" if any => {
                 let scale = if w == "thousand" { 1_000 } else { 1_000_000 };
-                total += group.max(1) * scale;
+                total = total.checked_add(group.max(1).checked_mul(scale)?)?;
                 group = 0;
                 continue;
             }
             _ => return None,
         };
-        group += small;
+        group = group.checked_add(small)?;
         any = true;
     }
-    any.then_some(total + group)
+    if any { total.checked_add(group) } else { None }
 }
 
 fn is_thin_space(c: char) -> bool {
@@ -1252,6 +1252,10 @@ mod tests {
         assert_eq!(number_words("no one"), None);
         assert_eq!(number_words("12"), None);
         assert_eq!(number_words("and"), None);
+        // Bounded: at most 80 characters, checked arithmetic.
+        let hundreds = format!("one{}", " hundred".repeat(9));
+        assert_eq!(number_words(&hundreds), Some(10i64.pow(18)));
+        assert_eq!(number_words(&format!("one{}", " hundred".repeat(10))), None);
     }
 
     #[test]

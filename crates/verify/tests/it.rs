@@ -629,6 +629,8 @@ fn never_panics_on_deep_and_huge_inputs() {
     let megabyte_boxes = "\\boxed{".repeat(150_000);
     let dollars = "$".repeat(1_000_000);
     let nested_sums = "\\sum_{k=1}^{1000}".repeat(50) + "k";
+    let questions = "so. Question: ".repeat(80_000);
+    let colons = ":".repeat(1_000_000);
     for s in [
         &deep_parens,
         &deep_braces,
@@ -640,6 +642,8 @@ fn never_panics_on_deep_and_huge_inputs() {
         &megabyte_boxes,
         &dollars,
         &nested_sums,
+        &questions,
+        &colons,
         &"10^{10^{10}}".to_string(),
         &"(10^{10^{10}})!".to_string(),
         &"\\binom{10^{30}}{10^{20}}".to_string(),
