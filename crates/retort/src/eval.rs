@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::backend::{Backend, SamplingParams};
 use crate::error::{Error, Result};
@@ -456,11 +456,14 @@ pub fn run_problems(
                 if let Some(answer) = answer.filter(|_| sample < options.samples) {
                     match (answer, record.get("response").and_then(Value::as_str)) {
                         (Some(gold), Some(response)) => {
-                            let verdict = retort_verify::verify(response, gold, &options.policy);
-                            record.insert(
-                                "verdict".into(),
-                                json!({"correct": verdict.correct, "extracted": verdict.extracted}),
+                            let finish = record.get("finish_reason").and_then(Value::as_str);
+                            let verdict = retort_verify::verify_finished(
+                                response,
+                                gold,
+                                finish,
+                                &options.policy,
                             );
+                            record.insert("verdict".into(), crate::verify::verdict_json(&verdict));
                             kept.push(record.clone());
                         }
                         _ => unverifiable += 1,
@@ -499,6 +502,7 @@ pub fn run_problems(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn binomial(n: u64, k: u64) -> f64 {
         if k > n {

@@ -278,13 +278,15 @@ pub fn generate_problems(
                             .clone()
                             .or_else(|| options.until_correct.map(|_| VerifyOptions::default()));
                         if let (Some(policy), Some(gold)) = (policy, &problem.answer) {
-                            let verdict = retort_verify::verify(&completion.text, gold, &policy);
+                            let verdict = retort_verify::verify_finished(
+                                &completion.text,
+                                gold,
+                                Some(finish),
+                                &policy,
+                            );
                             summary.correct += usize::from(verdict.correct);
                             states[position].correct += usize::from(verdict.correct);
-                            trace.insert(
-                                "verdict".into(),
-                                json!({"correct": verdict.correct, "extracted": verdict.extracted}),
-                            );
+                            trace.insert("verdict".into(), crate::verify::verdict_json(&verdict));
                         }
                         summary.prompt_tokens += completion.prompt_tokens;
                         summary.completion_tokens += completion.completion_tokens;

@@ -99,12 +99,17 @@ pub fn verify_record(
     let response = field(&options.response_field)?;
     let finish_reason = record.get("finish_reason").and_then(Value::as_str);
     let verdict = retort_verify::verify_finished(&response, &gold, finish_reason, &options.policy);
+    record.insert("verdict".into(), verdict_json(&verdict));
+    Ok(verdict)
+}
+
+/// A record's `verdict` field: `correct`, `extracted`, and `reason` when no answer was found.
+pub fn verdict_json(verdict: &Verdict) -> Value {
     let mut out = json!({ "correct": verdict.correct, "extracted": verdict.extracted });
     if let Some(reason) = verdict.reason {
         out["reason"] = json!(reason.as_str());
     }
-    record.insert("verdict".into(), out);
-    Ok(verdict)
+    out
 }
 
 /// Verifies every record of `input` into `output` (written atomically: nothing on error).
