@@ -12,6 +12,8 @@ pub mod generate;
 pub mod io;
 pub mod manifest;
 #[cfg(feature = "test-util")]
+pub mod mock_scoring;
+#[cfg(feature = "test-util")]
 pub mod mock_server;
 pub mod model_spec;
 pub mod provenance;

@@ -37,7 +37,7 @@ use crate::distill::lora::{BaseName, LoraModel};
 use crate::distill::objective::{LossSpec, MicroBatch, SampleStats, loss, sample_completions};
 use crate::distill::plan::{DistillPlan, LossPlan, OnPolicySampling, TeacherPlan};
 use crate::distill::resume::{ResumePoint, open_metrics};
-use crate::distill::teacher::load_teacher;
+use crate::distill::teacher::{LiveTeacher, open_live_teacher};
 use crate::error::{Error, Result};
 use crate::io::Journal;
 use crate::model_spec::ModelSpec;
@@ -168,7 +168,7 @@ pub struct Run<'p> {
     plan: &'p DistillPlan,
     started: Instant,
     student: Student,
-    teacher: Option<LoadedModel>,
+    teacher: Option<LiveTeacher>,
     cache: Option<TeacherCache>,
     examples: Vec<Example>,
     eval_examples: Option<Vec<Example>>,
@@ -196,7 +196,12 @@ impl<'p> Run<'p> {
         let student = load_student(plan, resume.as_ref())?;
         let cache = open_cache(plan, &student.model)?;
         let teacher = match plan.live_teacher() {
-            Some(spec) => Some(load_teacher(spec, &student.model)?),
+            Some(spec) => Some(open_live_teacher(
+                spec,
+                &student.model,
+                plan.saved.teacher_top_k(),
+                plan.saved.missing_mass,
+            )?),
             None => None,
         };
         let (examples, eval_examples, data_stats) = load_data(plan, &student.model)?;
@@ -367,6 +372,18 @@ impl<'p> Run<'p> {
                 micro_batch.teacher =
                     Some(cache.signal(chunk, &self.plan.data, *missing_mass, &device)?);
             }
+            if let Some(LiveTeacher::Remote(remote)) = &self.teacher {
+                match spec {
+                    LossSpec::KdCached { .. } => {
+                        micro_batch.teacher = Some(remote.signal(chunk, &device)?);
+                    }
+                    LossSpec::OnPolicyRewardScored => {
+                        micro_batch.teacher_target_logprobs =
+                            Some(remote.target_logprobs(chunk, &device)?);
+                    }
+                    _ => {}
+                }
+            }
             terms.input_tokens += micro_batch.input_tokens;
             let mut loss_terms = loss(&self.student.model.model, &micro_batch, &spec)?;
             if self.plan.hooks.inject_non_finite_at_step == Some(step) {
@@ -420,6 +437,10 @@ impl<'p> Run<'p> {
             }
             _ => None,
         };
+        let remote = match &self.teacher {
+            Some(LiveTeacher::Remote(remote)) => Some(remote),
+            _ => None,
+        };
         let result = held_out_loss(
             &self.student.model.model,
             eval,
@@ -427,6 +448,7 @@ impl<'p> Run<'p> {
             self.student.model.pad_id(),
             &self.loss_spec(false),
             cached,
+            remote,
         )?;
         Ok(Some(result))
     }
@@ -540,11 +562,26 @@ impl<'p> Run<'p> {
 }
 
 /// The loss spec of a step: the objective's, or the reward form on on-policy samples.
-fn loss_spec(plan: LossPlan, teacher: Option<&LoadedModel>, reward: bool) -> LossSpec<'_> {
-    match (plan, teacher.map(|t| &t.model)) {
+///
+/// A served teacher gives its signal through the micro-batch: the sparse top-k
+/// ([`LossSpec::KdCached`]) or the log-probs of the sampled tokens
+/// ([`LossSpec::OnPolicyRewardScored`]).
+fn loss_spec(plan: LossPlan, teacher: Option<&LiveTeacher>, reward: bool) -> LossSpec<'_> {
+    let local = match teacher {
+        Some(LiveTeacher::Local(model)) => Some(&model.model),
+        _ => None,
+    };
+    let remote = matches!(teacher, Some(LiveTeacher::Remote(_)));
+    match (plan, local) {
         (LossPlan::OnPolicy { .. }, Some(teacher)) if reward => {
             LossSpec::OnPolicyReward { teacher }
         }
+        (LossPlan::OnPolicy { .. }, None) if reward && remote => LossSpec::OnPolicyRewardScored,
+        (LossPlan::Kd(kd) | LossPlan::OnPolicy { kd, .. }, None) if remote => LossSpec::KdCached {
+            divergence: kd.divergence,
+            temperature: kd.temperature,
+            kd_weight: kd.kd_weight,
+        },
         (LossPlan::Kd(kd) | LossPlan::OnPolicy { kd, .. }, Some(teacher)) => LossSpec::Kd {
             teacher,
             divergence: kd.divergence,

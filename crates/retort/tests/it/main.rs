@@ -5,4 +5,5 @@ mod distill_lora;
 mod openai;
 mod provenance;
 mod report;
+mod scoring;
 mod select;
