@@ -1,0 +1,292 @@
+//! Every teacher use through a server equals the local one on the fixture models: `select`
+//! (teacher-guided, RSR, student-ppl), `trace`, `check`, KD with a live served teacher and with
+//! a cache built from the server, and on-policy (reward and divergence forms). The server is
+//! the mock in model mode, computing real log-probs with the same fixture model.
+
+use std::path::Path;
+
+use retort::ModelSpec;
+use retort::backend::local::LocalBackend;
+use retort::backend::scorer::{ScorerOptions, TokenScorer, open_scorer};
+use retort::check::check_pair;
+use retort::distill::cache::{CacheDtype, build_teacher_cache};
+use retort::distill::{DistillOptions, DivergenceKind, Objective, OnPolicyLoss, distill};
+use retort::mock_server::{FaultPlan, MockServer};
+use retort::provenance::{TraceOptions, trace};
+use retort::select::{ModelScorer, SelectOptions, Strategy, select};
+use serde_json::{Map, Value, json};
+
+use crate::distill::{TestResult, base_options, fixture, metrics};
+use crate::scoring::{fast_options, served, spec_of};
+
+fn remote(server: &MockServer, name: &str) -> Box<dyn TokenScorer> {
+    open_scorer(
+        &spec_of(&[server], name),
+        &ScorerOptions {
+            backend: fast_options(),
+            ..ScorerOptions::default()
+        },
+    )
+    .expect("the served fixture opens")
+}
+
+fn records() -> Vec<Map<String, Value>> {
+    let texts = [
+        ("Q: 2 + 3 = ?\nA:", " 2 plus 3 is 5. The answer is 5."),
+        ("Q: 4 + 4 = ?\nA:", " 4 and 4 make 8. So 8. Done!"),
+        ("Compute 7 * 6.", " 7 * 6 = 42. The answer is 42."),
+        ("Say hi.", " Hi there. How are you?"),
+        ("Q: 9 - 1 = ?\nA:", " 9 minus 1 is 8. Therefore 8."),
+    ];
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, (prompt, response))| {
+            let value = json!({"id": format!("r{i}"), "prompt": prompt, "response": response,
+                "verdict": {"correct": true, "extracted": null}});
+            value.as_object().cloned().unwrap_or_default()
+        })
+        .collect()
+}
+
+fn kept(records: &[Map<String, Value>]) -> Vec<(String, f64)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap_or_default().to_owned(),
+                r["selection"]["score"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn select_with_served_models_ranks_as_local() -> TestResult {
+    let (teacher_server, teacher) = served("llama-tiny", FaultPlan::none());
+    let (student_server, student) = served("qwen2-tiny", FaultPlan::none());
+    let (remote_teacher, remote_student) = (
+        remote(&teacher_server, "llama-tiny"),
+        remote(&student_server, "qwen2-tiny"),
+    );
+    for strategy in [Strategy::TeacherGuided, Strategy::Rsr, Strategy::StudentPpl] {
+        let options = SelectOptions {
+            strategies: vec![strategy],
+            ..SelectOptions::default()
+        };
+        let local = ModelScorer {
+            student: Some(&student),
+            teacher: Some(&teacher),
+            batch_size: 2,
+        };
+        let served = ModelScorer {
+            student: Some(remote_student.as_ref()),
+            teacher: Some(remote_teacher.as_ref()),
+            batch_size: 64,
+        };
+        let (a, _) = select(records(), &options, Some(&local))?;
+        let (b, _) = select(records(), &options, Some(&served))?;
+        let (a, b) = (kept(&a), kept(&b));
+        let ids = |v: &[(String, f64)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&a), ids(&b), "{strategy:?}: same ranking");
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x.1 - y.1).abs() / x.1.abs().max(1.0))
+            .fold(0.0, f64::max);
+        println!("select {strategy:?}: same ranking, max_rel_diff of scores {diff:.3e}");
+        assert!(diff < 1e-4, "{strategy:?}: {a:?} vs {b:?}");
+    }
+    Ok(())
+}
+
+fn write_jsonl(path: &Path, records: &[Map<String, Value>]) -> std::io::Result<()> {
+    let text: String = records
+        .iter()
+        .map(|r| format!("{}\n", Value::Object(r.clone())))
+        .collect();
+    fs_err::write(path, text)
+}
+
+fn read_actions(path: &Path) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+    let text = fs_err::read_to_string(path)?;
+    let mut all = Vec::new();
+    for line in text.lines() {
+        let record: Value = serde_json::from_str(line)?;
+        all.extend(record["actions"].as_array().cloned().unwrap_or_default());
+    }
+    Ok(all)
+}
+
+#[test]
+fn trace_with_a_served_teacher_and_student_categorises_as_local() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &records())?;
+    let (teacher_server, teacher) = served("llama-tiny", FaultPlan::none());
+    let (base_server, base) = served("qwen2-tiny", FaultPlan::none());
+    let distilled = LocalBackend::load(fixture("qwen3-tiny"), 4)?;
+    let (remote_teacher, remote_base) = (
+        remote(&teacher_server, "llama-tiny"),
+        remote(&base_server, "qwen2-tiny"),
+    );
+    let mut options = TraceOptions::new(&input, dir.path().join("local.jsonl"));
+    options.thresholds.likely = -6.0;
+    let local = trace(&teacher, &base, &distilled, &options, &mut |_, _| {})?;
+    options.output = dir.path().join("remote.jsonl");
+    options.batch_size = 64;
+    let served = trace(
+        remote_teacher.as_ref(),
+        remote_base.as_ref(),
+        &distilled,
+        &options,
+        &mut |_, _| {},
+    )?;
+    assert_eq!(local.counts, served.counts, "same categories");
+    let (a, b) = (
+        read_actions(&dir.path().join("local.jsonl"))?,
+        read_actions(&options.output)?,
+    );
+    assert_eq!(a.len(), b.len());
+    let mut diff = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["category"], y["category"]);
+        for model in ["teacher", "base", "distilled"] {
+            if let (Some(p), Some(q)) = (x["logprob"][model].as_f64(), y["logprob"][model].as_f64())
+            {
+                diff = diff.max((p - q).abs());
+            }
+        }
+    }
+    println!(
+        "trace: {} actions, same categories {:?}; max_abs_diff of action log-probs {diff:.3e}",
+        a.len(),
+        served.counts
+    );
+    assert!(diff < 1e-4);
+    Ok(())
+}
+
+#[test]
+fn check_with_a_served_teacher_reports_as_local() -> TestResult {
+    let (server, teacher) = served("llama-tiny", FaultPlan::none());
+    let student = LocalBackend::load(fixture("qwen2-tiny"), 4)?;
+    let local = check_pair(&teacher, &student)?;
+    let served = check_pair(remote(&server, "llama-tiny").as_ref(), &student)?;
+    let statuses = |r: &retort::check::CheckReport| {
+        r.rows
+            .iter()
+            .map(|row| (row.check.clone(), row.status))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(statuses(&local), statuses(&served));
+    let scored = |r: &retort::check::CheckReport| {
+        r.rows
+            .iter()
+            .find(|row| row.check == "scored sequence")
+            .map(|row| row.detail.clone())
+    };
+    println!(
+        "check: local {:?} / served {:?}",
+        scored(&local),
+        scored(&served)
+    );
+    assert_eq!(scored(&local), scored(&served));
+    Ok(())
+}
+
+/// KD options with the teacher `spec` (k = the whole vocabulary, so the served top-k signal is
+/// the dense distribution).
+fn kd_options(dir: &Path, output: &str, teacher: ModelSpec) -> std::io::Result<DistillOptions> {
+    let mut options = base_options(dir, output)?;
+    options.objective = Objective::Kd;
+    options.teacher = Some(teacher);
+    options.teacher_top_k = Some(512);
+    options.temperature = 2.0;
+    options.max_steps = Some(4);
+    options.eval_data = options.data.clone();
+    options.eval_every = Some(2);
+    Ok(options)
+}
+
+fn max_metric_diff(a: &Path, b: &Path, keys: &[&str]) -> Result<f64, Box<dyn std::error::Error>> {
+    let (a, b) = (metrics(a)?, metrics(b)?);
+    assert_eq!(a.len(), b.len());
+    let mut diff = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        for key in keys {
+            if let (Some(p), Some(q)) = (x[*key].as_f64(), y[*key].as_f64()) {
+                diff = diff.max((p - q).abs());
+            } else {
+                assert_eq!(x.get(*key).is_some(), y.get(*key).is_some(), "{key}");
+            }
+        }
+    }
+    Ok(diff)
+}
+
+#[test]
+fn kd_from_a_served_teacher_and_from_its_cache_equals_the_local_teacher() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (server, _) = served("llama-tiny", FaultPlan::none());
+    let local = kd_options(
+        dir.path(),
+        "local",
+        ModelSpec::folder(fixture("llama-tiny")),
+    )?;
+    let live = kd_options(dir.path(), "live", spec_of(&[&server], "llama-tiny"))?;
+    let a = distill(&local, &mut |_| {})?;
+    let b = distill(&live, &mut |_| {})?;
+    let keys = ["loss", "kd_loss", "eval_loss", "eval_kd_loss", "grad_norm"];
+    let diff = max_metric_diff(&a.output, &b.output, &keys)?;
+    println!("kd, served teacher (k = 512) vs local dense: max_abs_diff of losses {diff:.3e}");
+    assert!(diff < 1e-3, "{diff}");
+
+    let cache = dir.path().join("cache");
+    build_teacher_cache(&live, &cache, 512, CacheDtype::F32, &mut |_, _| {})?;
+    let mut cached = live.clone();
+    cached.teacher = None;
+    cached.teacher_cache = Some(cache);
+    cached.output = Some(dir.path().join("cached"));
+    let c = distill(&cached, &mut |_| {})?;
+    let diff = max_metric_diff(&a.output, &c.output, &keys)?;
+    println!("kd, cache built from the server vs local dense: max_abs_diff of losses {diff:.3e}");
+    assert!(diff < 1e-3, "{diff}");
+    Ok(())
+}
+
+#[test]
+fn on_policy_with_a_served_teacher_equals_the_local_teacher() -> TestResult {
+    let (server, _) = served("llama-tiny", FaultPlan::none());
+    for loss in [OnPolicyLoss::Reward, OnPolicyLoss::Divergence] {
+        let dir = tempfile::tempdir()?;
+        let options = |output: &str, teacher: ModelSpec| -> std::io::Result<DistillOptions> {
+            let mut options = base_options(dir.path(), output)?;
+            options.objective = Objective::OnPolicy;
+            options.on_policy_loss = loss;
+            options.teacher = Some(teacher);
+            options.teacher_top_k = Some(512);
+            options.lambda = 1.0;
+            options.max_new_tokens = 8;
+            options.max_steps = Some(3);
+            options.divergence = DivergenceKind::Rkl;
+            Ok(options)
+        };
+        let a = distill(
+            &options("local", ModelSpec::folder(fixture("llama-tiny")))?,
+            &mut |_| {},
+        )?;
+        let b = distill(
+            &options("live", spec_of(&[&server], "llama-tiny"))?,
+            &mut |_| {},
+        )?;
+        let diff = max_metric_diff(
+            &a.output,
+            &b.output,
+            &["loss", "kd_loss", "reverse_kl", "grad_norm"],
+        )?;
+        println!("on-policy {loss:?}, served vs local teacher: max_abs_diff {diff:.3e}");
+        assert!(diff < 1e-3, "{loss:?}: {diff}");
+    }
+    Ok(())
+}
