@@ -66,7 +66,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     // students', then the teacher's).
     let fallback = [&args.base, &args.distilled, &args.teacher]
         .into_iter()
-        .find_map(|s| s.local_path());
+        .find_map(ModelSpec::local_path);
     let remote = specs.iter().any(|s| s.is_remote());
     // A server takes a batch concurrently, so it gets bigger batches than a forward pass.
     let batch_size = if remote {

@@ -145,7 +145,8 @@ impl TokenScorer for LocalBackend {
     }
 
     fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        LocalBackend::prompt_ids(self, prompt)
+        // The inherent method (path resolution prefers it over this trait method).
+        Self::prompt_ids(self, prompt)
     }
 
     fn score_ids(

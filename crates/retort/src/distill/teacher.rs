@@ -257,7 +257,7 @@ fn check_shared_vocabulary(
 /// A teacher run alongside the student.
 pub enum LiveTeacher {
     /// A local model: dense logits.
-    Local(retort_model::LoadedModel),
+    Local(Box<retort_model::LoadedModel>),
     /// A server: top-k log-probs through the scoring seam.
     Remote(RemoteTeacher),
 }
@@ -271,7 +271,7 @@ pub fn open_live_teacher(
     missing_mass: MissingMass,
 ) -> crate::Result<LiveTeacher> {
     let Some(server) = spec.server() else {
-        return Ok(LiveTeacher::Local(load_teacher(spec, student)?));
+        return Ok(LiveTeacher::Local(Box::new(load_teacher(spec, student)?)));
     };
     let dir = crate::backend::scorer::server_tokenizer_dir(spec, Some(&student.dir))?;
     let scorer = crate::backend::openai::score::RemoteScorer::connect(

@@ -514,10 +514,10 @@ fn parse_echo(
     }
     let tops = logprobs.top_logprobs.unwrap_or_default();
     let mut scores = SequenceScores::default();
-    for position in prompt_len..sequence.len() {
+    for (position, &expected) in sequence.iter().enumerate().skip(prompt_len) {
         if choice.prompt_token_ids.is_none()
             && let Some(Some(id)) = logprobs.tokens.get(position).map(|t| text_id(t))
-            && id != sequence[position]
+            && id != expected
         {
             return Err(mismatch(
                 label,
