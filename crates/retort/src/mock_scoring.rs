@@ -76,15 +76,17 @@ impl MockModel {
         }
     }
 
-    /// `POST /v1/completions` for scoring; `None` when the body asks for neither
-    /// `prompt_logprobs` nor `echo` (the synthetic generator answers those).
+    /// `POST /v1/completions` for scoring (or tokenizing: `return_token_ids`); `None` when the
+    /// body asks for none of `prompt_logprobs`, `echo`, `return_token_ids` (the synthetic
+    /// generator answers those).
     pub(crate) fn completions(&self, body: &Value) -> Option<Result<Value, String>> {
         let prompt_k = body.get("prompt_logprobs").and_then(Value::as_u64);
         let echo = body.get("echo").and_then(Value::as_bool) == Some(true);
-        if prompt_k.is_none() && !echo {
+        let return_ids = body.get("return_token_ids").and_then(Value::as_bool) == Some(true);
+        if prompt_k.is_none() && !echo && !return_ids {
             return None;
         }
-        Some(self.score_completions(body, prompt_k, echo))
+        Some(self.score_completions(body, prompt_k, echo, return_ids))
     }
 
     fn score_completions(
@@ -92,6 +94,7 @@ impl MockModel {
         body: &Value,
         prompt_k: Option<u64>,
         echo: bool,
+        return_ids: bool,
     ) -> Result<Value, String> {
         let ids = self.ids(body, "prompt")?;
         if ids.is_empty() {
@@ -110,7 +113,7 @@ impl MockModel {
                 })
                 .collect();
             choice["prompt_logprobs"] = Value::Array(entries);
-        } else if !echo {
+        } else if !echo && !return_ids {
             // A server without `prompt_logprobs` ignores the field.
             choice.as_object_mut().map(|c| c.remove("prompt_token_ids"));
         }

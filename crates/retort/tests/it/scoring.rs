@@ -244,3 +244,42 @@ fn ids_the_server_does_not_know_name_the_record_and_position() -> TestResult {
     assert!(err.to_string().contains("tokenizer"), "{err}");
     Ok(())
 }
+
+/// A local tokenizer that is not the server's (two vocabulary entries swapped) is caught by the
+/// probe before any score is trusted.
+#[test]
+fn a_local_tokenizer_unlike_the_servers_is_an_error() -> TestResult {
+    let (server, _) = served("qwen2-tiny", FaultPlan::none());
+    let dir = tempfile::tempdir()?;
+    let source = std::path::PathBuf::from(fixture("qwen2-tiny"));
+    fs_err::copy(
+        source.join("tokenizer_config.json"),
+        dir.path().join("tokenizer_config.json"),
+    )?;
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_str(&fs_err::read_to_string(source.join("tokenizer.json"))?)?;
+    let vocab = tokenizer["model"]["vocab"]
+        .as_object_mut()
+        .ok_or("a vocabulary")?;
+    let (a, b) = (vocab["2"].clone(), vocab["4"].clone());
+    vocab.insert("2".into(), b);
+    vocab.insert("4".into(), a);
+    fs_err::write(dir.path().join("tokenizer.json"), tokenizer.to_string())?;
+    let spec = spec_of(&[&server], "qwen2-tiny");
+    let remote = RemoteScorer::connect(
+        spec.server().ok_or("a server")?,
+        dir.path(),
+        ScoreProtocol::Auto,
+        &fast_options(),
+    )?;
+    let request = ScoreRequest {
+        label: "record 0".into(),
+        prompt_ids: vec![5, 6],
+        completion_ids: vec![7, 8],
+    };
+    let err = remote
+        .score_ids(&[request], ScoreWants::default())
+        .expect_err("the probe catches the swapped entries");
+    assert!(err.to_string().contains("tokenizes"), "{err}");
+    Ok(())
+}

@@ -15,7 +15,12 @@
 //!   without `/v1`. No ranks.
 //!
 //! [`ScoreProtocol::Auto`] starts with `prompt_logprobs` and switches to `echo` for good the
-//! first time a server answers without `prompt_logprobs`. Requests run concurrently under the
+//! first time a server answers without `prompt_logprobs`.
+//!
+//! Because the ids are sent, a wrong local tokenizer would go unnoticed; so the first call
+//! probes once: a sample text is sent as text (`return_token_ids`), and the ids the server made of
+//! it must equal the local tokenizer's, else the call fails naming the first differing position.
+//! A server that does not return the ids (or SGLang's native protocol) is not probed. Requests run concurrently under the
 //! backend's semaphore, spread over replicas (least outstanding), retried as generation is; one
 //! that fails for good fails the call with the record's label.
 
@@ -79,7 +84,13 @@ pub struct RemoteScorer {
     current: Arc<AtomicU8>,
     auto: bool,
     warned_fallback: Arc<AtomicBool>,
+    /// The outcome of the tokenizer probe, once run.
+    probed: std::sync::OnceLock<std::result::Result<(), String>>,
 }
+
+/// The text of the tokenizer probe: digits, operators, LaTeX and a newline, where tokenizers of
+/// one family most often differ.
+const PROBE_TEXT: &str = "Tokenizer check: 12 + 30 = 42.\nThe answer is \\boxed{42}.";
 
 impl std::fmt::Debug for RemoteScorer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,6 +153,63 @@ impl RemoteScorer {
             current: Arc::new(AtomicU8::new(protocol.code())),
             auto: protocol == ScoreProtocol::Auto,
             warned_fallback: Arc::new(AtomicBool::new(false)),
+            probed: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Sends [`PROBE_TEXT`] as text once and compares the server's ids with the local ones; see
+    /// the module docs. One attempt: a server that is down fails the real requests anyway.
+    fn probe_tokenizer(&self) -> Result<()> {
+        let outcome = self.probed.get_or_init(|| {
+            if self.protocol() == ScoreProtocol::Sglang {
+                return Ok(());
+            }
+            let local = match self.tokenizer.encode(PROBE_TEXT, true) {
+                Ok(ids) => ids,
+                Err(e) => return Err(e.to_string()),
+            };
+            let inner = &self.backend.inner;
+            let body = json!({"model": inner.model, "prompt": PROBE_TEXT, "max_tokens": 1,
+                "temperature": 0.0, "return_token_ids": true});
+            let Ok(body) = serde_json::to_vec(&with_extra(body, &inner.extra_body, ScoreProtocol::Echo))
+            else {
+                return Ok(());
+            };
+            let policy = super::retry::RetryPolicy {
+                max_retries: 0,
+                ..inner.policy
+            };
+            let (result, _) = self.backend.runtime.block_on(async {
+                let replica = inner.replicas.lease();
+                post_with_retries(
+                    &inner.client,
+                    &replica.url("completions"),
+                    inner.auth.as_ref(),
+                    &body,
+                    policy,
+                    |bytes| Ok(first_choice(bytes)?.prompt_token_ids),
+                )
+                .await
+            });
+            let Ok(Some(served)) = result else {
+                tracing::debug!(backend = %inner.name, "tokenizer probe skipped: no `prompt_token_ids`");
+                return Ok(());
+            };
+            match (0..local.len().max(served.len())).find(|&i| local.get(i) != served.get(i)) {
+                None => Ok(()),
+                Some(position) => Err(format!(
+                    "the server tokenizes {PROBE_TEXT:?} differently from the local tokenizer \
+                     `{}`: position {position} holds id {:?} there and {:?} here\nhint: score with \
+                     the served model's own tokenizer (serve it under its folder or hub name)",
+                    self.tokenizer.path().display(),
+                    served.get(position),
+                    local.get(position)
+                )),
+            }
+        });
+        outcome.clone().map_err(|message| Error::Backend {
+            backend: self.name().to_owned(),
+            message,
         })
     }
 
@@ -181,6 +249,9 @@ impl TokenScorer for RemoteScorer {
         let name = self.name().to_owned();
         for request in requests {
             check_request(&name, request, self.vocab_rows)?;
+        }
+        if requests.iter().any(|r| !r.completion_ids.is_empty()) {
+            self.probe_tokenizer()?;
         }
         let inner = Arc::clone(&self.backend.inner);
         let current = Arc::clone(&self.current);
