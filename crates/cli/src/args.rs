@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use retort::backend::SamplingParams;
 use retort::backend::open::BackendOptions;
+use retort::backend::openai::ApiKey;
 use retort::backend::openai::score::ScoreProtocol;
 use retort::backend::scorer::ScorerOptions;
 
@@ -123,6 +124,10 @@ pub struct BackendArgs {
     /// Longest wait between retries in seconds.
     #[arg(long, default_value_t = BackendOptions::default().backoff_max.as_secs_f64())]
     pub backoff_max: f64,
+    /// API key of the server (prefer `RETORT_API_KEY`: a flag's value is visible to other
+    /// processes). Never written to manifests.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
 }
 
 impl BackendArgs {
@@ -135,6 +140,7 @@ impl BackendArgs {
             max_retries: self.max_retries,
             backoff_base: Duration::from_secs_f64(self.backoff_base),
             backoff_max: Duration::from_secs_f64(self.backoff_max),
+            api_key: self.api_key.clone().map(ApiKey::new),
         }
     }
 }

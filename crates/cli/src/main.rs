@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod args;
 mod commands;
+mod run;
 mod ui;
 
 // glibc malloc page-faults heavily on tensor-sized allocations; mimalloc avoids it (DESIGN.md §7).
@@ -35,6 +36,9 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
+    if let Err(e) = stop_on_signals() {
+        eprintln!("warning: cannot install the Ctrl-C handler: {e}");
+    }
     let cli = args::Cli::parse();
     if let Some(threads) = cli.global.threads.filter(|&n| n > 0) {
         set_threads(threads);
@@ -47,6 +51,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The first Ctrl-C or SIGTERM asks the running stage to stop at its next checkpoint
+/// (`retort::interrupt`); a second one exits at once (130 or 143), leaving journals as
+/// consistent as after `kill -9`.
+fn stop_on_signals() -> std::io::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let seen = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let code = i32::from(retort::interrupt::exit_code(signal));
+        // Registered first, so it runs before `seen` is set: it exits only on a second signal.
+        signal_hook::flag::register_conditional_shutdown(signal, code, Arc::clone(&seen))?;
+        signal_hook::flag::register(signal, Arc::clone(&seen))?;
+        signal_hook::flag::register_usize(
+            signal,
+            retort::interrupt::stop_flag(),
+            usize::try_from(signal).unwrap_or(2),
+        )?;
+    }
+    Ok(())
 }
 
 /// Stack of each rayon worker: the command runs on one, and candle's backward walks the

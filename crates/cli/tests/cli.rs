@@ -34,6 +34,9 @@ fn read_jsonl(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+#[path = "cli/outputs.rs"]
+mod outputs;
+
 const MODELS: [&str; 3] = ["qwen2-tiny", "llama-tiny", "qwen3-tiny"];
 
 #[test]

@@ -406,6 +406,20 @@ pub fn run_problems(
         .iter()
         .map(|(_, p)| (p.id.clone(), p.answer.clone()))
         .collect();
+    if problems.is_empty() {
+        return Err(Error::Invalid(format!(
+            "`{}` holds no records\nhint: pass a JSONL file with one problem per line",
+            options.input.display()
+        )));
+    }
+    if gold.values().all(Option::is_none) {
+        return Err(Error::Invalid(format!(
+            "no record of `{}` has a gold answer to evaluate against (looked for `answer`, a \
+             GSM8K `answer` with `#### n`, or a MATH `solution` with `\\boxed{{}}`)\nhint: add \
+             an `answer` field to each record",
+            options.input.display()
+        )));
+    }
     let temporary = options.output.is_none();
     let output = match &options.output {
         Some(path) => path.clone(),

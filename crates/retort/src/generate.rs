@@ -81,6 +81,14 @@ pub struct GenerateSummary {
     pub completion_tokens: usize,
     /// Whether a torn last line from an interrupted run was dropped.
     pub dropped_torn_line: bool,
+    /// (id, sample) pairs skipped because the record cannot work alone (no retry helps).
+    pub skipped: usize,
+    /// Ids of the skipped records, with why.
+    pub skipped_ids: Vec<String>,
+    /// Whether a stop request (Ctrl-C, SIGTERM) ended the run early; a rerun resumes.
+    pub interrupted: bool,
+    /// (id, sample) pairs the run set out to have (with `until_correct`: the first round).
+    pub planned: usize,
     /// The first few failure messages.
     pub failures: Vec<String>,
 }
@@ -120,6 +128,13 @@ pub fn generate_problems(
 ) -> Result<GenerateSummary> {
     if options.samples == 0 && options.until_correct.is_none() {
         return Err(Error::Invalid("`--samples` must be at least 1".into()));
+    }
+    options.sampling.validate()?;
+    if problems.is_empty() {
+        return Err(Error::Invalid(format!(
+            "`{}` holds no records\nhint: pass a JSONL file with one problem per line",
+            options.input.display()
+        )));
     }
     if let Some((index, count)) = options.shard {
         if count == 0 || index >= count {
@@ -218,6 +233,7 @@ pub fn generate_problems(
         requests
     };
     let mut total = summary.already_done + planned(&states).len();
+    summary.planned = total;
     let mut finished = summary.already_done;
     progress(finished, total);
     let mut write_error: Option<Error> = None;
@@ -279,6 +295,14 @@ pub fn generate_problems(
                         states[position].done.insert(outcome.sample);
                         summary.generated += 1;
                     }
+                    Err(message) if outcome.unusable => {
+                        summary.skipped += 1;
+                        states[position].failed.insert(outcome.sample);
+                        summary.skipped_ids.push(format!(
+                            "{} (sample {}): {message}",
+                            problem.id, outcome.sample
+                        ));
+                    }
                     Err(message) => {
                         summary.failed += 1;
                         states[position].failed.insert(outcome.sample);
@@ -298,17 +322,34 @@ pub fn generate_problems(
                 finished += 1;
                 progress(finished, total);
             };
-            backend.generate(chunk.to_vec(), &options.sampling, &mut sink)?;
+            if crate::interrupt::requested().is_some() {
+                break;
+            }
+            let result = backend.generate(chunk.to_vec(), &options.sampling, &mut sink);
+            // What was journaled stays: sync before reporting any error.
+            journal.sync()?;
+            result?;
             if let Some(e) = write_error.take() {
                 return Err(e);
             }
+        }
+        if crate::interrupt::requested().is_some() {
+            summary.interrupted = true;
+            break;
         }
         // One round for fixed sampling; rejection sampling goes on while rounds make progress.
         if options.until_correct.is_none() || summary.generated == generated_before {
             break;
         }
     }
-    summary.requested = summary.already_done + summary.generated + summary.failed;
+    summary.requested = summary.already_done + summary.generated + summary.failed + summary.skipped;
+    if summary.skipped > 0 && summary.skipped == summary.requested {
+        return Err(Error::Invalid(format!(
+            "no record of `{}` can be generated from; the first: {}",
+            options.input.display(),
+            summary.skipped_ids.first().map_or("", String::as_str)
+        )));
+    }
     if let Some((k, _)) = options.until_correct {
         summary.satisfied = Some(states.iter().filter(|s| s.correct >= k).count());
     }

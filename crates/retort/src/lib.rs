@@ -9,6 +9,8 @@ pub mod distill;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod identity;
+pub mod interrupt;
 pub mod io;
 pub mod manifest;
 #[cfg(feature = "test-util")]

@@ -1,21 +1,24 @@
 //! The manifest written beside every output (`<output>.manifest.json`): the command line with
-//! secrets redacted, retort's version, content hashes of inputs and model weights, settings,
-//! counts and wall time. Chained manifests give a run's lineage.
+//! secrets redacted, retort's version, the run's status and [`Identity`], content hashes of
+//! inputs and model weights, settings, counts and wall time. Chained manifests give a run's
+//! lineage. Commands write it when they start ([`crate::identity::begin`]) and again when they
+//! end ([`Manifest::finish`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::error::Result;
+use crate::identity::{Identity, RunStatus};
 use crate::io::AtomicFile;
 use crate::model_spec::ModelSpec;
 pub use crate::model_spec::redact;
 
 /// A file and its SHA-256.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hashed {
     /// The path as given.
     pub path: String,
@@ -24,12 +27,21 @@ pub struct Hashed {
 }
 
 /// One command's manifest.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     /// The command line, secrets redacted.
     pub command: Vec<String>,
     /// retort's version.
     pub retort_version: String,
+    /// Where the run stands.
+    #[serde(default)]
+    pub status: RunStatus,
+    /// What determines the records (compared when a command reruns into this output).
+    #[serde(default)]
+    pub identity: Identity,
+    /// Records skipped because they cannot work alone (e.g. a prompt longer than the context).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
     /// Input files and their hashes.
     pub inputs: Vec<Hashed>,
     /// Models used: spec and hash of their weight files.
@@ -48,6 +60,9 @@ impl Manifest {
         Self {
             command: redact_args(std::env::args()),
             retort_version: env!("CARGO_PKG_VERSION").to_string(),
+            status: RunStatus::Running,
+            identity: Identity::default(),
+            skipped: Vec::new(),
             inputs: Vec::new(),
             models: Vec::new(),
             settings,
@@ -86,6 +101,22 @@ impl Manifest {
         Ok(())
     }
 
+    /// Reads a manifest file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = fs_err::read_to_string(path)?;
+        serde_json::from_str(&text).map_err(|e| crate::Error::Input {
+            path: path.to_path_buf(),
+            line: e.line(),
+            message: format!("not a retort manifest: {e}"),
+        })
+    }
+
+    /// Sets the final status and writes the manifest beside `output`.
+    pub fn finish(&mut self, output: &Path, status: RunStatus) -> Result<PathBuf> {
+        self.status = status;
+        self.write_beside(output)
+    }
+
     /// Writes `<output>.manifest.json` atomically.
     pub fn write_beside(&self, output: &Path) -> Result<PathBuf> {
         let path = manifest_path(output);
@@ -121,7 +152,18 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// Redacts credentials in URLs (`user:pass@`) and the values of `--api-key`-like flags.
+/// Flags whose value is a secret, matched by name exactly (`--max-new-tokens` is not one).
+pub const SECRET_FLAGS: [&str; 6] = [
+    "--api-key",
+    "--token",
+    "--hf-token",
+    "--secret",
+    "--password",
+    "--auth",
+];
+
+/// Redacts credentials in URLs (`user:pass@`) and the values of the [`SECRET_FLAGS`]; every other
+/// argument is kept verbatim.
 pub fn redact_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut hide_next = false;
@@ -131,11 +173,8 @@ pub fn redact_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
             hide_next = false;
             continue;
         }
-        let lower = arg.to_ascii_lowercase();
-        let secret_flag = ["key", "token", "secret", "password"]
-            .iter()
-            .any(|s| lower.starts_with("--") && lower.contains(s));
-        if secret_flag {
+        let flag = arg.split_once('=').map_or(arg.as_str(), |(flag, _)| flag);
+        if SECRET_FLAGS.contains(&flag.to_ascii_lowercase().as_str()) {
             match arg.split_once('=') {
                 Some((flag, _)) => out.push(format!("{flag}=****")),
                 None => {
@@ -162,6 +201,9 @@ mod tests {
             "sk-123",
             "--token=abc",
             "openai:http://u:p@host/v1#m",
+            "--max-new-tokens",
+            "48",
+            "--api-keys-file=k",
         ]
         .map(String::from);
         let out = redact_args(args);
@@ -172,7 +214,10 @@ mod tests {
                 "--api-key",
                 "****",
                 "--token=****",
-                "openai:http://****@host/v1#m"
+                "openai:http://****@host/v1#m",
+                "--max-new-tokens",
+                "48",
+                "--api-keys-file=k",
             ]
         );
     }

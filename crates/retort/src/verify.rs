@@ -1,5 +1,7 @@
 //! The verify stage: adds `"verdict": {"correct", "extracted"}` to every record by comparing its
-//! response's final answer with its gold answer ([`retort_verify`]). Streams the input in chunks,
+//! response's final answer with its gold answer ([`retort_verify`]), plus `"reason"`
+//! (`no_answer` or `truncated`) when no answer was extracted. A record's `finish_reason`
+//! (`length` for a generation cut at its token limit) is passed to the verifier. Streams the input in chunks,
 //! verifies each chunk on all cores, and writes the output atomically in input order.
 
 use std::io::Write;
@@ -76,20 +78,32 @@ pub fn verify_record(
                 line,
                 message: format!("field `{name}`: expected a string, got {}", kind(other)),
             }),
-            None => Err(Error::Input {
-                path: path.to_path_buf(),
-                line,
-                message: format!("missing field `{name}`"),
-            }),
+            None => {
+                let flag = if name == options.gold_field {
+                    "--gold-field"
+                } else {
+                    "--response-field"
+                };
+                Err(Error::Input {
+                    path: path.to_path_buf(),
+                    line,
+                    message: format!(
+                        "missing field `{name}`\nhint: pass `{flag} NAME` if the record keeps it \
+                         under another name"
+                    ),
+                })
+            }
         }
     };
     let gold = field(&options.gold_field)?;
     let response = field(&options.response_field)?;
-    let verdict = retort_verify::verify(&response, &gold, &options.policy);
-    record.insert(
-        "verdict".into(),
-        json!({ "correct": verdict.correct, "extracted": verdict.extracted }),
-    );
+    let finish_reason = record.get("finish_reason").and_then(Value::as_str);
+    let verdict = retort_verify::verify_finished(&response, &gold, finish_reason, &options.policy);
+    let mut out = json!({ "correct": verdict.correct, "extracted": verdict.extracted });
+    if let Some(reason) = verdict.reason {
+        out["reason"] = json!(reason.as_str());
+    }
+    record.insert("verdict".into(), out);
     Ok(verdict)
 }
 
@@ -127,6 +141,12 @@ pub fn verify_file(
             out.write_all(b"\n")?;
         }
         progress(summary.total);
+    }
+    if summary.total == 0 {
+        return Err(Error::Invalid(format!(
+            "`{}` holds no records\nhint: pass a JSONL file with one record per line",
+            input.display()
+        )));
     }
     out.commit()?;
     Ok(summary)

@@ -1,17 +1,23 @@
 //! Equivalence of two extracted answers.
 //!
-//! Order of checks in [`equivalent`]: identical token streams; text answers (words compared
+//! Order of checks in [`equivalent`]: two quantities with units of one dimension compare
+//! converted ([`crate::units`], when [`VerifyOptions::convert_units`]); number words become
+//! numbers (`twelve`); identical token streams; text answers (words compared
 //! case-insensitively); then parsed trees compared by `Checker::eq`: relations (label forms
-//! such as `x = 3` reduce to their value, equations and inequalities compare as `lhs - rhs` up to
-//! a constant factor, inequalities and `x \in I` become intervals), collections (tuples and
-//! intervals in order, sets and bare lists in any order, `\pm` expands to two elements),
-//! matrices cell by cell, and scalars exactly as rationals when possible, otherwise numerically
-//! at seeded pseudo-random points.
+//! such as `x = 3` or `f(2) = 6` reduce to their value, equations and inequalities compare as
+//! `lhs - rhs` up to a constant factor, inequalities, `|x| < a` and `x \in I` become intervals
+//! or unions), a one-column or one-row matrix against a tuple entry by entry, collections
+//! (tuples and intervals in order, sets, bare lists and unions in any order, `\pm` expands to
+//! two elements), matrices cell by cell, and scalars: a degree mark dropped or read as `π/180`,
+//! a `%` dropped only after a written number (`28\%` may be `28`, `\frac{3}{4}\%` is only
+//! 0.0075), then exactly as rationals when possible, otherwise numerically at seeded
+//! pseudo-random points.
 
 use crate::eval;
 use crate::expr::{self, Konst, Node, ParseOptions, Sign};
 use crate::normalize::{self, RelOp, Tok};
 use crate::number::{Complex, Rational};
+use crate::units;
 use crate::{PercentPolicy, VerifyOptions};
 
 /// Numerical noise allowed between two constant expressions (relative).
@@ -28,8 +34,17 @@ pub fn equivalent(a: &str, b: &str, opts: &VerifyOptions) -> bool {
     if a.len() > opts.max_answer_chars || b.len() > opts.max_answer_chars {
         return !a.is_empty() && a.split_whitespace().eq(b.split_whitespace());
     }
-    let a = normalize::fix_doubled_backslashes(a);
-    let b = normalize::fix_doubled_backslashes(b);
+    if opts.convert_units
+        && let Some(x) = units::quantity(a)
+        && let Some(y) = units::quantity(b)
+        && let Some(same) = units::same_quantity(&x, &y)
+    {
+        return same;
+    }
+    // `two`, `Twelve`, `twenty-one` are numbers.
+    let words = |s: &str| normalize::number_words(s).map(|n| n.to_string());
+    let a = words(a).unwrap_or_else(|| normalize::fix_doubled_backslashes(a));
+    let b = words(b).unwrap_or_else(|| normalize::fix_doubled_backslashes(b));
     let ta = normalize::lex(&a, opts.strip_units);
     let tb = normalize::lex(&b, opts.strip_units);
     if ta.is_empty() || tb.is_empty() {
@@ -150,6 +165,38 @@ fn expand(items: &[Node]) -> Vec<Node> {
     out
 }
 
+fn unneg(n: &Node) -> &Node {
+    match n {
+        Node::Neg(a) => unneg(a),
+        other => other,
+    }
+}
+
+/// The entries of a one-column or one-row matrix with at least two entries.
+fn vector_items(n: &Node) -> Option<Vec<&Node>> {
+    let Node::Matrix(rows) = n else { return None };
+    let items: Vec<&Node> = if rows.iter().all(|r| r.len() == 1) {
+        rows.iter().flatten().collect()
+    } else if rows.len() == 1 {
+        rows[0].iter().collect()
+    } else {
+        return None;
+    };
+    (items.len() >= 2).then_some(items)
+}
+
+/// The items of a parenthesised tuple `(a, b, ..)`.
+fn tuple_items(n: &Node) -> Option<&[Node]> {
+    match n {
+        Node::Seq {
+            open: '(',
+            close: ')',
+            items,
+        } => Some(items),
+        _ => None,
+    }
+}
+
 fn inf_sign(n: &Node) -> Option<bool> {
     match n {
         Node::Const(Konst::Inf) => Some(true),
@@ -178,6 +225,14 @@ impl Checker<'_> {
                 return interval_of(parts, ops).is_some_and(|iv| self.eq(&iv, other));
             }
             _ => {}
+        }
+        // A column (or row) vector is the tuple of its entries.
+        let vector_tuple = match (vector_items(a), tuple_items(b)) {
+            (Some(v), Some(t)) => Some((v, t)),
+            _ => vector_items(b).zip(tuple_items(a)),
+        };
+        if let Some((v, t)) = vector_tuple {
+            return v.len() == t.len() && v.iter().zip(t).all(|(p, q)| self.eq(p, q));
         }
         // `x < -2 or x > 3` is the union of two intervals.
         if matches!(a, Node::Union(_))
@@ -269,8 +324,9 @@ impl Checker<'_> {
                     _ => false,
                 };
             }
+            // A union is the same set in any order.
             (Node::Union(x), Node::Union(y)) => {
-                return x.len() == y.len() && x.iter().zip(y).all(|(p, q)| self.eq(p, q));
+                return x.len() <= MAX_ITEMS && y.len() <= MAX_ITEMS && self.unordered_eq(x, y);
             }
             (Node::Ratio(_) | Node::Union(_), _) | (_, Node::Ratio(_) | Node::Union(_)) => {
                 return false;
@@ -284,6 +340,14 @@ impl Checker<'_> {
         if inf_sign(a).is_some() || inf_sign(b).is_some() {
             return false;
         }
+        // A degree mark may be dropped (`90^\circ` is `90`) or read as radians (`\frac{\pi}{3}`).
+        match (a, b) {
+            (Node::Degrees(x), Node::Degrees(y)) => return self.eq(x, y),
+            (Node::Degrees(x), other) | (other, Node::Degrees(x)) => {
+                return self.eq(x, other) || self.value_eq(a, b);
+            }
+            _ => {}
+        }
         let strip = |n: &Node| match n {
             Node::Percent(inner) => (inner.as_ref().clone(), true),
             other => (other.clone(), false),
@@ -293,7 +357,11 @@ impl Checker<'_> {
         if pa == pb {
             return self.value_eq(&ia, &ib);
         }
+        // Only a written number drops its `%` (`28\%` for `28`); `\frac{3}{4}\%` is 0.0075.
+        let literal = |n: &Node| matches!(unneg(n), Node::Num(..) | Node::Float(..));
+        let droppable = if pa { literal(&ia) } else { literal(&ib) };
         match self.opts.percent {
+            PercentPolicy::Either if !droppable => self.value_eq(a, b),
             PercentPolicy::Either => self.value_eq(&ia, &ib) || self.value_eq(a, b),
             PercentPolicy::Strict => self.value_eq(a, b),
             PercentPolicy::Ignore => self.value_eq(&ia, &ib),
@@ -605,10 +673,32 @@ fn rel_value<'n>(parts: &'n [Node], ops: &[RelOp]) -> Option<&'n Node> {
         };
     }
     let constant = parts.iter().all(|p| expr::free_vars(p).is_empty());
-    if expr::is_label(&parts[0]) || parts.len() >= 3 || constant || ops.contains(&RelOp::Implies) {
+    if expr::is_label(&parts[0])
+        || parts.len() >= 3
+        || constant
+        || ops.contains(&RelOp::Implies)
+        || (parts.len() == 2 && applied_at_constant(&parts[0]) && is_constant(&parts[1]))
+    {
         return parts.last();
     }
     None
+}
+
+/// `f(2)`, `g(-1)`: a one-letter function applied to a constant (parsed as a product).
+fn applied_at_constant(n: &Node) -> bool {
+    match n {
+        Node::Mul(f) => match f.as_slice() {
+            [(false, Node::Var(name)), (false, arg)] => {
+                name.chars().count() == 1 && is_constant(arg) && !matches!(arg, Node::Var(_))
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn is_constant(n: &Node) -> bool {
+    expr::free_vars(n).is_empty()
 }
 
 /// A bare list of inequalities (`x < -2 or x > 3`) as a union of intervals.
@@ -646,6 +736,74 @@ fn equation_form(parts: &[Node], ops: &[RelOp]) -> Option<(RelOp, Node)> {
     ))
 }
 
+/// The set `|x| < a`, `|x| \ge a` or `a \le |x| \le b` describes: an interval or a union of two.
+fn abs_interval(parts: &[Node], ops: &[RelOp]) -> Option<Node> {
+    let inner_label = |n: &Node| matches!(n, Node::Abs(x) if expr::is_label(x));
+    let neg = |n: &Node| Node::Neg(Box::new(n.clone()));
+    let inf = Node::Const(Konst::Inf);
+    let seq = |open: char, lo: Node, hi: Node, close: char| Node::Seq {
+        open,
+        close,
+        items: vec![lo, hi],
+    };
+    let flip = |o: RelOp| match o {
+        RelOp::Lt => RelOp::Gt,
+        RelOp::Le => RelOp::Ge,
+        RelOp::Gt => RelOp::Lt,
+        RelOp::Ge => RelOp::Le,
+        o => o,
+    };
+    let lo_b = |o: RelOp| {
+        if matches!(o, RelOp::Le | RelOp::Ge) {
+            ('[', ']')
+        } else {
+            ('(', ')')
+        }
+    };
+    match (parts, ops) {
+        ([l, r], [op]) if inner_label(l) != inner_label(r) => {
+            let (op, a) = if inner_label(l) {
+                (*op, r)
+            } else {
+                (flip(*op), l)
+            };
+            if !is_constant(a) {
+                return None;
+            }
+            let (open, close) = lo_b(op);
+            match op {
+                RelOp::Lt | RelOp::Le => Some(seq(open, neg(a), a.clone(), close)),
+                RelOp::Gt | RelOp::Ge => Some(Node::Union(vec![
+                    seq('(', neg(&inf), neg(a), close),
+                    seq(open, a.clone(), inf, ')'),
+                ])),
+                _ => None,
+            }
+        }
+        ([a, x, b], [o1, o2])
+            if inner_label(x)
+                && matches!(o1, RelOp::Lt | RelOp::Le)
+                && matches!(o2, RelOp::Lt | RelOp::Le)
+                && is_constant(a)
+                && is_constant(b) =>
+        {
+            let (open, _) = lo_b(*o1);
+            let (_, close) = lo_b(*o2);
+            let mirror = |c: char| match c {
+                '[' => ']',
+                '(' => ')',
+                ']' => '[',
+                _ => '(',
+            };
+            Some(Node::Union(vec![
+                seq(mirror(close), neg(b), neg(a), mirror(open)),
+                seq(open, a.clone(), b.clone(), close),
+            ]))
+        }
+        _ => None,
+    }
+}
+
 /// The interval an inequality or membership describes: `a < x <= b`, `x >= 5`, `x \in [0, 1)`.
 fn interval_of(parts: &[Node], ops: &[RelOp]) -> Option<Node> {
     let inf = Node::Const(Konst::Inf);
@@ -656,6 +814,9 @@ fn interval_of(parts: &[Node], ops: &[RelOp]) -> Option<Node> {
         items: vec![lo.clone(), hi.clone()],
     };
     let closed = |o: RelOp| matches!(o, RelOp::Le | RelOp::Ge);
+    if let Some(iv) = abs_interval(parts, ops) {
+        return Some(iv);
+    }
     match (parts, ops) {
         ([x, set], [RelOp::In]) if expr::is_label(x) => Some(set.clone()),
         ([l, r], [op]) => {

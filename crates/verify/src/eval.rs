@@ -168,6 +168,7 @@ impl<'a> Ctx<'a> {
                 Complex::real((1..=v as u32).map(f64::from).product())
             }
             Node::Percent(a) => self.ev(a)?.div(Complex::real(100.0)),
+            Node::Degrees(a) => self.ev(a)?.mul(Complex::real(std::f64::consts::PI / 180.0)),
             Node::Abs(a) => Complex::real(self.ev(a)?.abs()),
             Node::Floor(a) => Complex::real(real(self.ev(a)?)?.floor()),
             Node::Ceil(a) => Complex::real(real(self.ev(a)?)?.ceil()),

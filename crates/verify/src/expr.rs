@@ -64,6 +64,8 @@ pub enum Node {
     Fact(Box<Self>),
     /// A value followed by `%`.
     Percent(Box<Self>),
+    /// A value in degrees (`60^\circ`, `60°`): `π/180` times it.
+    Degrees(Box<Self>),
     /// `|x|`
     Abs(Box<Self>),
     /// `\lfloor x \rfloor`
@@ -288,6 +290,10 @@ impl Parser<'_> {
         while self.eat(&Tok::Cup) {
             items.push(self.add()?);
         }
+        if items.len() == 1 && self.eat(&Tok::Setminus) {
+            let removed = self.add()?;
+            return reals_without(&items[0], &removed).ok_or(());
+        }
         Ok(if items.len() == 1 {
             items.pop().expect("one item")
         } else {
@@ -430,6 +436,10 @@ impl Parser<'_> {
                 Some(Tok::Percent) => {
                     self.bump();
                     n = Node::Percent(boxed(n));
+                }
+                Some(Tok::Degree) => {
+                    self.bump();
+                    n = Node::Degrees(boxed(n));
                 }
                 Some(Tok::Prime) => {
                     self.bump();
@@ -792,6 +802,48 @@ impl Parser<'_> {
     }
 }
 
+/// `\mathbb{R} \setminus [a, b]` (or `\setminus \{a\}`) as a union of intervals; `None` for
+/// any other set difference.
+fn reals_without(set: &Node, removed: &Node) -> Option<Node> {
+    if !matches!(set, Node::Var(name) if name == "R") {
+        return None;
+    }
+    let inf = Node::Const(Konst::Inf);
+    let neg_inf = Node::Neg(boxed(inf.clone()));
+    let (lo, hi, lo_closed, hi_closed) = match removed {
+        Node::Seq { open, close, items } if items.len() == 2 => {
+            (&items[0], &items[1], *open == '[', *close == ']')
+        }
+        Node::Set(items) if items.len() == 1 => (&items[0], &items[0], true, true),
+        _ => return None,
+    };
+    let unbounded = |n: &Node, negative: bool| match n {
+        Node::Const(Konst::Inf) => !negative,
+        Node::Neg(x) => matches!(**x, Node::Const(Konst::Inf)) && negative,
+        _ => false,
+    };
+    let mut pieces = Vec::new();
+    if !unbounded(lo, true) {
+        pieces.push(Node::Seq {
+            open: '(',
+            close: if lo_closed { ')' } else { ']' },
+            items: vec![neg_inf, lo.clone()],
+        });
+    }
+    if !unbounded(hi, false) {
+        pieces.push(Node::Seq {
+            open: if hi_closed { '(' } else { '[' },
+            close: ')',
+            items: vec![hi.clone(), inf],
+        });
+    }
+    match pieces.len() {
+        0 => Some(Node::Set(Vec::new())),
+        1 => pieces.pop(),
+        _ => Some(Node::Union(pieces)),
+    }
+}
+
 fn base_convert(value: Rational, base: Rational) -> Option<Node> {
     let b = u32::try_from(base.numer())
         .ok()
@@ -824,6 +876,7 @@ pub fn with_sign(n: &Node, plus: bool) -> Node {
         Node::Func(f, a) => Node::Func(*f, map(a)),
         Node::Root(a, b) => Node::Root(boxed(with_sign(a, plus)), boxed(with_sign(b, plus))),
         Node::Percent(a) => Node::Percent(boxed(with_sign(a, plus))),
+        Node::Degrees(a) => Node::Degrees(boxed(with_sign(a, plus))),
         Node::Abs(a) => Node::Abs(boxed(with_sign(a, plus))),
         Node::Seq { open, close, items } => Node::Seq {
             open: *open,
@@ -859,6 +912,7 @@ pub fn visit(n: &Node, f: &mut impl FnMut(&Node)) {
             | Node::Neg(a)
             | Node::Fact(a)
             | Node::Percent(a)
+            | Node::Degrees(a)
             | Node::Abs(a) => stack.push(a),
             Node::Floor(a) | Node::Ceil(a) => stack.push(a),
             Node::Pow(a, b) | Node::Root(a, b) | Node::Binom(a, b) => stack.extend([&**a, &**b]),

@@ -1,20 +1,33 @@
 //! Final-answer extraction from a full model response.
 //!
-//! [`extract_answer`] applies this fallback order:
+//! [`extract_final`] applies this fallback order:
 //! 1. Cut chat-template tokens (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, `<|eot_id|>`) and
-//!    keep the text after the last `</think>`. A response whose `<think>` never closes (or whose
-//!    text after `</think>` is empty) only counts a strong answer (step 2).
-//! 2. Strong answers: the last `\boxed{..}`/`\fbox{..}` (nested braces; adjacent boxes joined by
+//!    keep the text after the last `</think>`. A response whose `<think>` never closes is
+//!    [`Reason::Truncated`] unless it holds a strong answer (step 3); one whose text after
+//!    `</think>` is empty only counts a strong answer.
+//! 2. A response that keeps going after its answer is cut: at the first new-question marker
+//!    (`Question:`, `Q:`, `Problem:`, `Human:`, `User:`, `### Instruction:` at the start of a line
+//!    or a sentence) that follows a strong answer, the rest is a continuation the model invented,
+//!    and the answer committed before it counts. A marker with no strong answer before it is
+//!    part of the response (`... Question: what is the width? ...`). Inside the kept text the
+//!    *last* strong answer still wins, so a response that corrects itself (`\boxed{10}`, then
+//!    "I forgot a term", then `\boxed{12}`) counts its correction.
+//! 3. Strong answers: the last `\boxed{..}`/`\fbox{..}` (nested braces; adjacent boxes joined by
 //!    `,`, `and`, `or` or punctuation form one list), or the last answer marker ("final answer is",
 //!    "the answer is", "Answer:", `####`), whichever comes later in the text. A marker's sentence
-//!    is reduced to its answer (`The largest $n$ is 34.` gives `34`).
-//! 3. A short response that reads as an answer by itself (`1,000.99`, `28 percent`).
-//! 4. A response that ends mid-sentence (longer than 300 characters, not ending in `.`, `!`, `$`,
-//!    a bracket or a digit) is truncated: no answer.
-//! 5. The last math span (`$..$`, `$$..$$`, `\(..\)`, `\[..\]`) or the last number, whichever ends
-//!    later.
+//!    is reduced to its answer (`The largest $n$ is 34.` gives `34`); its sign is kept (`#### -5`,
+//!    `The answer is - 7`), a dash that starts a new line (a list bullet) or a rule `---` is not.
+//! 4. With a `length` finish reason (the generation hit its token limit), only an answer that
+//!    the model completed counts: a strong answer before a continuation (step 2), or a closed
+//!    box that ends the text. Anything else is [`Reason::Truncated`], never the last number seen.
+//! 5. A short response that reads as an answer by itself (`1,000.99`, `28 percent`).
+//! 6. A response that ends mid-sentence (longer than 300 characters, not ending in `.`, `!`, `$`,
+//!    a bracket or a digit) is [`Reason::Truncated`].
+//! 7. The last math span (`$..$`, `$$..$$`, `\(..\)`, `\[..\]`) or the last number, whichever ends
+//!    later; with neither, [`Reason::NoAnswer`].
 
-use crate::normalize::{fix_doubled_backslashes, is_unit};
+use crate::Reason;
+use crate::normalize::{fix_doubled_backslashes, is_unit, number_words};
 
 const CHAT_TOKENS: &[&str] = &[
     "<|im_start|>",
@@ -31,9 +44,19 @@ const MARKERS: &[&str] = &[
     "answer:",
     "####",
 ];
+/// Words that, before a colon, start a new exchange the model invented after answering.
+const CONTINUATIONS: &[&str] = &["question", "q", "problem", "human", "user", "instruction"];
+/// Continuation markers checked per response (each costs a strong-answer scan of the prefix).
+const MAX_CONTINUATION_CHECKS: usize = 8;
 
 /// Extracts the final answer of a model response (see the module docs for the order).
 pub fn extract_answer(response: &str) -> Option<String> {
+    extract_final(response, false).ok()
+}
+
+/// Extracts the final answer of a response, or says why there is none. `hit_length` is true
+/// when the generation stopped at its token limit (finish reason `length`).
+pub fn extract_final(response: &str, hit_length: bool) -> Result<String, Reason> {
     let text = fix_doubled_backslashes(response);
     let mut body: &str = &text;
     for tok in CHAT_TOKENS {
@@ -43,24 +66,86 @@ pub fn extract_answer(response: &str) -> Option<String> {
             body = &body[..p];
         }
     }
-    let mut strong_only = false;
+    let mut strong_only = None;
     if let Some(p) = body.rfind("</think>") {
         let after = &body[p + "</think>".len()..];
         if after.trim().is_empty() {
-            strong_only = true;
+            strong_only = Some(Reason::NoAnswer);
         } else {
             body = after;
         }
     } else if body.contains("<think>") {
-        strong_only = true;
+        strong_only = Some(Reason::Truncated);
+    }
+    let committed = match committed_prefix(body) {
+        Some(end) => {
+            body = &body[..end];
+            true
+        }
+        None => false,
+    };
+    if hit_length && !committed && !ends_with_closed_box(body) {
+        return Err(Reason::Truncated);
     }
     if let Some(a) = strong_answer(body) {
-        return Some(a);
+        return Ok(a);
     }
-    if strong_only {
-        return None;
+    if let Some(reason) = strong_only {
+        return Err(reason);
     }
     weak_answer(body)
+}
+
+/// Where a continuation starts: the first new-question marker, at the start of a line or a
+/// sentence, with a strong answer before it. One pass over the colons (every marker ends in
+/// one), since this runs on every response.
+fn committed_prefix(body: &str) -> Option<usize> {
+    let bytes = body.as_bytes();
+    let mut checks = 0;
+    let mut colon = 0;
+    while checks < MAX_CONTINUATION_CHECKS {
+        // `str::find` with a char uses memchr: this runs over every response.
+        colon += body[colon..].find(':')?;
+        let word_len = bytes[..colon]
+            .iter()
+            .rev()
+            .take(12)
+            .take_while(|c| c.is_ascii_alphabetic())
+            .count();
+        let pos = colon - word_len;
+        colon += 1;
+        if !CONTINUATIONS
+            .iter()
+            .any(|m| m.as_bytes().eq_ignore_ascii_case(&bytes[pos..colon - 1]))
+        {
+            continue;
+        }
+        let before = body[..pos].trim_end_matches([' ', '\t', '*', '#']);
+        let starts_block = before.ends_with('\n')
+            || (bytes.get(pos.wrapping_sub(1)) == Some(&b' ')
+                && before.ends_with(['.', '!', '?', '$', '}', ']']));
+        if !starts_block || before.trim().is_empty() {
+            continue;
+        }
+        checks += 1;
+        if strong_answer(before).is_some() {
+            return Some(before.len());
+        }
+    }
+    None
+}
+
+/// Whether the text ends with a closed `\boxed{..}` and at most closing punctuation.
+fn ends_with_closed_box(body: &str) -> bool {
+    let tail = body.trim_end_matches(|c: char| {
+        c.is_whitespace() || matches!(c, '.' | '$' | '*' | '!' | ')' | ']' | '\\')
+    });
+    if !tail.ends_with('}') {
+        return false;
+    }
+    boxes(body)
+        .last()
+        .is_some_and(|(_, end, _)| *end == tail.len())
 }
 
 fn strong_answer(body: &str) -> Option<String> {
@@ -75,27 +160,27 @@ fn strong_answer(body: &str) -> Option<String> {
     .filter(|s| !s.trim().is_empty())
 }
 
-fn weak_answer(body: &str) -> Option<String> {
+fn weak_answer(body: &str) -> Result<String, Reason> {
     let trimmed = body.trim();
     if trimmed.is_empty() {
-        return None;
+        return Err(Reason::NoAnswer);
     }
     if trimmed.chars().count() <= 100 && reads_as_answer(trimmed) {
-        return Some(trimmed.trim_end_matches('.').trim().to_string());
+        return Ok(trimmed.trim_end_matches('.').trim().to_string());
     }
     if trimmed.len() > 300 {
         let last = trimmed.chars().last().unwrap_or(' ');
         if !(matches!(last, '.' | '!' | '$' | ')' | ']' | '}' | '%') || last.is_ascii_digit()) {
-            return None;
+            return Err(Reason::Truncated);
         }
     }
     let math = last_math_span(trimmed);
     let number = last_number(trimmed);
     match (math, number) {
-        (Some((me, m)), Some((ne, n))) => Some(if ne > me { n } else { m }),
-        (Some((_, m)), None) => Some(m),
-        (None, Some((_, n))) => Some(n),
-        (None, None) => None,
+        (Some((me, m)), Some((ne, n))) => Ok(if ne > me { n } else { m }),
+        (Some((_, m)), None) => Ok(m),
+        (None, Some((_, n))) => Ok(n),
+        (None, None) => Err(Reason::NoAnswer),
     }
 }
 
@@ -282,9 +367,7 @@ fn last_marker(text: &str) -> Option<(usize, String)> {
         .iter()
         .filter_map(|m| lower.rfind(m).map(|p| (p, m.len())))
         .max_by_key(|(p, l)| p + l)?;
-    let rest = &text[pos + len..];
-    let rest =
-        rest.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, ':' | '*' | '"' | '-'));
+    let rest = marker_rest(&text[pos + len..]);
     let sentence = sentence(rest);
     let mut s = sentence
         .trim()
@@ -299,7 +382,7 @@ fn last_marker(text: &str) -> Option<(usize, String)> {
     if s.is_empty() {
         return None;
     }
-    if !reads_as_answer(&s) {
+    if !reads_as_answer(&s) && number_words(&s).is_none() {
         let math = last_math_span(&s);
         let number = last_number(&s);
         s = match (math, number) {
@@ -316,6 +399,26 @@ fn last_marker(text: &str) -> Option<(usize, String)> {
         };
     }
     Some((pos, s))
+}
+
+/// The text after an answer marker, without the marker's punctuation. A `-` right before the
+/// answer is its sign (`#### -5`, `Answer: - 7`); a rule (`---`) or a dash that starts a new
+/// line (a list bullet) is dropped.
+fn marker_rest(rest: &str) -> &str {
+    let mut rest = rest;
+    loop {
+        let trimmed =
+            rest.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, ':' | '*' | '"'));
+        let newline = rest[..rest.len() - trimmed.len()].contains('\n');
+        rest = trimmed;
+        if rest.starts_with("--") {
+            rest = rest.trim_start_matches('-');
+        } else if newline && rest.starts_with("- ") {
+            rest = &rest[1..];
+        } else {
+            return rest;
+        }
+    }
 }
 
 fn in_math(s: &str, pos: usize) -> bool {
@@ -501,7 +604,7 @@ pub(crate) fn gold_answer(gold: &str) -> String {
     }
     let lower = g.to_ascii_lowercase();
     if (g.len() > 120 || MARKERS.iter().any(|m| lower.contains(m)))
-        && let Some(a) = strong_answer(&g).or_else(|| weak_answer(&g))
+        && let Some(a) = strong_answer(&g).or_else(|| weak_answer(&g).ok())
     {
         return a;
     }
@@ -629,6 +732,62 @@ mod tests {
         assert_eq!(
             ex("\\boxed{5}. Final Answer: The final answer is $6$. I hope it is correct."),
             Some("$6$".into())
+        );
+    }
+
+    // See: #16
+    #[test]
+    fn marker_keeps_the_sign() {
+        assert_eq!(ex("12 - 17 = -5.\n#### -5"), Some("-5".into()));
+        assert_eq!(ex("The answer is -3."), Some("-3".into()));
+        assert_eq!(ex("Answer: - 7"), Some("- 7".into()));
+        assert_eq!(ex("Answer:\n- 7"), Some("7".into()));
+        assert_eq!(ex("Final answer: --- 4"), Some("4".into()));
+    }
+
+    // See: #16
+    #[test]
+    fn continuation_after_a_committed_answer() {
+        assert_eq!(
+            ex("So \\boxed{17}. Question: What is 5 + 6? Answer: 11"),
+            Some("17".into())
+        );
+        assert_eq!(
+            ex("#### 36\n\nQ: How many cows?\nA: The answer is 6."),
+            Some("36".into())
+        );
+        // No answer before the marker: it belongs to the response.
+        assert_eq!(
+            ex("Question: what is 2 + 2? We add. The answer is 4."),
+            Some("4".into())
+        );
+        // Corrections within the response still count.
+        assert_eq!(ex("\\boxed{10}, no: \\boxed{12}"), Some("12".into()));
+    }
+
+    // See: #16
+    #[test]
+    fn truncation_by_length() {
+        assert_eq!(
+            extract_final("We get 3, then 7, then 13", true),
+            Err(Reason::Truncated)
+        );
+        assert_eq!(
+            extract_final("The sum is \\boxed{17}.", true),
+            Ok("17".into())
+        );
+        assert_eq!(
+            extract_final("The sum is \\boxed{17}.\nQuestion: 5 + 6?\nAnswer: 1", true),
+            Ok("17".into())
+        );
+        assert_eq!(extract_final("", false), Err(Reason::NoAnswer));
+        assert_eq!(
+            extract_final("<think>so 3 and", false),
+            Err(Reason::Truncated)
+        );
+        assert_eq!(
+            extract_final("<think>x</think>", false),
+            Err(Reason::NoAnswer)
         );
     }
 

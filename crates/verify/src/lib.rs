@@ -4,7 +4,9 @@
 //! gold? It extracts the answer ([`extract_answer`], fallback order in [`extract`]), reduces the
 //! gold the same way (a plain answer, or the boxed answer of a full solution), and compares the
 //! two with [`equivalent`]. Every policy is a field of [`VerifyOptions`]; its [`Default`] is the
-//! recommended setting. The crate is pure (no I/O), never panics on any input, and bounds its
+//! recommended setting. A response without an answer gets a [`Reason`] (`no_answer`,
+//! `truncated`); [`verify_finished`] also takes the generation's finish reason, so a response
+//! cut at its token limit is not judged by the last number it happened to reach. The crate is pure (no I/O), never panics on any input, and bounds its
 //! work (nesting depth, evaluation steps, answer length), so a pair takes microseconds.
 //!
 //! ```
@@ -17,7 +19,7 @@
 //! Modules: [`extract`] (response to answer string), [`normalize`] (answer string to tokens),
 //! [`expr`] (tokens to trees), [`eval`] (exact and numeric evaluation), [`number`] (rationals,
 //! complex),
-//! [`equiv`] (tree comparison).
+//! [`equiv`] (tree comparison), [`units`] (quantities such as `3 hours`).
 
 pub mod equiv;
 pub mod eval;
@@ -25,9 +27,10 @@ pub mod expr;
 pub mod extract;
 pub mod normalize;
 pub mod number;
+pub mod units;
 
 pub use equiv::equivalent;
-pub use extract::extract_answer;
+pub use extract::{extract_answer, extract_final};
 
 /// How a trailing `%` is compared with a plain number.
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
@@ -56,8 +59,15 @@ pub struct VerifyOptions {
     /// to within its last digit. Default `Some(12)`; `None` disables.
     pub precise_decimal_digits: Option<u32>,
     /// Drop units after a value: `\text{cm}`, `miles`, `m^2`, `\mbox{ cm}^2` (default true).
-    /// Degrees (`^\circ`, `°`) and currency signs (`$`, `\$`, `€`) are always dropped.
+    /// Currency signs (`$`, `\$`, `€`) are always dropped. A degree mark (`^\circ`, `°`) may be
+    /// dropped (`90^\circ` equals `90`) or read as `π/180` (`60^\circ` equals `\frac{\pi}{3}`,
+    /// `\sin 30^\circ` equals `\frac12`).
     pub strip_units: bool,
+    /// Two answers that both carry a unit of the same dimension (time, length, mass, volume)
+    /// compare as quantities: `3 \text{ hours}` equals `180 minutes` and not `3 minutes`
+    /// (default true). A unit against a bare number is dropped and the numbers compare as
+    /// written (`180 minutes` is not gold `3`): the bare number's unit is the question's.
+    pub convert_units: bool,
     /// Highest multiple-choice letter: a gold that is a single letter `A`..=this (optionally
     /// `(B)`, `\text{B}`) is compared with the letter the response chose (default `'J'`).
     pub max_choice_letter: char,
@@ -91,6 +101,7 @@ impl Default for VerifyOptions {
             float_tolerance: None,
             precise_decimal_digits: Some(12),
             strip_units: true,
+            convert_units: true,
             max_choice_letter: 'J',
             e_is_euler: true,
             i_is_imaginary: true,
@@ -105,6 +116,32 @@ impl Default for VerifyOptions {
     }
 }
 
+/// Why a response has no extracted answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The response ends without a final answer (empty, prose only, nothing after `</think>`).
+    NoAnswer,
+    /// The response was cut off: finish reason `length` without a completed answer, a `<think>`
+    /// that never closes, or a long response that stops mid-sentence.
+    Truncated,
+}
+
+impl Reason {
+    /// The serialised name: `no_answer` or `truncated`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoAnswer => "no_answer",
+            Self::Truncated => "truncated",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The outcome of verifying one response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -112,28 +149,58 @@ pub struct Verdict {
     pub correct: bool,
     /// The answer extracted from the response, if any.
     pub extracted: Option<String>,
+    /// Why no answer was extracted; `None` when one was.
+    pub reason: Option<Reason>,
 }
 
 /// Verifies a full model response against a dataset gold (a plain answer such as `42`,
 /// `\frac{3}{4}`, `2\sqrt{3}`, a letter `B`, or a full solution with `\boxed{}`).
 /// A response without a final answer (for example truncated mid-thought) is not correct.
+/// [`verify_finished`] also takes the generation's finish reason.
 pub fn verify(response: &str, gold: &str, opts: &VerifyOptions) -> Verdict {
+    verify_finished(response, gold, None, opts)
+}
+
+/// [`verify`] for a response whose generation stopped for `finish_reason` (`"stop"`,
+/// `"length"`, …; `None` when unknown). With `"length"` only an answer the model completed
+/// counts (see [`extract`], step 4); otherwise the verdict is [`Reason::Truncated`].
+pub fn verify_finished(
+    response: &str,
+    gold: &str,
+    finish_reason: Option<&str>,
+    opts: &VerifyOptions,
+) -> Verdict {
+    let hit_length = finish_reason.is_some_and(|r| r.eq_ignore_ascii_case("length"));
     let gold_answer = extract::gold_answer(gold);
     if let Some(letter) = extract::choice_letter(&gold_answer, opts.max_choice_letter) {
-        let got = extract::extract_choice(response, opts.max_choice_letter);
-        return Verdict {
-            correct: got.as_ref().is_some_and(|(c, _)| *c == letter),
-            extracted: got.map(|(_, s)| s),
+        if hit_length && let Err(reason) = extract::extract_final(response, true) {
+            return Verdict::missing(reason);
+        }
+        return match extract::extract_choice(response, opts.max_choice_letter) {
+            Some((c, s)) => Verdict {
+                correct: c == letter,
+                extracted: Some(s),
+                reason: None,
+            },
+            None => Verdict::missing(Reason::NoAnswer),
         };
     }
-    match extract_answer(response) {
-        Some(pred) => Verdict {
+    match extract::extract_final(response, hit_length) {
+        Ok(pred) => Verdict {
             correct: equivalent(&gold_answer, &pred, opts),
             extracted: Some(pred),
+            reason: None,
         },
-        None => Verdict {
+        Err(reason) => Verdict::missing(reason),
+    }
+}
+
+impl Verdict {
+    fn missing(reason: Reason) -> Self {
+        Self {
             correct: false,
             extracted: None,
-        },
+            reason: Some(reason),
+        }
     }
 }

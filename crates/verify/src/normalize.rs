@@ -2,8 +2,10 @@
 //!
 //! This is where notation is unified: `\dfrac`/`\tfrac`/`\cfrac` become `\frac`, thousands
 //! separators (commas, spaces, thin spaces U+2009/U+202F, `\,`, `{,}`, `,\!`) are dropped inside
-//! numbers, `\text{..}` units, degrees, currency signs and spacing commands disappear, percent words
-//! become [`Tok::Percent`], and unicode (½ √ π ° × ÷ − ≤ …) maps to the same tokens as LaTeX.
+//! numbers, `\text{..}` units (`cm`, `km/h`), currency signs and spacing commands disappear, a
+//! degree mark after a value becomes [`Tok::Degree`], `\emptyset`/`\varnothing` become `\{\}`,
+//! percent words become [`Tok::Percent`], and unicode (½ √ π ° × ÷ − ≤ …) maps to the same
+//! tokens as LaTeX. [`number_words`] reads English number words.
 //! The lexer is iterative and linear in the input; nested `\text{}` is re-lexed at most
 //! three levels deep. The file runs past 800 lines because the LaTeX command, unit and unicode
 //! tables are one entry per line; they are the lexer's data and read best next to it.
@@ -104,6 +106,8 @@ pub enum Tok {
     Floor(bool),
     Ceil(bool),
     Percent,
+    /// A degree mark `^\circ` or `°` after a value.
+    Degree,
     Amp,
     RowSep,
     BeginMat,
@@ -169,6 +173,8 @@ enum Cmd {
     Begin,
     End,
     Array,
+    /// `\emptyset`, `\varnothing`: lexed as `\{\}`.
+    EmptySet,
 }
 
 fn command(name: &str) -> Option<Cmd> {
@@ -242,6 +248,7 @@ fn command(name: &str) -> Option<Cmd> {
         "hspace" | "vspace" | "phantom" | "label" | "tag" | "color" | "textcolor" => {
             Some(Cmd::SkipArg)
         }
+        "emptyset" | "varnothing" => Some(Cmd::EmptySet),
         "begin" => Some(Cmd::Begin),
         "end" => Some(Cmd::End),
         "array" => Some(Cmd::Array),
@@ -396,6 +403,64 @@ pub fn is_unit(w: &str) -> bool {
     )
 }
 
+/// The value of an answer written in English number words: `two`, `Twelve`, `twenty-one`,
+/// `one hundred and five`, `three thousand`. `None` for anything else (including digits).
+pub fn number_words(s: &str) -> Option<i64> {
+    let s = s.trim().trim_end_matches('.');
+    if s.is_empty() || s.len() > 80 || !s.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    let (mut total, mut group, mut any) = (0i64, 0i64, false);
+    for word in s.split(|c: char| c.is_whitespace() || c == '-') {
+        let w = word.to_ascii_lowercase();
+        let small = match w.as_str() {
+            "" | "and" if any => continue,
+            "zero" => 0,
+            "one" => 1,
+            "two" => 2,
+            "three" => 3,
+            "four" => 4,
+            "five" => 5,
+            "six" => 6,
+            "seven" => 7,
+            "eight" => 8,
+            "nine" => 9,
+            "ten" => 10,
+            "eleven" => 11,
+            "twelve" => 12,
+            "thirteen" => 13,
+            "fourteen" => 14,
+            "fifteen" => 15,
+            "sixteen" => 16,
+            "seventeen" => 17,
+            "eighteen" => 18,
+            "nineteen" => 19,
+            "twenty" => 20,
+            "thirty" => 30,
+            "forty" => 40,
+            "fifty" => 50,
+            "sixty" => 60,
+            "seventy" => 70,
+            "eighty" => 80,
+            "ninety" => 90,
+            "hundred" if any => {
+                group = group.max(1).checked_mul(100)?;
+                continue;
+            }
+            "thousand" | "million" if any => {
+                let scale = if w == "thousand" { 1_000 } else { 1_000_000 };
+                total = total.checked_add(group.max(1).checked_mul(scale)?)?;
+                group = 0;
+                continue;
+            }
+            _ => return None,
+        };
+        group = group.checked_add(small)?;
+        any = true;
+    }
+    if any { total.checked_add(group) } else { None }
+}
+
 fn is_thin_space(c: char) -> bool {
     matches!(
         c,
@@ -491,6 +556,15 @@ impl Lexer<'_> {
             self.out.last().map(|t| &t.tok),
             Some(Tok::Num(_) | Tok::Close(_) | Tok::RBrace | Tok::Vulgar(..) | Tok::Percent)
         )
+    }
+
+    /// A degree mark applies to the token before it (`60°`, `x^\circ`, `(a+b)°`).
+    fn after_value(&self) -> bool {
+        self.prev_is_value()
+            || matches!(
+                self.out.last().map(|t| &t.tok),
+                Some(Tok::Ident(_) | Tok::Pi)
+            )
     }
 
     fn skip_spaces(&mut self) {
@@ -703,6 +777,13 @@ impl Lexer<'_> {
         }
         let word: String = self.c[start..self.i].iter().collect();
         let lower = word.to_ascii_lowercase();
+        if self.strip_units
+            && matches!(lower.as_str(), "degree" | "degrees")
+            && self.prev_is_value()
+        {
+            self.push(Tok::Degree);
+            return;
+        }
         // Units right after a value, with an optional power (`cm^2`, `m²`).
         let after_symbol = word.len() > 1
             && matches!(
@@ -743,6 +824,17 @@ impl Lexer<'_> {
         let trimmed = content.trim();
         if trimmed.is_empty() {
             self.space = true;
+            return;
+        }
+        if self.strip_units
+            && trimmed.contains('/')
+            && self.prev_is_value()
+            && trimmed
+                .split(['/', ' '])
+                .all(|w| w.is_empty() || is_unit(w))
+        {
+            // A compound unit `\text{ km/h}`, `\mathrm{m/s}^2`.
+            self.skip_unit_power();
             return;
         }
         if trimmed.chars().all(|c| c.is_ascii_alphabetic() || c == ' ') {
@@ -849,6 +941,7 @@ impl Lexer<'_> {
                     }
                 }
             }
+            Cmd::Skip if name == "degree" && self.after_value() => self.push(Tok::Degree),
             Cmd::Skip => {
                 self.space = true;
                 if matches!(name.as_str(), "left" | "right" | "middle") && self.peek(0) == Some('.')
@@ -891,6 +984,10 @@ impl Lexer<'_> {
                 }
             }
             Cmd::Array => self.space = true,
+            Cmd::EmptySet => {
+                self.push(Tok::SetOpen);
+                self.push(Tok::SetClose);
+            }
         }
     }
 
@@ -920,7 +1017,7 @@ impl Lexer<'_> {
                 '*' | '×' | '·' | '⋅' | '∙' | '∗' => Tok::Times,
                 '/' | '÷' => Tok::Divide,
                 '^' => {
-                    // `^\circ`, `^{\circ}`: degrees are dropped.
+                    // `^\circ`, `^{\circ}`: a degree mark (dropped when nothing precedes it).
                     let rest: String = self.c[self.i..(self.i + 12).min(self.c.len())]
                         .iter()
                         .collect();
@@ -936,10 +1033,15 @@ impl Lexer<'_> {
                             }
                             self.i += 1;
                         }
-                        self.space = true;
-                        continue;
+                        if self.after_value() {
+                            Tok::Degree
+                        } else {
+                            self.space = true;
+                            continue;
+                        }
+                    } else {
+                        Tok::Caret
                     }
-                    Tok::Caret
                 }
                 '²' | '³' | '¹' => {
                     self.push(Tok::Caret);
@@ -1021,6 +1123,7 @@ impl Lexer<'_> {
                 '⅕' => Tok::Vulgar(1, 5),
                 '⅛' => Tok::Vulgar(1, 8),
                 '⅙' => Tok::Vulgar(1, 6),
+                '°' if self.after_value() => Tok::Degree,
                 '°' | '$' | '€' | '£' | '¥' | '₹' | '"' | '`' | '~' | '“' | '”' | '#' => {
                     self.space = true;
                     continue;
@@ -1102,9 +1205,11 @@ mod tests {
 
     #[test]
     fn units_degrees_and_text() {
-        assert_eq!(toks("90^\\circ"), [num("90")]);
-        assert_eq!(toks("90^{\\circ}"), [num("90")]);
-        assert_eq!(toks("90°"), [num("90")]);
+        assert_eq!(toks("90^\\circ"), [num("90"), Tok::Degree]);
+        assert_eq!(toks("90^{\\circ}"), [num("90"), Tok::Degree]);
+        assert_eq!(toks("90°"), [num("90"), Tok::Degree]);
+        assert_eq!(toks("60 \\text{ km/h}"), [num("60")]);
+        assert_eq!(toks("\\varnothing"), [Tok::SetOpen, Tok::SetClose]);
         assert_eq!(toks("15\\mbox{ cm}^2"), [num("15")]);
         assert_eq!(toks("125 miles"), [num("125")]);
         assert_eq!(toks("1,000.99m²"), [num("1000.99")]);
@@ -1134,6 +1239,23 @@ mod tests {
             [Tok::Ident("x".into()), Tok::Rel(RelOp::Le), num("1")]
         );
         assert_eq!(toks("1½"), [num("1"), Tok::Vulgar(1, 2)]);
+    }
+
+    // See: #16
+    #[test]
+    fn number_words_are_numbers() {
+        assert_eq!(number_words("two"), Some(2));
+        assert_eq!(number_words("Twelve."), Some(12));
+        assert_eq!(number_words("twenty-one"), Some(21));
+        assert_eq!(number_words("one hundred and five"), Some(105));
+        assert_eq!(number_words("three thousand two hundred"), Some(3200));
+        assert_eq!(number_words("no one"), None);
+        assert_eq!(number_words("12"), None);
+        assert_eq!(number_words("and"), None);
+        // Bounded: at most 80 characters, checked arithmetic.
+        let hundreds = format!("one{}", " hundred".repeat(9));
+        assert_eq!(number_words(&hundreds), Some(10i64.pow(18)));
+        assert_eq!(number_words(&format!("one{}", " hundred".repeat(10))), None);
     }
 
     #[test]

@@ -306,7 +306,9 @@ impl Complex {
         }
         Self {
             re: self.abs().ln(),
-            im: self.im.atan2(self.re),
+            // `+ 0.0` turns a negated zero into +0: the principal branch gives `ln(-1) = iπ`, so
+            // `\sqrt{-1}` is `i`, not `-i`.
+            im: (self.im + 0.0).atan2(self.re),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Integration tests of retort-verify: the public math-verify cases, feature cases on full
 //! responses, and robustness on hostile input.
 
-use retort_verify::{PercentPolicy, VerifyOptions, equivalent, extract_answer, verify};
+use retort_verify::{
+    PercentPolicy, Reason, VerifyOptions, equivalent, extract_answer, verify, verify_finished,
+};
 use std::time::{Duration, Instant};
 
 const CASES: &str = concat!(
@@ -44,7 +46,7 @@ fn load_cases() -> Vec<Case> {
 }
 
 #[test]
-fn mathverify_agreement_at_least_98_percent() {
+fn mathverify_agreement_at_least_99_2_percent() {
     let opts = VerifyOptions::default();
     let cases: Vec<Case> = load_cases()
         .into_iter()
@@ -81,7 +83,7 @@ fn mathverify_agreement_at_least_98_percent() {
         100.0 * agreement,
         cases.len()
     );
-    assert!(agreement >= 0.98, "agreement {agreement:.4} below 0.98");
+    assert!(agreement >= 0.992, "agreement {agreement:.4} below 0.992");
 }
 
 fn yes(response: &str, gold: &str) -> bool {
@@ -381,10 +383,11 @@ fn realistic_responses() {
             "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
             true,
         ),
+        // A column vector is the tuple of its entries. See: #16
         (
             "\\boxed{(1,2)}",
             "\\begin{pmatrix}1\\\\2\\end{pmatrix}",
-            false,
+            true,
         ),
         ("The answer is 16 and 17", "16, 17", true),
         ("\\boxed{\\{1, 2, 3\\}}", "\\{3, 2, 1\\}", true),
@@ -437,7 +440,9 @@ fn realistic_responses() {
         ("\\boxed{[2, 5)}", "2 \\le x < 5", true),
         ("\\boxed{2 \\le x < 5}", "[2,5)", true),
         ("\\boxed{\\pi/2}", "\\frac{\\pi}{2}", true),
-        ("\\boxed{90^\\circ}", "\\frac{\\pi}{2}", false),
+        // 90 degrees is π/2 radians. See: #16
+        ("\\boxed{90^\\circ}", "\\frac{\\pi}{2}", true),
+        ("\\boxed{90^\\circ}", "\\frac{\\pi}{3}", false),
         ("\\boxed{a = 2, b = 3}", "(2,3)", true),
         ("\\boxed{\\$1,234.56}", "1234.56", true),
         ("\\boxed{8 \\text{ apples}}", "8", true),
@@ -566,6 +571,16 @@ const PIECES: &[&str] = &[
     "0.",
     ".5",
     "99999999999999999999999999999999999999999",
+    "\\varnothing",
+    "\\setminus",
+    "\\mathbb{R}",
+    "^\\circ",
+    "°",
+    "Question: ",
+    "\nQ:",
+    "twenty-one",
+    " hours",
+    "\\text{ km/h}",
 ];
 
 fn random_string(rng: &mut Rng, max_pieces: usize) -> String {
@@ -614,6 +629,8 @@ fn never_panics_on_deep_and_huge_inputs() {
     let megabyte_boxes = "\\boxed{".repeat(150_000);
     let dollars = "$".repeat(1_000_000);
     let nested_sums = "\\sum_{k=1}^{1000}".repeat(50) + "k";
+    let questions = "so. Question: ".repeat(80_000);
+    let colons = ":".repeat(1_000_000);
     for s in [
         &deep_parens,
         &deep_braces,
@@ -625,6 +642,8 @@ fn never_panics_on_deep_and_huge_inputs() {
         &megabyte_boxes,
         &dollars,
         &nested_sums,
+        &questions,
+        &colons,
         &"10^{10^{10}}".to_string(),
         &"(10^{10^{10}})!".to_string(),
         &"\\binom{10^{30}}{10^{20}}".to_string(),
@@ -639,4 +658,54 @@ fn never_panics_on_deep_and_huge_inputs() {
     assert!(!eqv(&big_sum, "20000"));
     let sum = (0..1000).map(|_| "1").collect::<Vec<_>>().join("+");
     assert!(eqv(&sum, "1000"));
+}
+
+const RESPONSES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/responses.jsonl");
+
+/// Realistic model responses, one class of issue #16 per `class`: each case states the right
+/// verdict (and, when no answer should be extracted, the reason). Prints the agreement per class.
+// See: #16
+#[test]
+fn realistic_corpus_agreement() {
+    let text = fs_err::read_to_string(RESPONSES).unwrap_or_else(|e| panic!("{RESPONSES}: {e}"));
+    let opts = VerifyOptions::default();
+    let mut total: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let mut misses = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{RESPONSES}:{}: {e}", i + 1));
+        let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+        let want = v["correct"].as_bool().expect("correct is a bool");
+        let finish = v["finish_reason"].as_str();
+        let got = verify_finished(&s("response"), &s("gold"), finish, &opts);
+        let want_reason = v["reason"].as_str();
+        let ok = got.correct == want && got.reason.map(Reason::as_str) == want_reason;
+        let entry = total.entry(s("class")).or_default();
+        entry.0 += usize::from(ok);
+        entry.1 += 1;
+        if !ok {
+            misses.push(format!(
+                "  line {}: want={want} {want_reason:?} got={:?} {:?} gold={:?} response={:?}",
+                i + 1,
+                got.extracted,
+                got.reason,
+                s("gold"),
+                short(&s("response"))
+            ));
+        }
+    }
+    let (agree, all) = total.values().fold((0, 0), |(a, n), (x, y)| (a + x, n + y));
+    for (class, (a, n)) in &total {
+        println!("{class}: {a}/{n}");
+    }
+    println!("misses ({}):\n{}", misses.len(), misses.join("\n"));
+    println!(
+        "realistic agreement {:.2}% on {all} cases",
+        100.0 * agree as f64 / all as f64
+    );
+    assert!(misses.is_empty(), "{} misses", misses.len());
 }

@@ -11,10 +11,11 @@ use retort::ModelSpec;
 use retort::distill::cache::CacheDtype;
 use retort::distill::teacher::MissingMass;
 use retort::distill::{DistillOptions, DivergenceKind, Objective, OnPolicyLoss};
-use retort::manifest::Manifest;
+use retort::identity::{Identity, RunStatus, SameRun, refuse_inside};
+use retort::manifest::{Manifest, manifest_path};
 use retort::records::InputFormat;
 
-use crate::ui;
+use crate::{run, ui};
 
 /// Train a student: SFT, token-level KD or on-policy KD from a local teacher, or REDI;
 /// resumable, Hugging Face output.
@@ -120,6 +121,9 @@ pub struct DistillArgs {
     /// Continue from the latest checkpoint in the output folder.
     #[arg(long)]
     pub resume: bool,
+    /// Replace an output folder that holds another run (never a model's own folder).
+    #[arg(long)]
+    pub overwrite: bool,
     /// The offline teacher cache.
     #[command(flatten, next_help_heading = "Teacher cache")]
     pub cache: Box<CacheArgs>,
@@ -235,12 +239,74 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     Ok(o)
 }
 
+/// Settings that say how long or how often, not what: changing them extends a run.
+const EXTENT: &[&str] = &[
+    "student",
+    "teacher",
+    "output",
+    "resume",
+    "max-steps",
+    "epochs",
+    "eval-every",
+    "checkpoint-every",
+];
+
+/// Refuses (even with `--overwrite`) an output that is, or lies inside, the student's or the
+/// teacher's folder or the Hugging Face cache.
+fn refuse_model_folders(plan: &retort::distill::DistillPlan) -> anyhow::Result<()> {
+    let mut protected = Vec::new();
+    for (role, spec) in [
+        ("student", Some(&plan.student)),
+        ("teacher", plan.live_teacher()),
+    ] {
+        if let Some(dir) = spec.and_then(ModelSpec::local_path) {
+            protected.push((role, dir));
+        }
+    }
+    if let Some(cache) = retort_model::hub::default_cache_dir() {
+        protected.push(("Hugging Face cache", cache));
+    }
+    Ok(refuse_inside(&plan.output, &protected)?)
+}
+
 /// Runs `retort distill`.
 pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let options = options(&args)?;
     if let Some(dir) = &args.cache.cache_teacher {
         return cache_teacher(&options, dir, &args.cache);
+    }
+    let plan = options.resolve()?;
+    let output = plan.output.clone();
+    refuse_model_folders(&plan)?;
+    let previous = Manifest::read(&manifest_path(&output)).ok();
+    let identity = Identity::new("distill")
+        .with_model("student", &plan.student)?
+        .with_fields(&plan.saved, EXTENT);
+    let identity = match &options.teacher {
+        Some(teacher) => identity.with_model("teacher", teacher)?,
+        None => identity,
+    };
+    let mut manifest = run::start(
+        &output,
+        identity,
+        serde_json::to_value(&options)?,
+        SameRun::NeedsResume(options.resume),
+        args.overwrite,
+    )?;
+    if let Some(previous) = previous.filter(|p| p.status == RunStatus::Complete && !args.overwrite)
+        && previous.settings.get("max-steps") == manifest.settings.get("max-steps")
+        && previous.settings.get("epochs") == manifest.settings.get("epochs")
+    {
+        // A finished run asked to resume with nothing more to do.
+        manifest = previous;
+        manifest.write_beside(&output)?;
+        eprintln!(
+            "`{}` already holds this run, complete; nothing to do (raise `--max-steps` to \
+             train further from its last checkpoint)",
+            output.display()
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     let bar = ui::progress(options.max_steps.map(|n| n as u64), "distill");
     let mut last = Instant::now();
@@ -255,12 +321,10 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
             stats.tokens as f64 / seconds
         ));
     };
-    let summary =
-        retort::distill::distill(&options, &mut on_step).context("distillation failed")?;
+    let result = retort::distill::distill(&options, &mut on_step).context("distillation failed");
+    let summary = run::fail_on_error(&mut manifest, &output, result)?;
     bar.finish_and_clear();
 
-    let output = summary.output.clone();
-    let mut manifest = Manifest::new(serde_json::to_value(&options)?);
     if let Some(data) = &options.data {
         manifest.add_input(data)?;
     }
@@ -275,7 +339,28 @@ pub fn run(args: DistillArgs) -> anyhow::Result<ExitCode> {
     }
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
-    manifest.write_beside(&output)?;
+    let status = if summary.interrupted {
+        RunStatus::Interrupted
+    } else {
+        RunStatus::Complete
+    };
+    manifest.finish(&output, status)?;
+    if summary.interrupted {
+        return Ok(run::interrupted(
+            &format!(
+                "{} of {} steps done, checkpoint `{}`",
+                summary.steps,
+                plan.schedule
+                    .max_steps
+                    .map_or("?".into(), |n| n.to_string()),
+                summary
+                    .checkpoints
+                    .last()
+                    .map_or_else(String::new, |c| c.display().to_string())
+            ),
+            &["--resume"],
+        ));
+    }
 
     let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.4}"));
     let resumed = summary

@@ -11,10 +11,11 @@ use retort::backend::SamplingParams;
 use retort::backend::open::open_backend;
 use retort::eval::{EvalOptions, EvalSummary, Metrics, Protocol};
 use retort::generate::read_problems;
-use retort::manifest::Manifest;
+use retort::identity::{Identity, RunStatus, SameRun};
 use retort::records::InputFormat;
 
 use crate::args::BackendArgs;
+use crate::run::Run;
 use crate::ui;
 
 /// `retort eval`.
@@ -62,6 +63,9 @@ pub struct EvalArgs {
     /// Input shape.
     #[arg(long, value_enum, default_value_t = InputFormat::Auto, visible_alias = "input-format")]
     pub format: InputFormat,
+    /// Replace an existing `--output` made by another run instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub backend: BackendArgs,
 }
@@ -131,6 +135,25 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     options.by = args.by.clone();
     // Read the input before loading the model so bad input fails fast.
     let problems = read_problems(&options.input, options.format)?;
+    options.sampling.validate()?;
+    // The traces of `--output` are a journal a rerun continues (raising `--samples` extends it).
+    let mut run = match args.output.as_ref().or(args.summary.as_ref()) {
+        Some(beside) => {
+            let identity = Identity::new("eval")
+                .with_model("model", &args.model)?
+                .with("input", std::path::absolute(&args.input)?)
+                .with("format", options.format)
+                .with_fields(&options.sampling, &[]);
+            Some(Run::start(
+                beside,
+                identity,
+                serde_json::Value::Null,
+                SameRun::Continue,
+                args.overwrite,
+            )?)
+        }
+        None => None,
+    };
     let backend = open_backend(&args.model, &args.backend.options())
         .with_context(|| format!("cannot open model `{}`", args.model))?;
     let bar = ui::progress(Some(0), "eval");
@@ -153,18 +176,30 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         retort::io::AtomicFile::write_all(path, &json)
             .with_context(|| format!("cannot write the summary to `{}`", path.display()))?;
     }
-    if let Some(beside) = args.output.as_ref().or(args.summary.as_ref()) {
-        let mut manifest = Manifest::new(serde_json::json!({
+    let interrupted = summary.generation.as_ref().is_some_and(|g| g.interrupted);
+    if let Some(mut run) = run.take() {
+        let manifest = &mut run.manifest;
+        manifest.settings = serde_json::json!({
             "sampling": options.sampling,
             "samples": samples,
             "protocol": args.protocol.map(|p| format!("{p:?}")),
             "by": args.by,
-        }));
+        });
         manifest.add_input(&args.input)?;
         manifest.add_model(&args.model)?;
         manifest.counts = serde_json::to_value(&summary)?;
         manifest.wall_seconds = start.elapsed().as_secs_f64();
-        manifest.write_beside(beside)?;
+        run.finish(if interrupted {
+            RunStatus::Interrupted
+        } else {
+            RunStatus::Complete
+        })?;
+    }
+    if interrupted {
+        return Ok(crate::run::interrupted(
+            "the figures above cover the samples generated so far",
+            &[],
+        ));
     }
 
     let mut rows = vec![

@@ -8,11 +8,12 @@ use anyhow::{Context, bail};
 use retort::ModelSpec;
 use retort::backend::open::open_backend;
 use retort::generate::{GenerateOptions, generate_problems, read_problems};
-use retort::manifest::Manifest;
 use retort::records::InputFormat;
 
+use retort::identity::{Identity, RunStatus, SameRun};
+
 use crate::args::{BackendArgs, SamplingArgs};
-use crate::ui;
+use crate::{run, ui};
 
 /// `retort generate`.
 #[derive(Debug, clap::Args)]
@@ -44,6 +45,9 @@ pub struct GenerateArgs {
     /// With --until-correct: at most this many samples per problem.
     #[arg(long, value_name = "M")]
     pub max_samples: Option<usize>,
+    /// Replace an existing output (and its manifest) made by another run instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -58,6 +62,26 @@ fn parse_shard(text: &str) -> anyhow::Result<(usize, usize)> {
         Some((i, n)) if n > 0 && i < n => Ok((i, n)),
         _ => bail!("invalid `--shard {text}`: expected `i/n` with 0 <= i < n, e.g. `0/4`"),
     }
+}
+
+fn generate_traces(
+    args: &GenerateArgs,
+    options: &GenerateOptions,
+    problems: Vec<(
+        serde_json::Map<String, serde_json::Value>,
+        retort::records::Problem,
+    )>,
+) -> anyhow::Result<retort::generate::GenerateSummary> {
+    let backend = open_backend(&args.model, &args.backend.options())
+        .with_context(|| format!("cannot open model `{}`", args.model))?;
+    let bar = ui::progress(Some(0), "generate");
+    let summary = generate_problems(backend.as_ref(), problems, options, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("generation into `{}` stopped", args.output.display()))?;
+    bar.finish_and_clear();
+    Ok(summary)
 }
 
 /// Runs `retort generate`.
@@ -77,25 +101,44 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     };
     // Read the input before loading the model so bad input fails fast and leaves no output.
     let problems = read_problems(&options.input, options.format)?;
-    let backend = open_backend(&args.model, &args.backend.options())
-        .with_context(|| format!("cannot open model `{}`", args.model))?;
-    let bar = ui::progress(Some(0), "generate");
-    let summary = generate_problems(backend.as_ref(), problems, &options, &mut |done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })
-    .with_context(|| format!("generation into `{}` stopped", args.output.display()))?;
-    bar.finish_and_clear();
-    let mut manifest = Manifest::new(serde_json::json!({
+    options.sampling.validate()?;
+    // What determines the traces; `--samples`, batching and concurrency only say how many and
+    // how fast, so raising them extends an existing output.
+    let identity = Identity::new("generate")
+        .with_model("model", &args.model)?
+        .with("input", std::path::absolute(&args.input)?)
+        .with("format", options.format)
+        .with_fields(&options.sampling, &[])
+        .with("shard", &args.shard)
+        .with("verify", args.verify)
+        .with("until_correct", options.until_correct);
+    let settings = serde_json::json!({
         "sampling": options.sampling,
         "samples": options.samples,
         "shard": args.shard,
-    }));
+    });
+    let mut manifest = run::start(
+        &args.output,
+        identity,
+        settings,
+        SameRun::Continue,
+        args.overwrite,
+    )?;
+    let result = generate_traces(&args, &options, problems);
+    let summary = run::fail_on_error(&mut manifest, &args.output, result)?;
     manifest.add_input(&args.input)?;
     manifest.add_model(&args.model)?;
+    manifest.skipped = summary.skipped_ids.clone();
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
-    manifest.write_beside(&args.output)?;
+    let status = if summary.interrupted {
+        RunStatus::Interrupted
+    } else if summary.failed > 0 {
+        RunStatus::Failed
+    } else {
+        RunStatus::Complete
+    };
+    manifest.finish(&args.output, status)?;
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     ui::table(
         "generate",
@@ -105,6 +148,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             ("already done", summary.already_done.to_string()),
             ("generated now", summary.generated.to_string()),
             ("failed", summary.failed.to_string()),
+            ("skipped (unusable records)", summary.skipped.to_string()),
             (
                 "verified correct",
                 if options.verify.is_some() || options.until_correct.is_some() {
@@ -127,6 +171,25 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
             ("output", args.output.display().to_string()),
         ],
     );
+    if summary.skipped > 0 {
+        eprintln!(
+            "warning: {} record(s) skipped because they cannot work with this model (listed \
+             under `skipped` in the manifest); the first: {}",
+            summary.skipped,
+            summary.skipped_ids.first().map_or("", String::as_str)
+        );
+    }
+    if summary.interrupted {
+        let done = summary.already_done + summary.generated;
+        return Ok(run::interrupted(
+            &format!(
+                "{done} of {} traces are in `{}`",
+                summary.planned,
+                args.output.display()
+            ),
+            &[],
+        ));
+    }
     if summary.failed > 0 {
         for failure in &summary.failures {
             eprintln!("  failed: {failure}");

@@ -7,9 +7,10 @@ use std::time::Instant;
 use anyhow::Context;
 use retort::ModelSpec;
 use retort::backend::open::open_local;
-use retort::manifest::Manifest;
+use retort::identity::{Identity, RunStatus, SameRun};
 use retort::score::{ScoreOptions, score};
 
+use crate::run::Run;
 use crate::ui;
 
 /// `retort score`.
@@ -30,11 +31,25 @@ pub struct ScoreArgs {
     /// With a server (`openai:URL#MODEL`): also keep the top-k alternatives of each token.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Replace an existing output made by another run instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs `retort score`.
 pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
+    let identity = Identity::new("score")
+        .with_model("model", &args.model)?
+        .with("input", std::path::absolute(&args.input)?)
+        .with("top_k", args.top_k);
+    let mut run = Run::start(
+        &args.output,
+        identity,
+        serde_json::Value::Null,
+        SameRun::Continue,
+        args.overwrite,
+    )?;
     if args.model.is_remote() {
         let backend = retort::backend::open::open_backend(&args.model, &Default::default())
             .with_context(|| format!("cannot open model `{}`", args.model))?;
@@ -55,12 +70,13 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         )
         .with_context(|| format!("cannot score `{}`", args.input.display()))?;
         bar.finish_and_clear();
-        let mut manifest = Manifest::new(serde_json::json!({ "top_k": args.top_k }));
+        let manifest = &mut run.manifest;
+        manifest.settings = serde_json::json!({ "top_k": args.top_k });
         manifest.add_input(&args.input)?;
         manifest.add_model(&args.model)?;
         manifest.counts = serde_json::to_value(&summary)?;
         manifest.wall_seconds = start.elapsed().as_secs_f64();
-        manifest.write_beside(&args.output)?;
+        run.finish(RunStatus::Complete)?;
         ui::table(
             "score",
             &[
@@ -85,12 +101,13 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("cannot score `{}`", args.input.display()))?;
     bar.finish_and_clear();
-    let mut manifest = Manifest::new(serde_json::json!({ "batch_size": args.batch_size }));
+    let manifest = &mut run.manifest;
+    manifest.settings = serde_json::json!({ "batch_size": args.batch_size });
     manifest.add_input(&args.input)?;
     manifest.add_model(&args.model)?;
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
-    manifest.write_beside(&args.output)?;
+    run.finish(RunStatus::Complete)?;
     ui::table(
         "score",
         &[

@@ -6,9 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use retort::ModelSpec;
 use retort::backend::scorer::{TokenScorer, open_scorer};
+use retort::identity::{Identity, RunStatus, SameRun};
+use retort::manifest::{Manifest, manifest_path};
 use retort::select::{DedupOn, ModelScorer, Scorer, SelectOptions, Strategy, select_file};
 
 use crate::args::ServerScoreArgs;
+use crate::run::Run;
 use crate::ui;
 
 /// `retort select` arguments.
@@ -90,6 +93,9 @@ pub struct SelectArgs {
     /// Scoring on servers.
     #[command(flatten)]
     pub server: ServerScoreArgs,
+    /// Replace an existing output made by another run instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Opens `spec` as a scorer; a server borrows the tokenizer of `other` (the other model) when its
@@ -135,6 +141,21 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         response_field: args.response_field.clone(),
         source: Some(args.input.clone()),
     };
+    let mut identity = Identity::new("select")
+        .with("input", std::path::absolute(&args.input)?)
+        .with_fields(&options, &["source"]);
+    for (role, spec) in [("teacher", &args.teacher), ("student", &args.student)] {
+        if let Some(spec) = spec {
+            identity = identity.with_model(role, spec)?;
+        }
+    }
+    let mut run = Run::start(
+        &args.output,
+        identity,
+        serde_json::Value::Null,
+        SameRun::Continue,
+        args.overwrite,
+    )?;
     let teacher = open(
         args.teacher.as_ref(),
         args.student.as_ref(),
@@ -169,6 +190,11 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         (teacher.is_some() || student.is_some()).then_some(&scorer as &dyn Scorer);
     let summary = select_file(&args.input, &args.output, &options, scorer_ref, &models)
         .with_context(|| format!("cannot select from `{}`", args.input.display()))?;
+    // `select_file` wrote the manifest's inputs, models and counts; keep them with the identity.
+    let identity = std::mem::take(&mut run.manifest.identity);
+    run.manifest = Manifest::read(&manifest_path(&args.output))?;
+    run.manifest.identity = identity;
+    run.finish(RunStatus::Complete)?;
     let mut rows: Vec<(String, String)> = vec![
         ("input records".into(), summary.input.to_string()),
         ("kept".into(), summary.kept.to_string()),

@@ -8,11 +8,12 @@ use std::time::Instant;
 use anyhow::Context;
 use retort::ModelSpec;
 use retort::backend::scorer::{TokenScorer, open_scorer};
-use retort::manifest::Manifest;
+use retort::identity::{Identity, RunStatus, SameRun};
 use retort::provenance::{Category, Thresholds, TraceOptions, trace};
 use retort::records::InputFormat;
 
 use crate::args::ServerScoreArgs;
+use crate::run::Run;
 use crate::ui;
 
 /// `retort trace`.
@@ -52,6 +53,9 @@ pub struct TraceArgs {
     /// Scoring on servers.
     #[command(flatten)]
     pub server: ServerScoreArgs,
+    /// Replace an existing output made by another run instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 fn opt(x: Option<f64>, digits: usize) -> String {
@@ -74,6 +78,22 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.batch_size
     };
+    let identity = Identity::new("trace")
+        .with_model("teacher", &args.teacher)?
+        .with_model("base", &args.base)?
+        .with_model("distilled", &args.distilled)?
+        .with("input", std::path::absolute(&args.input)?)
+        .with("format", args.format)
+        .with("likely", args.likely)
+        .with("boost_margin", args.boost_margin)
+        .with("response_field", &args.response_field);
+    let mut run = Run::start(
+        &args.output,
+        identity,
+        serde_json::Value::Null,
+        SameRun::Continue,
+        args.overwrite,
+    )?;
     // A spec given twice is loaded once (and scored once).
     let mut loaded: Vec<(&ModelSpec, Box<dyn TokenScorer>)> = Vec::new();
     for spec in specs {
@@ -114,18 +134,19 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("cannot trace `{}`", args.input.display()))?;
     bar.finish_and_clear();
 
-    let mut manifest = Manifest::new(serde_json::json!({
+    let manifest = &mut run.manifest;
+    manifest.settings = serde_json::json!({
         "thresholds": options.thresholds,
         "response_field": args.response_field,
         "roles": {"teacher": args.teacher.to_string(), "base": args.base.to_string(), "distilled": args.distilled.to_string()},
-    }));
+    });
     manifest.add_input(&args.input)?;
     for (spec, _) in &loaded {
         manifest.add_model(spec)?;
     }
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
-    manifest.write_beside(&args.output)?;
+    run.finish(RunStatus::Complete)?;
 
     let mut rows: Vec<(String, String)> = vec![
         ("records".into(), summary.records.to_string()),

@@ -5,11 +5,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use retort::manifest::Manifest;
+use retort::identity::{Identity, RunStatus, SameRun};
 use retort::verify::{VerifyStageOptions, verify_file};
 
 use retort_verify::PercentPolicy;
 
+use crate::run::Run;
 use crate::ui;
 
 /// `retort verify`.
@@ -36,6 +37,9 @@ pub struct VerifyArgs {
     /// Keep units after values (`5 cm` vs `5`) instead of stripping them.
     #[arg(long)]
     pub keep_units: bool,
+    /// Replace an existing output made by another run instead of refusing.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// Runs `retort verify`.
@@ -49,21 +53,35 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     options.policy.percent = args.percent;
     options.policy.float_tolerance = args.tolerance;
     options.policy.strip_units = !args.keep_units;
+    let identity = Identity::new("verify")
+        .with("input", std::path::absolute(&args.input)?)
+        .with("gold_field", &options.gold_field)
+        .with("response_field", &options.response_field)
+        .with("policy", format!("{:?}", options.policy));
+    let run = Run::start(
+        &args.output,
+        identity,
+        serde_json::Value::Null,
+        SameRun::Continue,
+        args.overwrite,
+    )?;
     let bar = ui::progress(None, "verify");
     let summary = verify_file(&args.input, &args.output, &options, &|n| {
         bar.set_position(n as u64)
     })
     .with_context(|| format!("cannot verify `{}`", args.input.display()))?;
     bar.finish_and_clear();
-    let mut manifest = Manifest::new(serde_json::json!({
+    let mut run = run;
+    let manifest = &mut run.manifest;
+    manifest.settings = serde_json::json!({
         "gold_field": options.gold_field,
         "response_field": options.response_field,
         "policy": format!("{:?}", options.policy),
-    }));
+    });
     manifest.add_input(&args.input)?;
     manifest.counts = serde_json::to_value(&summary)?;
     manifest.wall_seconds = start.elapsed().as_secs_f64();
-    manifest.write_beside(&args.output)?;
+    run.finish(RunStatus::Complete)?;
     let seconds = start.elapsed().as_secs_f64();
     ui::table(
         "verify",

@@ -23,6 +23,29 @@ pub enum WorldCommand {
     /// Train the world's tokenizer, teacher and base student from scratch (about half an hour on
     /// 2 cores) and write them to `--out` (`teacher/`, `student/`).
     Train(WorldTrainArgs),
+    /// Write world problems as a JSONL file: `prompt` records (as the demo uses), or GSM8K-shaped
+    /// (`question`, `answer` ending in `#### n`) to try the "your own data" commands on.
+    Problems(WorldProblemsArgs),
+}
+
+/// Flags of `retort world problems`.
+#[derive(Debug, clap::Args)]
+pub struct WorldProblemsArgs {
+    /// Output JSONL.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Problems per level.
+    #[arg(long, default_value_t = 25)]
+    pub per_level: usize,
+    /// Levels (operations per problem), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    pub levels: Vec<usize>,
+    /// Seed of the problems (another seed, other problems).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write GSM8K-shaped records (`question`, `answer` with the teacher's solution and `#### n`).
+    #[arg(long)]
+    pub gsm8k: bool,
 }
 
 /// Flags of `retort world train`.
@@ -68,6 +91,7 @@ pub struct WorldTrainArgs {
 pub fn run(args: WorldArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         WorldCommand::Train(args) => train(args),
+        WorldCommand::Problems(args) => problems(args),
     }
 }
 
@@ -99,6 +123,47 @@ fn options(args: &WorldTrainArgs) -> WorldTrainOptions {
         Some(model) => vec![model],
     };
     options
+}
+
+fn problems(args: WorldProblemsArgs) -> anyhow::Result<ExitCode> {
+    if args.per_level == 0 || args.levels.iter().any(|&l| !(1..=5).contains(&l)) {
+        anyhow::bail!("`--per-level` must be at least 1 and `--levels` lie in 1..=5");
+    }
+    let prefix = format!("world-{}", args.seed);
+    let problems = retort::world::generate_problems(
+        args.seed.wrapping_mul(104_729).wrapping_add(11),
+        &args.levels,
+        args.per_level,
+        &prefix,
+        &Default::default(),
+    );
+    let mut file = retort::io::AtomicFile::create(&args.output)?;
+    for problem in &problems {
+        let record = if args.gsm8k {
+            serde_json::json!({
+                "id": problem.id,
+                "question": problem.question,
+                "answer": format!(
+                    "{}\n#### {}",
+                    retort::world::teacher_solution(problem).trim(),
+                    problem.answer
+                ),
+                "level": problem.level(),
+            })
+        } else {
+            problem.to_record()
+        };
+        std::io::Write::write_all(&mut file, format!("{record}\n").as_bytes())?;
+    }
+    file.commit()?;
+    ui::table(
+        "world problems",
+        &[
+            ("problems", problems.len().to_string()),
+            ("output", args.output.display().to_string()),
+        ],
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn train(args: WorldTrainArgs) -> anyhow::Result<ExitCode> {

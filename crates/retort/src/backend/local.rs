@@ -108,22 +108,44 @@ impl Backend for LocalBackend {
         params: &SamplingParams,
         sink: &mut dyn FnMut(RequestOutcome),
     ) -> Result<()> {
+        if self.model.tokenizer.chat_template().is_none()
+            && requests
+                .iter()
+                .any(|r| matches!(r.prompt, Prompt::Messages(_)))
+        {
+            // A model-wide problem: one error, not one per record.
+            return Err(Error::Invalid(format!(
+                "model `{}` has no chat template, so `messages` records cannot be rendered\nhint: \
+                 use `prompt` (text) records, or give the model a chat template \
+                 (`chat_template` in its tokenizer_config.json, or a chat_template.jinja beside \
+                 it)",
+                self.name
+            )));
+        }
+        let context = self.model.config.max_position_embeddings;
+        let unusable = |request: &GenerateRequest, why: String| RequestOutcome {
+            key: request.key,
+            sample: request.sample,
+            result: Err(why),
+            attempts: 1,
+            unusable: true,
+        };
         let mut encoded = Vec::with_capacity(requests.len());
         for request in requests {
             match self.prompt_ids(&request.prompt) {
-                Ok(ids) if !ids.is_empty() => encoded.push((request, ids)),
-                Ok(_) => sink(RequestOutcome {
-                    key: request.key,
-                    sample: request.sample,
-                    result: Err("the prompt is empty after tokenization".into()),
-                    attempts: 1,
-                }),
-                Err(e) => sink(RequestOutcome {
-                    key: request.key,
-                    sample: request.sample,
-                    result: Err(e.to_string()),
-                    attempts: 1,
-                }),
+                Ok(ids) if ids.is_empty() => sink(unusable(
+                    &request,
+                    "the prompt is empty after tokenization".into(),
+                )),
+                Ok(ids) if context > 0 && ids.len() >= context => {
+                    let why = format!(
+                        "the prompt has {} tokens; the model's context is {context}",
+                        ids.len()
+                    );
+                    sink(unusable(&request, why));
+                }
+                Ok(ids) => encoded.push((request, ids)),
+                Err(e) => sink(unusable(&request, e.to_string())),
             }
         }
         // Similar lengths share a batch so little compute goes to padding.
@@ -141,6 +163,9 @@ impl Backend for LocalBackend {
             stop_strings: params.stop.clone(),
         };
         for batch in encoded.chunks(self.batch_size) {
+            if crate::interrupt::requested().is_some() {
+                break; // A stop was asked for: the rest is not generated (nor reported).
+            }
             let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
             let seeds: Vec<u64> = batch
                 .iter()
@@ -166,6 +191,7 @@ impl Backend for LocalBackend {
                     key: request.key,
                     sample: request.sample,
                     attempts: 1,
+                    unusable: false,
                     result: Ok(Completion {
                         text: output.text,
                         reasoning: None,

@@ -67,6 +67,33 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Checks the ranges: `max_new_tokens` at least 1, `temperature` at least 0, `top_p` in
+    /// (0, 1], `top_k` at least 1.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |flag: &str, why: String| crate::Error::Invalid(format!("`--{flag}`: {why}"));
+        if self.max_new_tokens == 0 {
+            return Err(bad("max-new-tokens", "must be at least 1".into()));
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(bad(
+                "temperature",
+                format!("must be 0 (greedy) or more, got {}", self.temperature),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(bad(
+                "top-p",
+                format!("must lie in (0, 1], got {}", self.top_p),
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Err(bad("top-k", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +158,9 @@ pub struct RequestOutcome {
     pub result: std::result::Result<Completion, String>,
     /// Number of attempts made (1 when the first succeeded).
     pub attempts: usize,
+    /// The failure lies in this record alone and no retry can fix it (e.g. a prompt longer
+    /// than the model's context): the record is skipped, not counted as failed.
+    pub unusable: bool,
 }
 
 /// Per-token log-probs of a completion given a prompt.

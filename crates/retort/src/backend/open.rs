@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use super::Backend;
 use super::local::LocalBackend;
-use super::openai::{OpenAiBackend, OpenAiOptions};
+use super::openai::{ApiKey, OpenAiBackend, OpenAiOptions};
 use crate::error::Result;
 use crate::model_spec::ModelSpec;
 
@@ -23,6 +23,8 @@ pub struct BackendOptions {
     pub backoff_base: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// A server's API key (default: from `RETORT_API_KEY` or `OPENAI_API_KEY`).
+    pub api_key: Option<ApiKey>,
 }
 
 impl Default for BackendOptions {
@@ -34,6 +36,7 @@ impl Default for BackendOptions {
             max_retries: 8,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            api_key: None,
         }
     }
 }
@@ -49,6 +52,10 @@ pub fn open_backend(spec: &ModelSpec, options: &BackendOptions) -> Result<Box<dy
                 backoff_base: options.backoff_base,
                 backoff_max: options.backoff_max,
                 ..OpenAiOptions::default()
+            };
+            let openai = OpenAiOptions {
+                api_key: options.api_key.clone().or(openai.api_key),
+                ..openai
             };
             Ok(Box::new(OpenAiBackend::connect(server, openai)?))
         }

@@ -37,7 +37,7 @@ use crate::distill::lora::{BaseName, LoraModel};
 use crate::distill::objective::{LossSpec, MicroBatch, SampleStats, loss, sample_completions};
 use crate::distill::plan::{DistillPlan, LossPlan, OnPolicySampling, TeacherPlan};
 use crate::distill::resume::{ResumePoint, open_metrics};
-use crate::distill::teacher::{LiveTeacher, open_live_teacher};
+use crate::distill::teacher::{LiveTeacher, MissingMass, open_live_teacher};
 use crate::error::{Error, Result};
 use crate::io::Journal;
 use crate::model_spec::ModelSpec;
@@ -76,8 +76,11 @@ pub struct DistillSummary {
     pub checkpoints: Vec<PathBuf>,
     /// The output folder.
     pub output: PathBuf,
-    /// Whether the final model was written (false when a test hook stopped the run early).
+    /// Whether the final model was written (false when the run stopped early).
     pub finished: bool,
+    /// Whether a stop request (Ctrl-C, SIGTERM) ended the run after a checkpoint; `--resume`
+    /// continues it.
+    pub interrupted: bool,
 }
 
 /// The student as trained, in memory.
@@ -118,6 +121,15 @@ pub fn distill_trained(
         let stats = run.train_step(step)?;
         progress(&stats);
         if plan.hooks.stop_after_step == Some(step) {
+            return run.finish();
+        }
+        if crate::interrupt::requested().is_some() && step < run.total_steps {
+            // Stop after the step that was running, with a checkpoint to resume from.
+            let written = checkpoint::checkpoint_dir(&plan.output, step);
+            if run.summary.checkpoints.last() != Some(&written) {
+                run.checkpoint(step, stats.loss)?;
+            }
+            run.summary.interrupted = true;
             return run.finish();
         }
     }
@@ -255,6 +267,7 @@ impl<'p> Run<'p> {
                 checkpoints: Vec::new(),
                 output: plan.output.clone(),
                 finished: false,
+                interrupted: false,
             },
             examples,
         })
@@ -645,10 +658,27 @@ fn base_name(spec: &ModelSpec, dir: &Path) -> BaseName {
 
 /// Opens the teacher cache of a cached-KD run and checks its vocabulary against the student's.
 fn open_cache(plan: &DistillPlan, student: &LoadedModel) -> Result<Option<TeacherCache>> {
-    let TeacherPlan::Cache { dir, .. } = &plan.teacher else {
+    let TeacherPlan::Cache { dir, missing_mass } = &plan.teacher else {
         return Ok(None);
     };
     let cache = TeacherCache::open(dir)?;
+    let built_at = cache.header().temperature;
+    if let LossPlan::Kd(kd) = plan.loss
+        && *missing_mass == MissingMass::Tail
+        && (kd.temperature - built_at).abs() > 1e-9
+    {
+        return Err(Error::Invalid(format!(
+            "the teacher cache `{}` holds log-probs at temperature {built_at}, the run trains at \
+             {}; with `--missing-mass tail` the tail bucket cannot be re-tempered, so the loss \
+             would be wrong\nhint: rebuild the cache at temperature {} (`--cache-teacher DIR \
+             --temperature {}`), or pass `--missing-mass renormalize`, which re-tempers the top \
+             k exactly",
+            dir.display(),
+            kd.temperature,
+            kd.temperature,
+            kd.temperature
+        )));
+    }
     if cache.header().vocab_size != student.config.vocab_size {
         return Err(Error::Invalid(format!(
             "the teacher cache `{}` has a vocabulary of {}, the student `{}` {}",

@@ -58,6 +58,12 @@ impl RecordReader {
     /// Opens `path`, detecting Parquet from its magic bytes, and JSONL or a JSON array from the
     /// first non-space byte.
     pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Err(Error::Invalid(format!(
+                "`{}` is a folder\nhint: pass a JSONL, JSON or Parquet file of records",
+                path.display()
+            )));
+        }
         let mut reader = BufReader::new(fs_err::File::open(path)?);
         if reader.fill_buf()?.starts_with(PARQUET_MAGIC) {
             let rows = read_parquet(path)?;

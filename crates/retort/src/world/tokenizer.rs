@@ -102,12 +102,20 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> Result<tokenizers
     Ok(tokenizer)
 }
 
-/// `tokenizer_config.json` for the world tokenizer: `<|endoftext|>` as EOS and padding, no BOS, no
-/// chat template (world prompts are raw `Q: ...\nA:` text).
+/// The world's chat template: a user turn renders as the world's own `Q: ...\nA:` prompt and an
+/// assistant turn as its text, so chat and GSM8K-shaped records give the prompts the models were
+/// trained on.
+pub const CHAT_TEMPLATE: &str = "{%- for message in messages %}{%- if message['role'] == 'user' %}\
+     {{- 'Q: ' + message['content'] + '\\nA:' }}{%- elif message['role'] == 'assistant' %}\
+     {{- message['content'] }}{%- endif %}{%- endfor %}";
+
+/// `tokenizer_config.json` for the world tokenizer: `<|endoftext|>` as EOS and padding, no BOS,
+/// and [`CHAT_TEMPLATE`] (world prompts are raw `Q: ...\nA:` text).
 pub fn tokenizer_config(eos_id: u32) -> Value {
     json!({
         "add_bos_token": false,
         "add_prefix_space": false,
+        "chat_template": CHAT_TEMPLATE,
         "added_tokens_decoder": {
             eos_id.to_string(): {
                 "content": EOS,

@@ -165,3 +165,27 @@ fn a_cache_of_other_data_is_refused() -> TestResult {
     assert!(distill(&wrong, &mut |_| {}).is_err_and(|e| e.to_string().contains("teacher-cache")));
     Ok(())
 }
+
+// See: #20
+#[test]
+fn a_tail_cache_made_at_another_temperature_is_refused_with_a_hint() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut options = kd_options(dir.path(), "out")?;
+    options.eval_data = None;
+    options.max_steps = Some(1);
+    let cache = dir.path().join("cache");
+    build_teacher_cache(&options, &cache, 8, CacheDtype::F32, &mut |_, _| {})?;
+    let mut hotter = from_cache(&options, &cache, "hot");
+    hotter.temperature = 4.0;
+    let message = distill(&hotter, &mut |_| {})
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
+    assert!(
+        message.contains("temperature 2") && message.contains("renormalize"),
+        "{message}"
+    );
+    hotter.missing_mass = retort::distill::teacher::MissingMass::Renormalize;
+    distill(&hotter, &mut |_| {})?;
+    Ok(())
+}

@@ -64,6 +64,9 @@ use crate::backend::{Backend, GenerateRequest, Prompt, RequestOutcome, SamplingP
 use crate::error::{Error, Result};
 use crate::model_spec::{ModelSpec, ServerSpec};
 
+/// How often a generation call checks for a stop request while requests are in flight.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
 /// An API key that never shows itself in `Debug` or `Display` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);
@@ -438,6 +441,7 @@ impl Inner {
     async fn run(&self, request: GenerateRequest, params: &SamplingParams) -> RequestOutcome {
         let (key, sample) = (request.key, request.sample);
         let outcome = |result, attempts| RequestOutcome {
+            unusable: false,
             key,
             sample,
             result,
@@ -520,6 +524,9 @@ impl Backend for OpenAiBackend {
                     let Ok(permit) = Arc::clone(&inner.permits).acquire_owned().await else {
                         break; // The semaphore is never closed.
                     };
+                    if crate::interrupt::requested().is_some() {
+                        break; // A stop was asked for: no new requests.
+                    }
                     let (inner, params, sender) =
                         (Arc::clone(&inner), Arc::clone(&params), sender.clone());
                     tokio::spawn(async move {
@@ -531,14 +538,29 @@ impl Backend for OpenAiBackend {
                 }
             });
             let mut delivered = vec![false; ids.len()];
-            while let Some((index, outcome)) = receiver.recv().await {
-                delivered[index] = true;
-                drain(outcome);
+            loop {
+                // Wake up now and then to notice a stop request while requests are in flight:
+                // they are dropped (not journaled), so a rerun sends them again.
+                match tokio::time::timeout(STOP_POLL, receiver.recv()).await {
+                    Ok(Some((index, outcome))) => {
+                        delivered[index] = true;
+                        drain(outcome);
+                    }
+                    Ok(None) => break,
+                    Err(_) if crate::interrupt::requested().is_some() => {
+                        feeder.abort();
+                        return (delivered, ids);
+                    }
+                    Err(_) => {}
+                }
             }
             let _ = feeder.await;
             (delivered, ids)
         });
         let (delivered, ids) = delivered;
+        if crate::interrupt::requested().is_some() {
+            return Ok(());
+        }
         for (done, (key, sample)) in delivered.into_iter().zip(ids) {
             if !done {
                 sink(RequestOutcome {
@@ -546,6 +568,7 @@ impl Backend for OpenAiBackend {
                     sample,
                     result: Err("request task ended without a result".to_owned()),
                     attempts: 0,
+                    unusable: false,
                 });
             }
         }
