@@ -167,10 +167,20 @@ pub fn build_teacher_cache(
         )));
     }
     let teacher = open_live_teacher(&plan.teacher, &student, top_k, MissingMass::default())?;
-    // A server gives log-probs at temperature 1; the trainer rescales them to its temperature.
+    // A server gives log-probs at temperature 1: the cache says so, and training at another
+    // temperature then needs `--missing-mass renormalize` (the trainer checks).
     let temperature = match &teacher {
         LiveTeacher::Local(_) => plan.temperature,
-        LiveTeacher::Remote(_) => 1.0,
+        LiveTeacher::Remote(_) => {
+            if (plan.temperature - 1.0).abs() > 1e-9 {
+                tracing::warn!(
+                    "teacher `{}` is served: the cache holds its log-probs at temperature 1, not {}",
+                    plan.teacher,
+                    plan.temperature
+                );
+            }
+            1.0
+        }
     };
     let view = TokenizerView::of(&student)?;
     let mut examples = data::load_examples(data_path, &view, &plan.data_options)?.0;

@@ -208,12 +208,15 @@ impl<'p> Run<'p> {
         let student = load_student(plan, resume.as_ref())?;
         let cache = open_cache(plan, &student.model)?;
         let teacher = match plan.live_teacher() {
-            Some(spec) => Some(open_live_teacher(
-                spec,
-                &student.model,
-                plan.saved.teacher_top_k(),
-                plan.saved.missing_mass,
-            )?),
+            Some(spec) => {
+                check_served_temperature(plan, spec, student.model.config.vocab_size)?;
+                Some(open_live_teacher(
+                    spec,
+                    &student.model,
+                    plan.saved.teacher_top_k(),
+                    plan.saved.missing_mass,
+                )?)
+            }
             None => None,
         };
         let (examples, eval_examples, data_stats) = load_data(plan, &student.model)?;
@@ -654,6 +657,37 @@ fn base_name(spec: &ModelSpec, dir: &Path) -> BaseName {
         },
         _ => BaseName::from_spec(&dir.display().to_string()),
     }
+}
+
+/// A served teacher gives log-probs at temperature 1: KD at another temperature re-tempers them,
+/// which the tail bucket cannot do exactly unless the top k is the whole vocabulary (the rule
+/// [`open_cache`] applies to caches).
+fn check_served_temperature(plan: &DistillPlan, spec: &ModelSpec, vocab: usize) -> Result<()> {
+    let kd = match plan.loss {
+        LossPlan::Kd(kd) => kd,
+        // The reward form needs no temperature; dataset steps (λ < 1) train with KD.
+        LossPlan::OnPolicy { kd, sampling }
+            if sampling.loss != OnPolicyLoss::Reward || sampling.lambda < 1.0 =>
+        {
+            kd
+        }
+        _ => return Ok(()),
+    };
+    let k = plan.saved.teacher_top_k();
+    if spec.is_remote()
+        && plan.saved.missing_mass == MissingMass::Tail
+        && (kd.temperature - 1.0).abs() > 1e-9
+        && k < vocab
+    {
+        return Err(Error::Invalid(format!(
+            "teacher `{spec}` is served: its top-{k} log-probs are at temperature 1 and the run \
+             trains at {}; with `--missing-mass tail` the tail bucket cannot be re-tempered, so the \
+             loss would be wrong\nhint: train at `--temperature 1`, or pass `--missing-mass \
+             renormalize`, which re-tempers the top k exactly",
+            kd.temperature
+        )));
+    }
+    Ok(())
 }
 
 /// Opens the teacher cache of a cached-KD run and checks its vocabulary against the student's.

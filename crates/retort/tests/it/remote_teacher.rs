@@ -217,7 +217,6 @@ fn kd_options(dir: &Path, output: &str, teacher: ModelSpec) -> std::io::Result<D
     options.objective = Objective::Kd;
     options.teacher = Some(teacher);
     options.teacher_top_k = Some(512);
-    options.temperature = 2.0;
     options.max_steps = Some(4);
     options.eval_data = options.data.clone();
     options.eval_every = Some(2);
@@ -267,6 +266,14 @@ fn kd_from_a_served_teacher_and_from_its_cache_equals_the_local_teacher() -> Tes
     let diff = max_metric_diff(&a.output, &c.output, &keys)?;
     println!("kd, cache built from the server vs local dense: max_abs_diff of losses {diff:.3e}");
     assert!(diff < 1e-3, "{diff}");
+
+    // Served log-probs are at temperature 1: a top-k below the vocabulary with the tail bucket
+    // cannot be re-tempered, so KD at temperature 2 is refused up front.
+    let mut hot = kd_options(dir.path(), "hot", spec_of(&[&server], "llama-tiny"))?;
+    hot.temperature = 2.0;
+    hot.teacher_top_k = Some(20);
+    let err = distill(&hot, &mut |_| {}).expect_err("tail cannot be re-tempered");
+    assert!(err.to_string().contains("renormalize"), "{err}");
     Ok(())
 }
 
