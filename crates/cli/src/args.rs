@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use retort::backend::SamplingParams;
 use retort::backend::open::BackendOptions;
 use retort::backend::openai::ApiKey;
+use retort::backend::openai::score::ScoreProtocol;
+use retort::backend::scorer::ScorerOptions;
 
 /// retort: reasoning distillation from teacher traces to a small student, in one binary.
 #[derive(Debug, Parser)]
@@ -139,6 +141,39 @@ impl BackendArgs {
             backoff_base: Duration::from_secs_f64(self.backoff_base),
             backoff_max: Duration::from_secs_f64(self.backoff_max),
             api_key: self.api_key.clone().map(ApiKey::new),
+        }
+    }
+}
+
+/// How models given as servers (`openai:URL[,URL...]#MODEL`) score, for the commands that score
+/// with a teacher or student (`select`, `trace`, `check`).
+#[derive(Debug, Clone, Args)]
+pub struct ServerScoreArgs {
+    /// Scoring requests in flight at once to a server (all its replicas together).
+    #[arg(long, default_value_t = BackendOptions::default().concurrency)]
+    pub concurrency: usize,
+    /// How a server is asked for log-probs: vLLM `prompt-logprobs` (falling back to `echo`
+    /// under `auto`), `echo` + `logprobs`, or SGLang's native `/generate`.
+    #[arg(long, value_enum, default_value_t = ScoreProtocol::Auto)]
+    pub score_protocol: ScoreProtocol,
+}
+
+impl ServerScoreArgs {
+    /// Scorer settings; `batch_size` is the local batch, `fallback_tokenizer` the folder whose
+    /// tokenizer a server model uses when its served name is not a local model.
+    pub fn options(
+        &self,
+        batch_size: usize,
+        fallback_tokenizer: Option<std::path::PathBuf>,
+    ) -> ScorerOptions {
+        ScorerOptions {
+            backend: BackendOptions {
+                batch_size,
+                concurrency: self.concurrency,
+                ..BackendOptions::default()
+            },
+            protocol: self.score_protocol,
+            fallback_tokenizer,
         }
     }
 }

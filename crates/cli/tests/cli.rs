@@ -1021,3 +1021,93 @@ fn bench_compare_prints_ratios_and_refuses_a_bad_reference_up_front() {
         .unwrap();
     assert!((rows[0]["ratio"].as_f64().unwrap() - ours).abs() < 1e-9 * ours);
 }
+
+/// `check`, `select --strategy teacher-guided` and `trace` with the teacher behind a server (the
+/// mock in model mode, serving the fixture) give what they give with the local teacher.
+#[test]
+fn served_teacher_commands_match_local_ones() {
+    use retort::backend::local::LocalBackend;
+    use retort::mock_scoring::MockModel;
+    use retort::mock_server::{FaultPlan, MockServer};
+
+    let teacher_dir = fixtures().join("llama-tiny");
+    let student_dir = fixtures().join("qwen2-tiny");
+    let local = LocalBackend::load(&teacher_dir, 4).unwrap();
+    let server =
+        MockServer::start_with_model(FaultPlan::none(), MockModel::new(local.model().clone()))
+            .unwrap();
+    let served = format!("openai:{}#{}", server.url(), teacher_dir.display());
+    let teacher_local = teacher_dir.display().to_string();
+
+    let check = |teacher: &str| -> Value {
+        let output = retort()
+            .args(["check", "--json", "--teacher", teacher, "--student"])
+            .arg(&student_dir)
+            .assert()
+            .success();
+        serde_json::from_slice(&output.get_output().stdout).unwrap()
+    };
+    assert_eq!(check(&teacher_local), check(&served));
+
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("traces.jsonl");
+    let rows: Vec<Value> = (0..6)
+        .map(|i| {
+            json!({"id": format!("r{i}"), "prompt": format!("Q: {i} + {i} = ?\nA:"),
+                "response": format!(" {i} plus {i} is {}. The answer is {}.", 2 * i, 2 * i)})
+        })
+        .collect();
+    write_jsonl(&input, &rows);
+    let select = |teacher: &str, out: &str| -> Vec<Value> {
+        let output = dir.path().join(out);
+        retort()
+            .args([
+                "select",
+                "--strategy",
+                "teacher-guided",
+                "--teacher",
+                teacher,
+            ])
+            .arg("--student")
+            .arg(&student_dir)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .assert()
+            .success();
+        read_jsonl(&output)
+            .iter()
+            .map(|r| r["id"].clone())
+            .collect()
+    };
+    assert_eq!(
+        select(&teacher_local, "local.jsonl"),
+        select(&served, "served.jsonl")
+    );
+
+    let trace = |teacher: &str, out: &str| -> Vec<Value> {
+        let output = dir.path().join(out);
+        retort()
+            .args(["trace", "--likely", "-7", "--teacher", teacher])
+            .arg("--base")
+            .arg(&student_dir)
+            .arg("--distilled")
+            .arg(fixtures().join("qwen3-tiny"))
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .assert()
+            .success();
+        read_jsonl(&output)
+            .iter()
+            .flat_map(|r| r["actions"].as_array().cloned().unwrap_or_default())
+            .map(|a| a["category"].clone())
+            .collect()
+    };
+    assert_eq!(
+        trace(&teacher_local, "trace-local.jsonl"),
+        trace(&served, "trace-served.jsonl")
+    );
+}

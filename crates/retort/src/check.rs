@@ -6,8 +6,7 @@
 use serde::Serialize;
 use serde_json::json;
 
-use retort_model::load::LoadedModel;
-use retort_model::score::score_batch;
+use crate::backend::scorer::{ScoreRequest, ScoreWants, TokenScorer};
 
 use crate::error::Result;
 
@@ -65,17 +64,22 @@ fn row(check: &str, status: Status, detail: String) -> CheckRow {
     }
 }
 
-/// Compares `teacher` and `student`.
-pub fn check_pair(teacher: &LoadedModel, student: &LoadedModel) -> Result<CheckReport> {
+/// Compares `teacher` and `student`, each a local model or a server scored through its local
+/// tokenizer (a server's output rows are its tokenizer folder's `config.json` `vocab_size`, else
+/// the tokenizer's size).
+pub fn check_pair(teacher: &dyn TokenScorer, student: &dyn TokenScorer) -> Result<CheckReport> {
     let mut rows = Vec::new();
-    let (tv, sv) = (teacher.config.vocab_size, student.config.vocab_size);
     let (ttok, stok) = (
-        teacher.tokenizer.vocab_size(),
-        student.tokenizer.vocab_size(),
+        teacher.tokenizer().vocab_size(),
+        student.tokenizer().vocab_size(),
+    );
+    let (tv, sv) = (
+        teacher.vocab_rows().unwrap_or(ttok),
+        student.vocab_rows().unwrap_or(stok),
     );
     let shared = ttok.min(stok);
     let mismatched_ids = (0..shared as u32)
-        .filter(|&id| teacher.tokenizer.id_to_token(id) != student.tokenizer.id_to_token(id))
+        .filter(|&id| teacher.tokenizer().id_to_token(id) != student.tokenizer().id_to_token(id))
         .count();
     rows.push(if mismatched_ids > 0 {
         row(
@@ -99,8 +103,8 @@ pub fn check_pair(teacher: &LoadedModel, student: &LoadedModel) -> Result<CheckR
     let mut agree = 0;
     let mut first_difference = None;
     for text in SAMPLE_TEXTS {
-        let a = teacher.tokenizer.encode(text, false)?;
-        let b = student.tokenizer.encode(text, false)?;
+        let a = teacher.tokenizer().encode(text, false)?;
+        let b = student.tokenizer().encode(text, false)?;
         if a == b {
             agree += 1;
         } else if first_difference.is_none() {
@@ -128,10 +132,10 @@ pub fn check_pair(teacher: &LoadedModel, student: &LoadedModel) -> Result<CheckR
     ));
 
     let conversation = [json!({"role": "user", "content": "What is 15 + 27?"})];
-    let render = |m: &LoadedModel| {
-        m.tokenizer
+    let render = |m: &dyn TokenScorer| {
+        m.tokenizer()
             .chat_template()
-            .map(|_| m.tokenizer.apply_chat_template(&conversation, true))
+            .map(|_| m.tokenizer().apply_chat_template(&conversation, true))
     };
     rows.push(match (render(teacher), render(student)) {
         (None, None) => row("chat template", Status::Ok, "neither model has one (raw-text prompts)".into()),
@@ -162,28 +166,29 @@ pub fn check_pair(teacher: &LoadedModel, student: &LoadedModel) -> Result<CheckR
         )
     });
 
-    let prompt = teacher.tokenizer.encode("What is 15 + 27? ", false)?;
+    let prompt = teacher.tokenizer().encode("What is 15 + 27? ", false)?;
     let completion = teacher
-        .tokenizer
+        .tokenizer()
         .encode("15 + 27 = 42. The answer is 42.", false)?;
     let usable = tv.min(sv) as u32;
     if prompt.iter().chain(&completion).all(|&id| id < usable)
         && !prompt.is_empty()
         && mismatched_ids == 0
     {
-        let t = score_batch(
-            &teacher.model,
-            &[(prompt.clone(), completion.clone())],
-            teacher.pad_id(),
-        )?;
-        let s = score_batch(
-            &student.model,
-            &[(prompt, completion.clone())],
-            student.pad_id(),
-        )?;
+        let request = [ScoreRequest {
+            label: "the sample sequence".into(),
+            prompt_ids: prompt,
+            completion_ids: completion.clone(),
+        }];
+        let t = teacher.score_ids(&request, ScoreWants::default())?;
+        let s = student.score_ids(&request, ScoreWants::default())?;
+        let (t, s) = (
+            t.first().map(|x| x.logprobs.clone()).unwrap_or_default(),
+            s.first().map(|x| x.logprobs.clone()).unwrap_or_default(),
+        );
         let mean = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64;
-        let (tm, sm) = (mean(&t[0]), mean(&s[0]));
-        let finite = t[0].iter().chain(&s[0]).all(|x| x.is_finite());
+        let (tm, sm) = (mean(&t), mean(&s));
+        let finite = t.len() == completion.len() && t.iter().chain(&s).all(|x| x.is_finite());
         rows.push(row(
             "scored sequence",
             if finite { Status::Ok } else { Status::Error },

@@ -14,6 +14,8 @@ pub mod interrupt;
 pub mod io;
 pub mod manifest;
 #[cfg(feature = "test-util")]
+pub mod mock_scoring;
+#[cfg(feature = "test-util")]
 pub mod mock_server;
 pub mod model_spec;
 pub mod provenance;

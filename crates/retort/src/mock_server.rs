@@ -122,6 +122,7 @@ pub struct RequestRecord {
 
 struct State {
     plan: FaultPlan,
+    model: Option<Arc<crate::mock_scoring::MockModel>>,
     rng: Mutex<ChaCha8Rng>,
     served: AtomicUsize,
     ok: AtomicUsize,
@@ -175,6 +176,22 @@ impl std::fmt::Debug for MockServer {
 impl MockServer {
     /// Binds `127.0.0.1:0` and starts serving on two worker threads named `mock-server`.
     pub fn start(plan: FaultPlan) -> std::io::Result<Self> {
+        Self::start_inner(plan, None)
+    }
+
+    /// [`Self::start`] with scoring answers computed by a real model (see
+    /// [`crate::mock_scoring`]); generation stays synthetic.
+    pub fn start_with_model(
+        plan: FaultPlan,
+        model: crate::mock_scoring::MockModel,
+    ) -> std::io::Result<Self> {
+        Self::start_inner(plan, Some(Arc::new(model)))
+    }
+
+    fn start_inner(
+        plan: FaultPlan,
+        model: Option<Arc<crate::mock_scoring::MockModel>>,
+    ) -> std::io::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("mock-server")
@@ -186,6 +203,7 @@ impl MockServer {
         let state = Arc::new(State {
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(plan.seed)),
             plan,
+            model,
             served: AtomicUsize::new(0),
             ok: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
@@ -427,7 +445,14 @@ fn answer(target: &str, body: Option<&Value>, state: &State) -> Vec<u8> {
             Ok(json!({"object": "list", "data": [{"id": "mock", "object": "model"}]}))
         }
         ("POST /v1/chat/completions", Some(body)) => chat(body),
-        ("POST /v1/completions", Some(body)) => completions(body),
+        ("POST /v1/completions", Some(body)) => match state.model.as_ref() {
+            Some(model) => model.completions(body).unwrap_or_else(|| completions(body)),
+            None => completions(body),
+        },
+        ("POST /generate", Some(body)) if state.model.is_some() => state
+            .model
+            .as_ref()
+            .map_or_else(|| Err("no model".to_owned()), |m| m.sglang_generate(body)),
         ("POST /v1/chat/completions" | "POST /v1/completions", None) => {
             Err("body is not JSON".to_owned())
         }

@@ -9,6 +9,7 @@
 //! | `hf:ORG/NAME[@REV]` | [`ModelSpec::Hub`]: that snapshot in the local Hugging Face cache |
 //! | `world:teacher`, `world:student` | [`ModelSpec::World`]: the bundled demo models |
 //! | `openai:URL#MODEL` | [`ModelSpec::Server`]: an OpenAI-compatible server; the key comes from `RETORT_API_KEY` or `OPENAI_API_KEY` |
+//! | `openai:URL1,URL2,...#MODEL` | [`ModelSpec::Server`] with replicas: several servers of one model; requests go to the replica with the fewest outstanding |
 //!
 //! `Display` (and serde, which writes the same text) hides a URL's `user:password@`, so a spec
 //! can go into records, manifests and saved configs as it is.
@@ -40,19 +41,37 @@ pub enum ModelSpec {
     Server(ServerSpec),
 }
 
-/// An OpenAI-compatible server and the model it serves.
+/// An OpenAI-compatible server (one or more replicas) and the model it serves.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ServerSpec {
-    /// The API root, without a trailing slash (`http://host:8000/v1`); may hold userinfo.
+    /// The API root, without a trailing slash (`http://host:8000/v1`); may hold userinfo. With
+    /// replicas, the first one.
     pub url: String,
+    /// Further replicas of the same model (`openai:URL1,URL2#MODEL`), in the order given.
+    pub replicas: Vec<String>,
     /// The served model's name.
     pub model: String,
 }
 
 impl ServerSpec {
+    /// One server.
+    pub fn single(url: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            replicas: Vec::new(),
+            model: model.into(),
+        }
+    }
+
+    /// Every replica's API root: [`Self::url`], then [`Self::replicas`].
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.replicas.iter().map(String::as_str))
+    }
+
     /// The spec as text with any `user:password@` hidden.
     pub fn redacted(&self) -> String {
-        format!("openai:{}#{}", redact(&self.url), self.model)
+        let urls: Vec<String> = self.urls().map(redact).collect();
+        format!("openai:{}#{}", urls.join(","), self.model)
     }
 
     /// Where the API key comes from: the first of [`API_KEY_VARS`] that is set and not empty.
@@ -202,18 +221,31 @@ fn parse_server(text: &str, rest: &str) -> Result<ServerSpec> {
             redact(text)
         ))
     };
-    let (url, model) = rest
+    let (urls, model) = rest
         .rsplit_once('#')
         .ok_or_else(|| invalid("missing `#MODEL`"))?;
     if model.trim().is_empty() {
         return Err(invalid("empty model name"));
     }
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        return Err(invalid("the URL must start with `http://` or `https://`"));
+    let mut parsed = Vec::new();
+    for url in urls.split(',') {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid("each URL must start with `http://` or `https://`"));
+        }
+        reqwest::Url::parse(url).map_err(|e| invalid(&format!("bad URL ({e})")))?;
+        let url = url.trim_end_matches('/').to_owned();
+        if parsed.contains(&url) {
+            return Err(invalid(&format!(
+                "replica `{}` is listed twice",
+                redact(&url)
+            )));
+        }
+        parsed.push(url);
     }
-    reqwest::Url::parse(url).map_err(|e| invalid(&format!("bad URL ({e})")))?;
+    let url = parsed.remove(0);
     Ok(ServerSpec {
-        url: url.trim_end_matches('/').to_owned(),
+        url,
+        replicas: parsed,
         model: model.to_owned(),
     })
 }
@@ -264,6 +296,10 @@ mod tests {
             ("hf:Qwen/Qwen2.5-0.5B@v1", false),
             ("world:teacher", false),
             ("openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B", true),
+            (
+                "openai:http://a:8000/v1,http://b:8000/v1#Qwen/Qwen3-8B",
+                true,
+            ),
         ] {
             let spec = ModelSpec::parse(text)?;
             assert_eq!(spec.is_remote(), remote, "{text}");
@@ -285,6 +321,8 @@ mod tests {
             "openai:http://x/v1",
             "openai:x/v1#m",
             "openai:http://x#",
+            "openai:http://x/v1,x/v1#m",
+            "openai:http://x/v1,http://x/v1#m",
             "hf:onlyname",
             "world:",
         ] {
@@ -295,6 +333,12 @@ mod tests {
 
     #[test]
     fn userinfo_never_prints() -> Result<()> {
+        let replicas = ModelSpec::parse("openai:http://h:1/v1,http://user:pw@h:2/v1#m")?;
+        assert_eq!(
+            replicas.to_string(),
+            "openai:http://h:1/v1,http://****@h:2/v1#m"
+        );
+        assert_eq!(replicas.server().map(|s| s.urls().count()), Some(2));
         let spec = ModelSpec::parse("openai:http://user:pw@h:1/v1#m")?;
         for shown in [
             spec.to_string(),

@@ -4,13 +4,16 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use retort::ModelSpec;
+use retort::backend::scorer::open_scorer;
 use retort::check::{Status, check_pair};
-use retort_model::load::{LoadOptions, load};
+
+use crate::args::ServerScoreArgs;
 
 /// `retort check`.
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
-    /// Teacher model (folder, `hf:ORG/NAME[@REV]` or `world:teacher`).
+    /// Teacher model (folder, `hf:ORG/NAME[@REV]`, `world:teacher` or a server
+    /// `openai:URL[,URL...]#MODEL`, scored with its local tokenizer).
     #[arg(long)]
     pub teacher: ModelSpec,
     /// Student model.
@@ -19,23 +22,21 @@ pub struct CheckArgs {
     /// Also print the report as one JSON line on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Scoring on servers.
+    #[command(flatten)]
+    pub server: ServerScoreArgs,
 }
 
 /// Runs `retort check`.
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let open = |spec: &ModelSpec| {
-        if spec.is_remote() {
-            anyhow::bail!(
-                "`retort check` compares local models (folders or `hf:` specs); `{spec}` is a server"
-            );
-        }
-        let dir = spec.local_dir()?;
-        load(&dir.to_string_lossy(), &LoadOptions::default())
-            .with_context(|| format!("cannot open model `{spec}`"))
+    // A server whose served name is not a local model borrows the other model's tokenizer.
+    let open = |spec: &ModelSpec, other: &ModelSpec| {
+        let options = args.server.options(1, other.local_path());
+        open_scorer(spec, &options).with_context(|| format!("cannot open model `{spec}`"))
     };
-    let teacher = open(&args.teacher)?;
-    let student = open(&args.student)?;
-    let report = check_pair(&teacher, &student)?;
+    let teacher = open(&args.teacher, &args.student)?;
+    let student = open(&args.student, &args.teacher)?;
+    let report = check_pair(teacher.as_ref(), student.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }

@@ -153,6 +153,10 @@ pub struct CacheArgs {
     /// Sparse teacher signals: the probability outside the top-k set [default: tail].
     #[arg(long, value_enum)]
     pub missing_mass: Option<MissingMass>,
+    /// A served `--teacher` (`openai:URL[,URL...]#MODEL`) during `kd` and `on-policy`: log-probs
+    /// asked per position, at most the server's `--max-logprobs` [default: 20].
+    #[arg(long)]
+    pub teacher_top_k: Option<usize>,
 }
 
 /// LoRA flags.
@@ -217,6 +221,9 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     }
     if let Some(policy) = args.cache.missing_mass {
         o.missing_mass = policy;
+    }
+    if let Some(k) = args.cache.teacher_top_k {
+        o.teacher_top_k = Some(k);
     }
     macro_rules! set_lora {
         ($($field:ident),*) => {$(

@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use retort::ModelSpec;
-use retort::backend::local::LocalBackend;
-use retort::backend::open::open_local;
+use retort::backend::scorer::{TokenScorer, open_scorer};
 use retort::identity::{Identity, RunStatus, SameRun};
 use retort::manifest::{Manifest, manifest_path};
-use retort::select::{DedupOn, LocalScorer, Scorer, SelectOptions, Strategy, select_file};
+use retort::select::{DedupOn, ModelScorer, Scorer, SelectOptions, Strategy, select_file};
 
+use crate::args::ServerScoreArgs;
 use crate::run::Run;
 use crate::ui;
 
@@ -35,7 +35,8 @@ pub struct SelectArgs {
     /// Seed of `random` and of the MinHash functions.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Teacher model (local folder, `hf:ORG/NAME`, `world:teacher`) for `teacher-guided`.
+    /// Teacher model (local folder, `hf:ORG/NAME`, `world:teacher`, or a server
+    /// `openai:URL[,URL...]#MODEL`) for `teacher-guided`.
     #[arg(long)]
     pub teacher: Option<ModelSpec>,
     /// Student model for `student-ppl`, `rsr` and `teacher-guided`.
@@ -89,24 +90,27 @@ pub struct SelectArgs {
     /// Field holding the response text.
     #[arg(long, default_value = "response")]
     pub response_field: String,
+    /// Scoring on servers.
+    #[command(flatten)]
+    pub server: ServerScoreArgs,
     /// Replace an existing output made by another run instead of refusing.
     #[arg(long)]
     pub overwrite: bool,
 }
 
+/// Opens `spec` as a scorer; a server borrows the tokenizer of `other` (the other model) when its
+/// served name is not a local model.
 fn open(
     spec: Option<&ModelSpec>,
+    other: Option<&ModelSpec>,
     role: &str,
-    batch_size: usize,
-) -> anyhow::Result<Option<LocalBackend>> {
+    args: &SelectArgs,
+) -> anyhow::Result<Option<Box<dyn TokenScorer>>> {
     let Some(spec) = spec else { return Ok(None) };
-    if spec.is_remote() {
-        anyhow::bail!(
-            "`--{role}`: selection scores with local models; give a Hugging Face folder or `hf:ORG/NAME`"
-        );
-    }
+    let fallback = other.and_then(ModelSpec::local_path);
+    let options = args.server.options(args.batch_size, fallback);
     Ok(Some(
-        open_local(spec, batch_size).with_context(|| format!("cannot open {role} `{spec}`"))?,
+        open_scorer(spec, &options).with_context(|| format!("cannot open {role} `{spec}`"))?,
     ))
 }
 
@@ -152,12 +156,31 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         SameRun::Continue,
         args.overwrite,
     )?;
-    let teacher = open(args.teacher.as_ref(), "teacher", args.batch_size)?;
-    let student = open(args.student.as_ref(), "student", args.batch_size)?;
-    let scorer = LocalScorer {
-        student: student.as_ref(),
-        teacher: teacher.as_ref(),
-        batch_size: args.batch_size,
+    let teacher = open(
+        args.teacher.as_ref(),
+        args.student.as_ref(),
+        "teacher",
+        &args,
+    )?;
+    let student = open(
+        args.student.as_ref(),
+        args.teacher.as_ref(),
+        "student",
+        &args,
+    )?;
+    // A server takes the batch concurrently, so it gets bigger batches than a forward pass.
+    let remote = [&args.teacher, &args.student]
+        .into_iter()
+        .flatten()
+        .any(ModelSpec::is_remote);
+    let scorer = ModelScorer {
+        student: student.as_deref(),
+        teacher: teacher.as_deref(),
+        batch_size: if remote {
+            args.batch_size.max(4 * args.server.concurrency)
+        } else {
+            args.batch_size
+        },
     };
     let models: Vec<&ModelSpec> = [&args.teacher, &args.student]
         .into_iter()

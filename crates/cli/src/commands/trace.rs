@@ -7,19 +7,20 @@ use std::time::Instant;
 
 use anyhow::Context;
 use retort::ModelSpec;
-use retort::backend::local::LocalBackend;
-use retort::backend::open::open_local;
+use retort::backend::scorer::{TokenScorer, open_scorer};
 use retort::identity::{Identity, RunStatus, SameRun};
 use retort::provenance::{Category, Thresholds, TraceOptions, trace};
 use retort::records::InputFormat;
 
+use crate::args::ServerScoreArgs;
 use crate::run::Run;
 use crate::ui;
 
 /// `retort trace`.
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
-    /// The teacher: a Hugging Face folder, `hf:ORG/NAME[@REV]` or `world:teacher`.
+    /// The teacher: a Hugging Face folder, `hf:ORG/NAME[@REV]`, `world:teacher` or a server
+    /// `openai:URL[,URL...]#MODEL` (so may `--base` and `--distilled` be).
     #[arg(long)]
     pub teacher: ModelSpec,
     /// The student before distillation.
@@ -49,6 +50,9 @@ pub struct TraceArgs {
     /// Records scored together in one forward pass per model.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Scoring on servers.
+    #[command(flatten)]
+    pub server: ServerScoreArgs,
     /// Replace an existing output made by another run instead of refusing.
     #[arg(long)]
     pub overwrite: bool,
@@ -62,11 +66,18 @@ fn opt(x: Option<f64>, digits: usize) -> String {
 pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     let specs = [&args.teacher, &args.base, &args.distilled];
-    if let Some(remote) = specs.iter().find(|s| s.is_remote()) {
-        anyhow::bail!(
-            "`retort trace` scores with local models; `{remote}` is a server (give a folder or `hf:ORG/NAME`)"
-        );
-    }
+    // A server whose served name is not a local model borrows a local model's tokenizer (the
+    // students', then the teacher's).
+    let fallback = [&args.base, &args.distilled, &args.teacher]
+        .into_iter()
+        .find_map(ModelSpec::local_path);
+    let remote = specs.iter().any(|s| s.is_remote());
+    // A server takes a batch concurrently, so it gets bigger batches than a forward pass.
+    let batch_size = if remote {
+        args.batch_size.max(4 * args.server.concurrency)
+    } else {
+        args.batch_size
+    };
     let identity = Identity::new("trace")
         .with_model("teacher", &args.teacher)?
         .with_model("base", &args.base)?
@@ -84,20 +95,22 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         args.overwrite,
     )?;
     // A spec given twice is loaded once (and scored once).
-    let mut loaded: Vec<(&ModelSpec, LocalBackend)> = Vec::new();
+    let mut loaded: Vec<(&ModelSpec, Box<dyn TokenScorer>)> = Vec::new();
     for spec in specs {
         if !loaded.iter().any(|(s, _)| *s == spec) {
-            let backend = open_local(spec, args.batch_size)
+            let options = args.server.options(args.batch_size, fallback.clone());
+            let scorer = open_scorer(spec, &options)
                 .with_context(|| format!("cannot open model `{spec}`"))?;
-            loaded.push((spec, backend));
+            loaded.push((spec, scorer));
         }
     }
-    let get = |spec: &ModelSpec| -> &LocalBackend {
-        &loaded
+    let get = |spec: &ModelSpec| -> &dyn TokenScorer {
+        loaded
             .iter()
             .find(|(s, _)| *s == spec)
             .expect("every spec was loaded above")
             .1
+            .as_ref()
     };
     let mut options = TraceOptions::new(&args.input, &args.output);
     options.format = args.format;
@@ -106,7 +119,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         likely: args.likely,
         boost_margin: args.boost_margin,
     };
-    options.batch_size = args.batch_size;
+    options.batch_size = batch_size;
     let bar = ui::progress(Some(0), "trace");
     let summary = trace(
         get(&args.teacher),

@@ -56,6 +56,11 @@ impl LocalBackend {
         self.name = name.to_string();
     }
 
+    /// Rows decoded (or scored) together.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
     /// The loaded model.
     pub fn model(&self) -> &LoadedModel {
         &self.model

@@ -7,6 +7,7 @@
 pub mod local;
 pub mod open;
 pub mod openai;
+pub mod scorer;
 
 use serde::{Deserialize, Serialize};
 

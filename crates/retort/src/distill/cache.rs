@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::distill::config::DistillOptions;
 use crate::distill::data::{self, Example, TokenizerView};
 use crate::distill::objective::{MicroBatch, logits_at_targets};
-use crate::distill::teacher::{MissingMass, TeacherSignal, load_teacher};
+use crate::distill::teacher::{LiveTeacher, MissingMass, TeacherSignal, open_live_teacher};
 use crate::error::{Error, Result};
 
 /// File name of the cache header.
@@ -159,13 +159,29 @@ pub fn build_teacher_cache(
         &plan.student.local_dir()?.to_string_lossy(),
         &retort_model::LoadOptions::default(),
     )?;
-    let teacher = load_teacher(&plan.teacher, &student)?;
-    let vocab_size = teacher.config.vocab_size;
+    // The cache's ids index the student's logits; a padded teacher's extra rows never occur.
+    let vocab_size = student.config.vocab_size;
     if top_k == 0 || top_k > vocab_size {
         return Err(Error::Invalid(format!(
             "field `top-k`: must lie in 1..={vocab_size} (the vocabulary), got {top_k}"
         )));
     }
+    let teacher = open_live_teacher(&plan.teacher, &student, top_k, MissingMass::default())?;
+    // A server gives log-probs at temperature 1: the cache says so, and training at another
+    // temperature then needs `--missing-mass renormalize` (the trainer checks).
+    let temperature = match &teacher {
+        LiveTeacher::Local(_) => plan.temperature,
+        LiveTeacher::Remote(_) => {
+            if (plan.temperature - 1.0).abs() > 1e-9 {
+                tracing::warn!(
+                    "teacher `{}` is served: the cache holds its log-probs at temperature 1, not {}",
+                    plan.teacher,
+                    plan.temperature
+                );
+            }
+            1.0
+        }
+    };
     let view = TokenizerView::of(&student)?;
     let mut examples = data::load_examples(data_path, &view, &plan.data_options)?.0;
     if let Some(eval) = &plan.eval_data {
@@ -185,7 +201,7 @@ pub fn build_teacher_cache(
         version: VERSION,
         teacher: plan.teacher.to_string(),
         top_k,
-        temperature: plan.temperature,
+        temperature,
         dtype,
         vocab_size,
         shard_examples: SHARD_EXAMPLES,
@@ -219,7 +235,10 @@ pub fn build_teacher_cache(
     }
 
     let pad_id = student.pad_id();
-    let device = teacher.model.device().clone();
+    let device = match &teacher {
+        LiveTeacher::Local(model) => model.model.device().clone(),
+        LiveTeacher::Remote(_) => Device::Cpu,
+    };
     let micro = options.micro_batch();
     let total_shards = examples.len().div_ceil(SHARD_EXAMPLES);
     let (mut positions, mut reused, mut bytes) = (0usize, 0usize, 0u64);
@@ -245,15 +264,35 @@ pub fn build_teacher_cache(
         let mut offset = 0;
         for rows in chunk.chunks(micro) {
             let refs: Vec<&Example> = rows.iter().collect();
-            let batch = MicroBatch::new(&refs, pad_id, &device)?;
-            let logits = logits_at_targets(&teacher.model, &batch)?
-                .squeeze(0)?
-                .affine(1.0 / plan.temperature, 0.0)?;
-            let values = retort_model::train::log_softmax(&logits)?
-                .to_device(&Device::Cpu)?
-                .to_vec2::<f32>()?;
-            for row in &values {
-                top_k_row(row, top_k, &mut indices, &mut logprobs);
+            match &teacher {
+                LiveTeacher::Local(model) => {
+                    let batch = MicroBatch::new(&refs, pad_id, &device)?;
+                    let logits = logits_at_targets(&model.model, &batch)?
+                        .squeeze(0)?
+                        .affine(1.0 / plan.temperature, 0.0)?;
+                    // Padded vocabularies: only the student's rows can be cached.
+                    let logits = logits.narrow(1, 0, logits.dim(1)?.min(vocab_size))?;
+                    let values = retort_model::train::log_softmax(&logits)?
+                        .to_device(&Device::Cpu)?
+                        .to_vec2::<f32>()?;
+                    for row in &values {
+                        top_k_row(row, top_k, &mut indices, &mut logprobs);
+                    }
+                }
+                LiveTeacher::Remote(remote) => {
+                    let TeacherSignal::Sparse {
+                        indices: ids,
+                        logprobs: values,
+                        ..
+                    } = remote.signal(&refs, &device)?
+                    else {
+                        return Err(Error::Invalid(
+                            "a served teacher gave a dense signal; expected top-k log-probs".into(),
+                        ));
+                    };
+                    indices.extend(ids.flatten_all()?.to_vec1::<u32>()?);
+                    logprobs.extend(values.flatten_all()?.to_vec1::<f32>()?);
+                }
             }
             for example in rows {
                 entries.push(Entry {

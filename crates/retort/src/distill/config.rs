@@ -162,6 +162,10 @@ pub struct DistillOptions {
     /// Sparse teacher signals: what happens to the probability outside the top-k set
     /// (`tail` or `renormalize`, see [`MissingMass`]).
     pub missing_mass: MissingMass,
+    /// A served teacher (`openai:URL#MODEL`): log-probs per position asked for (at most the
+    /// server's `--max-logprobs`; default [`DEFAULT_TEACHER_TOP_K`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_top_k: Option<usize>,
     /// Train LoRA adapters of this rank instead of every weight (absent: full fine-tuning).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_rank: Option<usize>,
@@ -221,6 +225,7 @@ impl Default for DistillOptions {
             resume: false,
             teacher_cache: None,
             missing_mass: MissingMass::default(),
+            teacher_top_k: None,
             lora_rank: None,
             lora_alpha: None,
             lora_targets: None,
@@ -231,7 +236,15 @@ impl Default for DistillOptions {
     }
 }
 
+/// Top-k of a served teacher when `teacher-top-k` is not set: vLLM's default `--max-logprobs`.
+pub const DEFAULT_TEACHER_TOP_K: usize = 20;
+
 impl DistillOptions {
+    /// The top-k asked of a served teacher.
+    pub fn teacher_top_k(&self) -> usize {
+        self.teacher_top_k.unwrap_or(DEFAULT_TEACHER_TOP_K)
+    }
+
     /// Reads a TOML config file (keys as the flags; unknown keys are an error that names them).
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = fs_err::read_to_string(path)?;

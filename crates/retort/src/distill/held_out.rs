@@ -34,8 +34,8 @@ pub struct CachedTeacher<'a> {
     pub missing_mass: MissingMass,
 }
 
-/// The held-out loss of `model` on `examples` (no gradient is taken); `cached` supplies the
-/// teacher signal of [`LossSpec::KdCached`].
+/// The held-out loss of `model` on `examples` (no gradient is taken); `cached` or `remote`
+/// supplies the teacher signal of [`LossSpec::KdCached`] and [`LossSpec::OnPolicyRewardScored`].
 pub fn held_out_loss(
     model: &CausalLm,
     examples: &[Example],
@@ -43,6 +43,7 @@ pub fn held_out_loss(
     pad_id: u32,
     spec: &LossSpec<'_>,
     cached: Option<CachedTeacher<'_>>,
+    remote: Option<&crate::distill::teacher::RemoteTeacher>,
 ) -> Result<EvalLoss> {
     let mut order: Vec<&Example> = examples.iter().collect();
     order.sort_by_key(|e| e.ids.len());
@@ -57,6 +58,18 @@ pub fn held_out_loss(
                 cached.missing_mass,
                 model.device(),
             )?);
+        }
+        if let Some(remote) = remote {
+            match spec {
+                LossSpec::KdCached { .. } => {
+                    batch.teacher = Some(remote.signal(rows, model.device())?);
+                }
+                LossSpec::OnPolicyRewardScored => {
+                    batch.teacher_target_logprobs =
+                        Some(remote.target_logprobs(rows, model.device())?);
+                }
+                _ => {}
+            }
         }
         let terms = loss(model, &batch, spec)?;
         total += scalar(&terms.sum)?;

@@ -38,6 +38,9 @@ pub struct MicroBatch {
     pub row_correct: Vec<Option<bool>>,
     /// The cached sparse teacher signal `[1, n, k]` of the targets (for [`LossSpec::KdCached`]).
     pub teacher: Option<TeacherSignal>,
+    /// The teacher's log-probs `[1, n]` of the targets, from a server (for
+    /// [`LossSpec::OnPolicyRewardScored`]).
+    pub teacher_target_logprobs: Option<Tensor>,
 }
 
 impl MicroBatch {
@@ -70,6 +73,7 @@ impl MicroBatch {
             target_rows,
             row_correct: examples.iter().map(|e| e.correct).collect(),
             teacher: None,
+            teacher_target_logprobs: None,
         })
     }
 }
@@ -108,6 +112,9 @@ pub enum LossSpec<'a> {
         /// The teacher that scores the sampled tokens.
         teacher: &'a CausalLm,
     },
+    /// [`LossSpec::OnPolicyReward`] with the teacher's log-probs of the sampled tokens already
+    /// in the micro-batch ([`MicroBatch::teacher_target_logprobs`], from a server).
+    OnPolicyRewardScored,
     /// REDI: length-normalised log-likelihood of positive traces minus `negative_weight` times
     /// that of negative ones (every row needs a verdict). The normaliser is the number of
     /// sequences, not tokens.
@@ -178,6 +185,19 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
             kd_weight,
         } => {
             let teacher_logits = logits_at_targets(teacher, batch)?.detach();
+            // Padded vocabularies: the first min(V) logits (ids past the tokenizer never occur).
+            let (tv, sv) = (teacher_logits.dim(2)?, logits.dim(2)?);
+            let shared = tv.min(sv);
+            let teacher_logits = if tv > shared {
+                teacher_logits.narrow(2, 0, shared)?
+            } else {
+                teacher_logits
+            };
+            let logits = if sv > shared {
+                logits.narrow(2, 0, shared)?
+            } else {
+                logits
+            };
             let signal = TeacherSignal::dense(teacher_logits);
             kd_terms(&logits, batch, &signal, divergence, temperature, kd_weight)
         }
@@ -193,10 +213,26 @@ pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Resu
             })?;
             kd_terms(&logits, batch, signal, divergence, temperature, kd_weight)
         }
-        LossSpec::OnPolicyReward { teacher } => {
+        LossSpec::OnPolicyReward { .. } | LossSpec::OnPolicyRewardScored => {
             let student_logprobs = gather_logprobs(&logits, &batch.targets)?;
-            let teacher_logits = logits_at_targets(teacher, batch)?.detach();
-            let teacher_logprobs = gather_logprobs(&teacher_logits, &batch.targets)?;
+            let teacher_logprobs = match *spec {
+                LossSpec::OnPolicyReward { teacher } => {
+                    let teacher_logits = logits_at_targets(teacher, batch)?.detach();
+                    gather_logprobs(&teacher_logits, &batch.targets)?
+                }
+                _ => batch
+                    .teacher_target_logprobs
+                    .as_ref()
+                    .ok_or_else(|| {
+                        crate::error::Error::Invalid(
+                            "on-policy with a served teacher: the micro-batch carries no teacher \
+                             log-probs"
+                                .into(),
+                        )
+                    })?
+                    .to_dtype(student_logprobs.dtype())?
+                    .detach(),
+            };
             let (per_token, reverse_kl) = reverse_kl_reward(&student_logprobs, &teacher_logprobs)?;
             Ok(LossTerms {
                 sum: per_token.sum_all()?,

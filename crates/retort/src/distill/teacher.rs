@@ -5,7 +5,14 @@
 //! the temperature they were computed at and an explicit [`MissingMass`] policy for the
 //! probability outside the top-k set. The KD divergences in [`super::divergence`] consume it.
 //! Text-only (API) teachers give no distribution and are handled as SFT targets elsewhere.
-//! [`load_teacher`] loads a local teacher and checks it against the student.
+//! [`load_teacher`] loads a local teacher and checks it against the student; [`open_live_teacher`]
+//! opens a live teacher as a [`LiveTeacher`]: a local model (dense logits) or a server
+//! ([`RemoteTeacher`]: top-k log-probs per micro-batch through the scoring seam, as a
+//! [`TeacherSignal::Sparse`], and the log-probs of sampled tokens for the on-policy reward).
+//!
+//! Padded vocabularies (one tokenizer, more embedding rows in one model, e.g. Qwen2.5-7B's
+//! 152,064 vs 1.5B's 151,936) are accepted when the tokenizers agree: KD and on-policy use the
+//! first `min(V)` logits (ids past the tokenizer never occur in text), which is said once.
 
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -188,17 +195,31 @@ impl TeacherSignal {
     }
 }
 
-/// Loads the teacher `spec` and checks that it shares the student's vocabulary and tokenizer.
+/// Loads the teacher `spec` and checks that it shares the student's vocabulary and tokenizer
+/// (a padded vocabulary of the same tokenizer is accepted; see the module docs).
 pub fn load_teacher(
     spec: &crate::ModelSpec,
     student: &retort_model::LoadedModel,
 ) -> crate::Result<retort_model::LoadedModel> {
-    use crate::Error;
     let dir = spec.local_dir()?;
     let teacher = retort_model::load(
         &dir.to_string_lossy(),
         &retort_model::LoadOptions::default(),
     )?;
+    check_shared_vocabulary(spec, &teacher.tokenizer, teacher.config.vocab_size, student)?;
+    Ok(teacher)
+}
+
+/// Checks that a teacher with `tokenizer` and `rows` output rows can teach `student` token by
+/// token: the same tokenizer (same token for every id both define, same ids for sample text);
+/// differing row counts are a padded vocabulary, said once.
+fn check_shared_vocabulary(
+    spec: &crate::ModelSpec,
+    tokenizer: &retort_model::tokenizer::Tokenizer,
+    rows: usize,
+    student: &retort_model::LoadedModel,
+) -> crate::Result<()> {
+    use crate::Error;
     let hint = |what: String| {
         Error::Invalid(format!(
             "teacher `{spec}` and student `{}` {what}; token-level KD needs a shared \
@@ -207,17 +228,216 @@ pub fn load_teacher(
             student.dir.display()
         ))
     };
-    let (tv, sv) = (teacher.config.vocab_size, student.config.vocab_size);
-    if tv != sv {
+    let (tv, sv) = (rows, student.config.vocab_size);
+    let shared = tokenizer.vocab_size().min(student.tokenizer.vocab_size()) as u32;
+    if let Some(id) =
+        (0..shared).find(|&id| tokenizer.id_to_token(id) != student.tokenizer.id_to_token(id))
+    {
         return Err(hint(format!(
-            "have different vocabulary sizes ({tv} vs {sv})"
+            "map token id {id} to different tokens ({:?} vs {:?})",
+            tokenizer.id_to_token(id),
+            student.tokenizer.id_to_token(id)
         )));
     }
     let sample = "Distillation check: 12 + 30 = 42.\nThe answer is \\boxed{42}.";
-    if teacher.tokenizer.encode(sample, false)? != student.tokenizer.encode(sample, false)? {
+    if tokenizer.encode(sample, false)? != student.tokenizer.encode(sample, false)? {
         return Err(hint("tokenise the same text differently".into()));
     }
-    Ok(teacher)
+    if tv != sv {
+        tracing::warn!(
+            "teacher `{spec}` has {tv} output rows and student `{}` {sv} (a padded vocabulary of \
+             one tokenizer): KD and on-policy use the first {} logits",
+            student.dir.display(),
+            tv.min(sv)
+        );
+    }
+    Ok(())
+}
+
+/// A teacher run alongside the student.
+pub enum LiveTeacher {
+    /// A local model: dense logits.
+    Local(Box<retort_model::LoadedModel>),
+    /// A server: top-k log-probs through the scoring seam.
+    Remote(RemoteTeacher),
+}
+
+/// Opens the live teacher `spec` for `student`: a local model, or a server scored with the
+/// student's tokenizer unless the served name is a folder or cached `hf:` model of its own.
+pub fn open_live_teacher(
+    spec: &crate::ModelSpec,
+    student: &retort_model::LoadedModel,
+    top_k: usize,
+    missing_mass: MissingMass,
+) -> crate::Result<LiveTeacher> {
+    let Some(server) = spec.server() else {
+        return Ok(LiveTeacher::Local(Box::new(load_teacher(spec, student)?)));
+    };
+    let dir = crate::backend::scorer::server_tokenizer_dir(spec, Some(&student.dir))?;
+    let scorer = crate::backend::openai::score::RemoteScorer::connect(
+        server,
+        &dir,
+        crate::backend::openai::score::ScoreProtocol::Auto,
+        &crate::backend::open::BackendOptions::default(),
+    )?;
+    let rows = crate::backend::scorer::TokenScorer::vocab_rows(&scorer)
+        .unwrap_or(student.config.vocab_size);
+    check_shared_vocabulary(
+        spec,
+        crate::backend::scorer::TokenScorer::tokenizer(&scorer),
+        rows,
+        student,
+    )?;
+    RemoteTeacher::new(
+        Box::new(scorer),
+        student.config.vocab_size,
+        top_k,
+        missing_mass,
+    )
+    .map(LiveTeacher::Remote)
+}
+
+/// A teacher behind a server: per micro-batch, the top-k log-probs of every target position
+/// ([`Self::signal`]) or the log-probs of the target tokens ([`Self::target_logprobs`]).
+pub struct RemoteTeacher {
+    scorer: Box<dyn crate::backend::scorer::TokenScorer>,
+    /// The student's output rows: teacher ids at or past it are dropped (padded vocabularies).
+    vocab: usize,
+    top_k: usize,
+    missing_mass: MissingMass,
+    said_padding: std::sync::atomic::AtomicBool,
+}
+
+/// Log-prob given to filler ids when a position has fewer than k usable alternatives (its
+/// probability, e^-1e4, is zero in f32 and keeps every log finite).
+const FILLER_LOGPROB: f32 = -1e4;
+
+impl RemoteTeacher {
+    /// Wraps a scorer; `vocab` is the student's number of output rows.
+    pub fn new(
+        scorer: Box<dyn crate::backend::scorer::TokenScorer>,
+        vocab: usize,
+        top_k: usize,
+        missing_mass: MissingMass,
+    ) -> crate::Result<Self> {
+        if top_k == 0 || top_k > vocab {
+            return Err(crate::Error::Invalid(format!(
+                "field `teacher-top-k`: must lie in 1..={vocab} (the vocabulary), got {top_k}"
+            )));
+        }
+        Ok(Self {
+            scorer,
+            vocab,
+            top_k,
+            missing_mass,
+            said_padding: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// The scorer (for names in manifests).
+    pub fn scorer(&self) -> &dyn crate::backend::scorer::TokenScorer {
+        self.scorer.as_ref()
+    }
+
+    fn score(
+        &self,
+        examples: &[&crate::distill::data::Example],
+        wants: crate::backend::scorer::ScoreWants,
+    ) -> crate::Result<Vec<crate::backend::scorer::SequenceScores>> {
+        // The targets of an example are ids[max(prompt_len, 1)..] (see `MicroBatch::new`).
+        let requests: Vec<crate::backend::scorer::ScoreRequest> = examples
+            .iter()
+            .map(|e| {
+                let split = e.prompt_len.max(1).min(e.ids.len());
+                crate::backend::scorer::ScoreRequest {
+                    label: format!("example `{}` (line {})", e.key, e.line),
+                    prompt_ids: e.ids[..split].to_vec(),
+                    completion_ids: e.ids[split..].to_vec(),
+                }
+            })
+            .collect();
+        self.scorer.score_ids(&requests, wants)
+    }
+
+    /// The sparse signal `[1, n, k]` of the micro-batch's target positions (row order, as
+    /// [`crate::distill::objective::MicroBatch`] lays them out).
+    pub fn signal(
+        &self,
+        examples: &[&crate::distill::data::Example],
+        device: &candle_core::Device,
+    ) -> crate::Result<TeacherSignal> {
+        let k = self.top_k;
+        let scores = self.score(
+            examples,
+            crate::backend::scorer::ScoreWants {
+                top_k: k,
+                ranks: false,
+            },
+        )?;
+        let mut indices = Vec::new();
+        let mut logprobs = Vec::new();
+        let mut dropped = 0usize;
+        for scored in &scores {
+            for top in &scored.top {
+                let kept: Vec<(u32, f32)> = top
+                    .iter()
+                    .copied()
+                    .filter(|(id, _)| (*id as usize) < self.vocab)
+                    .take(k)
+                    .collect();
+                dropped += top
+                    .iter()
+                    .take(k)
+                    .filter(|(id, _)| *id as usize >= self.vocab)
+                    .count();
+                let mut used: Vec<u32> = kept.iter().map(|t| t.0).collect();
+                indices.extend(kept.iter().map(|t| t.0));
+                logprobs.extend(kept.iter().map(|t| t.1));
+                // Too few usable alternatives: fill with unused ids of zero probability.
+                let mut filler = 0u32;
+                for _ in kept.len()..k {
+                    while used.contains(&filler) {
+                        filler += 1;
+                    }
+                    used.push(filler);
+                    indices.push(filler);
+                    logprobs.push(FILLER_LOGPROB);
+                }
+            }
+        }
+        if dropped > 0
+            && !self
+                .said_padding
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "teacher `{}` proposed ids past the student's {} output rows (a padded \
+                 vocabulary); they are left to the missing mass",
+                self.scorer.name(),
+                self.vocab
+            );
+        }
+        let n = logprobs.len() / k;
+        Ok(TeacherSignal::Sparse {
+            indices: Tensor::from_vec(indices, (1, n, k), device)?,
+            logprobs: Tensor::from_vec(logprobs, (1, n, k), device)?,
+            temperature: 1.0,
+            missing_mass: self.missing_mass,
+        })
+    }
+
+    /// The teacher's log-probs `[1, n]` (f32) of the micro-batch's target tokens: all the
+    /// reverse-KL reward needs.
+    pub fn target_logprobs(
+        &self,
+        examples: &[&crate::distill::data::Example],
+        device: &candle_core::Device,
+    ) -> crate::Result<Tensor> {
+        let scores = self.score(examples, crate::backend::scorer::ScoreWants::default())?;
+        let values: Vec<f32> = scores.into_iter().flat_map(|s| s.logprobs).collect();
+        let n = values.len();
+        Ok(Tensor::from_vec(values, (1, n), device)?)
+    }
 }
 
 #[cfg(test)]

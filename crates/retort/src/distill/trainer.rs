@@ -37,7 +37,7 @@ use crate::distill::lora::{BaseName, LoraModel};
 use crate::distill::objective::{LossSpec, MicroBatch, SampleStats, loss, sample_completions};
 use crate::distill::plan::{DistillPlan, LossPlan, OnPolicySampling, TeacherPlan};
 use crate::distill::resume::{ResumePoint, open_metrics};
-use crate::distill::teacher::{MissingMass, load_teacher};
+use crate::distill::teacher::{LiveTeacher, MissingMass, open_live_teacher};
 use crate::error::{Error, Result};
 use crate::io::Journal;
 use crate::model_spec::ModelSpec;
@@ -180,7 +180,7 @@ pub struct Run<'p> {
     plan: &'p DistillPlan,
     started: Instant,
     student: Student,
-    teacher: Option<LoadedModel>,
+    teacher: Option<LiveTeacher>,
     cache: Option<TeacherCache>,
     examples: Vec<Example>,
     eval_examples: Option<Vec<Example>>,
@@ -208,7 +208,15 @@ impl<'p> Run<'p> {
         let student = load_student(plan, resume.as_ref())?;
         let cache = open_cache(plan, &student.model)?;
         let teacher = match plan.live_teacher() {
-            Some(spec) => Some(load_teacher(spec, &student.model)?),
+            Some(spec) => {
+                check_served_temperature(plan, spec, student.model.config.vocab_size)?;
+                Some(open_live_teacher(
+                    spec,
+                    &student.model,
+                    plan.saved.teacher_top_k(),
+                    plan.saved.missing_mass,
+                )?)
+            }
             None => None,
         };
         let (examples, eval_examples, data_stats) = load_data(plan, &student.model)?;
@@ -380,6 +388,18 @@ impl<'p> Run<'p> {
                 micro_batch.teacher =
                     Some(cache.signal(chunk, &self.plan.data, *missing_mass, &device)?);
             }
+            if let Some(LiveTeacher::Remote(remote)) = &self.teacher {
+                match spec {
+                    LossSpec::KdCached { .. } => {
+                        micro_batch.teacher = Some(remote.signal(chunk, &device)?);
+                    }
+                    LossSpec::OnPolicyRewardScored => {
+                        micro_batch.teacher_target_logprobs =
+                            Some(remote.target_logprobs(chunk, &device)?);
+                    }
+                    _ => {}
+                }
+            }
             terms.input_tokens += micro_batch.input_tokens;
             let mut loss_terms = loss(&self.student.model.model, &micro_batch, &spec)?;
             if self.plan.hooks.inject_non_finite_at_step == Some(step) {
@@ -433,6 +453,10 @@ impl<'p> Run<'p> {
             }
             _ => None,
         };
+        let remote = match &self.teacher {
+            Some(LiveTeacher::Remote(remote)) => Some(remote),
+            _ => None,
+        };
         let result = held_out_loss(
             &self.student.model.model,
             eval,
@@ -440,6 +464,7 @@ impl<'p> Run<'p> {
             self.student.model.pad_id(),
             &self.loss_spec(false),
             cached,
+            remote,
         )?;
         Ok(Some(result))
     }
@@ -553,11 +578,26 @@ impl<'p> Run<'p> {
 }
 
 /// The loss spec of a step: the objective's, or the reward form on on-policy samples.
-fn loss_spec(plan: LossPlan, teacher: Option<&LoadedModel>, reward: bool) -> LossSpec<'_> {
-    match (plan, teacher.map(|t| &t.model)) {
+///
+/// A served teacher gives its signal through the micro-batch: the sparse top-k
+/// ([`LossSpec::KdCached`]) or the log-probs of the sampled tokens
+/// ([`LossSpec::OnPolicyRewardScored`]).
+fn loss_spec(plan: LossPlan, teacher: Option<&LiveTeacher>, reward: bool) -> LossSpec<'_> {
+    let local = match teacher {
+        Some(LiveTeacher::Local(model)) => Some(&model.model),
+        _ => None,
+    };
+    let remote = matches!(teacher, Some(LiveTeacher::Remote(_)));
+    match (plan, local) {
         (LossPlan::OnPolicy { .. }, Some(teacher)) if reward => {
             LossSpec::OnPolicyReward { teacher }
         }
+        (LossPlan::OnPolicy { .. }, None) if reward && remote => LossSpec::OnPolicyRewardScored,
+        (LossPlan::Kd(kd) | LossPlan::OnPolicy { kd, .. }, None) if remote => LossSpec::KdCached {
+            divergence: kd.divergence,
+            temperature: kd.temperature,
+            kd_weight: kd.kd_weight,
+        },
         (LossPlan::Kd(kd) | LossPlan::OnPolicy { kd, .. }, Some(teacher)) => LossSpec::Kd {
             teacher,
             divergence: kd.divergence,
@@ -617,6 +657,37 @@ fn base_name(spec: &ModelSpec, dir: &Path) -> BaseName {
         },
         _ => BaseName::from_spec(&dir.display().to_string()),
     }
+}
+
+/// A served teacher gives log-probs at temperature 1: KD at another temperature re-tempers them,
+/// which the tail bucket cannot do exactly unless the top k is the whole vocabulary (the rule
+/// [`open_cache`] applies to caches).
+fn check_served_temperature(plan: &DistillPlan, spec: &ModelSpec, vocab: usize) -> Result<()> {
+    let kd = match plan.loss {
+        LossPlan::Kd(kd) => kd,
+        // The reward form needs no temperature; dataset steps (λ < 1) train with KD.
+        LossPlan::OnPolicy { kd, sampling }
+            if sampling.loss != OnPolicyLoss::Reward || sampling.lambda < 1.0 =>
+        {
+            kd
+        }
+        _ => return Ok(()),
+    };
+    let k = plan.saved.teacher_top_k();
+    if spec.is_remote()
+        && plan.saved.missing_mass == MissingMass::Tail
+        && (kd.temperature - 1.0).abs() > 1e-9
+        && k < vocab
+    {
+        return Err(Error::Invalid(format!(
+            "teacher `{spec}` is served: its top-{k} log-probs are at temperature 1 and the run \
+             trains at {}; with `--missing-mass tail` the tail bucket cannot be re-tempered, so the \
+             loss would be wrong\nhint: train at `--temperature 1`, or pass `--missing-mass \
+             renormalize`, which re-tempers the top k exactly",
+            kd.temperature
+        )));
+    }
+    Ok(())
 }
 
 /// Opens the teacher cache of a cached-KD run and checks its vocabulary against the student's.

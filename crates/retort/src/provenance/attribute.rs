@@ -26,8 +26,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::segment::Segment;
-use crate::backend::Backend;
-use crate::backend::local::LocalBackend;
+use crate::backend::scorer::{ScoreRequest, ScoreWants, TokenScorer};
 use crate::error::{Error, Result};
 
 /// Where an action came from.
@@ -175,6 +174,8 @@ pub fn segment_means(
 /// text and its actions.
 #[derive(Debug, Clone)]
 pub struct ScoreItem<'a> {
+    /// Names the record in errors (e.g. `line 4`).
+    pub label: String,
     /// Prompt token ids (at least one).
     pub prompt_ids: Vec<u32>,
     /// The response text.
@@ -183,42 +184,46 @@ pub struct ScoreItem<'a> {
     pub segments: &'a [Segment],
 }
 
-/// Mean token log-prob of every action of every item under `backend`, scoring each whole response
-/// once (all items in one left-padded batch).
+/// Mean token log-prob of every action of every item under `scorer` (a local model or a
+/// server), scoring each whole response once.
 pub fn score_actions(
-    backend: &LocalBackend,
+    scorer: &dyn TokenScorer,
     items: &[ScoreItem<'_>],
 ) -> Result<Vec<Vec<Option<f64>>>> {
-    let model = backend.model();
-    let tokenizer = model.tokenizer.inner();
-    let mut pairs = Vec::with_capacity(items.len());
+    let tokenizer = scorer.tokenizer().inner();
+    let mut requests = Vec::with_capacity(items.len());
     let mut assignments = Vec::with_capacity(items.len());
     for item in items {
         if item.prompt_ids.is_empty() {
             return Err(Error::Invalid(format!(
-                "model `{}`: the prompt is empty; scoring needs at least one prompt token",
-                backend.name()
+                "model `{}`, {}: the prompt is empty; scoring needs at least one prompt token",
+                scorer.name(),
+                item.label
             )));
         }
         let encoding = tokenizer
             .encode(item.response, false)
             .map_err(|e| Error::Backend {
-                backend: backend.name().to_string(),
-                message: format!("cannot encode a response: {e}"),
+                backend: scorer.name().to_string(),
+                message: format!("{}: cannot encode a response: {e}", item.label),
             })?;
         assignments.push(assign_tokens(
             item.response,
             encoding.get_offsets(),
             item.segments,
         ));
-        pairs.push((item.prompt_ids.clone(), encoding.get_ids().to_vec()));
+        requests.push(ScoreRequest {
+            label: item.label.clone(),
+            prompt_ids: item.prompt_ids.clone(),
+            completion_ids: encoding.get_ids().to_vec(),
+        });
     }
-    let scores = retort_model::score::score_batch(&model.model, &pairs, model.pad_id())?;
+    let scores = scorer.score_ids(&requests, ScoreWants::default())?;
     Ok(scores
         .iter()
         .zip(&assignments)
         .zip(items)
-        .map(|((lp, assignment), item)| segment_means(lp, assignment, item.segments.len()))
+        .map(|((s, assignment), item)| segment_means(&s.logprobs, assignment, item.segments.len()))
         .collect())
 }
 

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 pub use attribute::{Action, ActionLogprobs, Category, Thresholds, classify};
 pub use segment::{Segment, segment};
 
-use crate::backend::local::LocalBackend;
+use crate::backend::scorer::TokenScorer;
 use crate::error::{Error, Result};
 use crate::io::read::kind;
 use crate::io::{AtomicFile, RecordReader};
@@ -235,6 +235,7 @@ fn verdict_of(record: &Map<String, Value>) -> Option<bool> {
 
 /// One record read for tracing.
 struct Pending {
+    line: usize,
     record: Map<String, Value>,
     prompt: crate::backend::Prompt,
     response: String,
@@ -242,11 +243,12 @@ struct Pending {
 }
 
 /// Runs the trace stage: `teacher`, `base` and `distilled` each score every response with their
-/// own tokenizer and chat template. `progress(done, total)` is called after each batch.
+/// own tokenizer and chat template, each a local model or a server. `progress(done, total)` is
+/// called after each batch.
 pub fn trace(
-    teacher: &LocalBackend,
-    base: &LocalBackend,
-    distilled: &LocalBackend,
+    teacher: &dyn TokenScorer,
+    base: &dyn TokenScorer,
+    distilled: &dyn TokenScorer,
     options: &TraceOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TraceSummary> {
@@ -284,6 +286,7 @@ pub fn trace(
         };
         let segments = segment(&response);
         pending.push(Pending {
+            line,
             record,
             prompt: problem.prompt,
             response,
@@ -296,11 +299,12 @@ pub fn trace(
     progress(0, total);
     let mut done = 0;
     for batch in pending.chunks_mut(options.batch_size.max(1)) {
-        let score = |backend: &LocalBackend| -> Result<Vec<Vec<Option<f64>>>> {
+        let score = |backend: &dyn TokenScorer| -> Result<Vec<Vec<Option<f64>>>> {
             let items = batch
                 .iter()
                 .map(|p| {
                     Ok(ScoreItem {
+                        label: format!("line {}", p.line),
                         prompt_ids: backend.prompt_ids(&p.prompt)?,
                         response: &p.response,
                         segments: &p.segments,
@@ -311,14 +315,14 @@ pub fn trace(
         };
         let teacher_lp = score(teacher)?;
         // The same model passed twice is scored once.
-        let base_lp = if std::ptr::eq(base, teacher) {
+        let base_lp = if std::ptr::addr_eq(base, teacher) {
             teacher_lp.clone()
         } else {
             score(base)?
         };
-        let distilled_lp = if std::ptr::eq(distilled, teacher) {
+        let distilled_lp = if std::ptr::addr_eq(distilled, teacher) {
             teacher_lp.clone()
-        } else if std::ptr::eq(distilled, base) {
+        } else if std::ptr::addr_eq(distilled, base) {
             base_lp.clone()
         } else {
             score(distilled)?

@@ -44,8 +44,8 @@ use crate::model_spec::ModelSpec;
 
 pub use minhash::{NearDuplicates, choose_bands, normalise, shingles};
 pub use scoring::{
-    LocalScorer, ModelRole, ScoreInput, Scorer, TokenScores, perplexity, rank_surprisal_ratio,
-    sentence_means, sentences, teacher_guided_score,
+    LocalScorer, ModelRole, ModelScorer, ScoreInput, Scorer, TokenScores, perplexity,
+    rank_surprisal_ratio, sentence_means, sentences, teacher_guided_score,
 };
 pub use strategies::{PassRate, pass_rates};
 

@@ -1,6 +1,7 @@
 //! Model scores for selection: the [`Scorer`] seam (per-token log-probs, byte offsets and
-//! optionally ranks of a response under the student or the teacher), its local implementation
-//! [`LocalScorer`], and the three scores built on it:
+//! optionally ranks of a response under the student or the teacher), its implementation over the
+//! [`TokenScorer`] seam [`ModelScorer`] (local models or servers alike), and the three scores
+//! built on it:
 //!
 //! - **student perplexity**: `exp(-mean token log-prob)` of the response under the student;
 //! - **Rank-Surprisal Ratio** (Yang et al., 2026): mean token rank over mean surprisal
@@ -12,11 +13,8 @@
 //!   scores the same text with its own tokenizer, so the two may differ in vocabulary. Sentences
 //!   are the provenance segmenter's actions, so selection and `retort trace` cut alike.
 
-use candle_core::{D, DType, IndexOp, Tensor};
-use retort_model::score::{PaddedBatch, token_logprobs_from_logits};
-
-use crate::backend::local::LocalBackend;
-use crate::backend::{Backend, Prompt};
+use crate::backend::Prompt;
+use crate::backend::scorer::{ScoreRequest, ScoreWants, TokenScorer};
 use crate::error::{Error, Result};
 
 /// Which model scores.
@@ -35,6 +33,8 @@ pub struct ScoreInput<'a> {
     pub prompt: &'a Prompt,
     /// The response text.
     pub response: &'a str,
+    /// The record's line in the input, for error messages.
+    pub line: usize,
 }
 
 /// Per-token scores of one response.
@@ -61,17 +61,21 @@ pub trait Scorer {
     ) -> Result<Vec<TokenScores>>;
 }
 
-/// Scores with local models, `batch_size` responses per forward pass.
-pub struct LocalScorer<'a> {
+/// Scores with a [`TokenScorer`] per role (local models or servers), `batch_size` responses per
+/// call (a local model runs them as one forward pass; a server gets them concurrently).
+pub struct ModelScorer<'a> {
     /// The student.
-    pub student: Option<&'a LocalBackend>,
+    pub student: Option<&'a dyn TokenScorer>,
     /// The teacher.
-    pub teacher: Option<&'a LocalBackend>,
-    /// Responses per forward pass.
+    pub teacher: Option<&'a dyn TokenScorer>,
+    /// Responses per call.
     pub batch_size: usize,
 }
 
-impl Scorer for LocalScorer<'_> {
+/// The former name of [`ModelScorer`], from when only local models scored.
+pub type LocalScorer<'a> = ModelScorer<'a>;
+
+impl Scorer for ModelScorer<'_> {
     fn has(&self, role: ModelRole) -> bool {
         match role {
             ModelRole::Student => self.student.is_some(),
@@ -85,7 +89,7 @@ impl Scorer for LocalScorer<'_> {
         items: &[ScoreInput<'_>],
         ranks: bool,
     ) -> Result<Vec<TokenScores>> {
-        let backend = match role {
+        let scorer = match role {
             ModelRole::Student => self.student,
             ModelRole::Teacher => self.teacher,
         }
@@ -97,7 +101,7 @@ impl Scorer for LocalScorer<'_> {
         })?;
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(self.batch_size.max(1)) {
-            out.extend(score_chunk(backend, chunk, ranks)?);
+            out.extend(score_chunk(scorer, chunk, ranks)?);
         }
         Ok(out)
     }
@@ -110,89 +114,49 @@ fn role_flag(role: ModelRole) -> &'static str {
     }
 }
 
-/// One left-padded forward pass over `items`: log-probs (the computation of
-/// [`retort_model::score::score_batch`]) and, when asked, ranks from the same logits.
+/// Tokenises `items` with the scorer's tokenizer (keeping byte offsets) and scores them.
 fn score_chunk(
-    backend: &LocalBackend,
+    scorer: &dyn TokenScorer,
     items: &[ScoreInput<'_>],
     ranks: bool,
 ) -> Result<Vec<TokenScores>> {
-    let model = backend.model();
-    let mut rows = Vec::with_capacity(items.len());
+    let mut requests = Vec::with_capacity(items.len());
+    let mut offsets = Vec::with_capacity(items.len());
     for item in items {
-        let prompt_ids = backend.prompt_ids(item.prompt)?;
+        let prompt_ids = scorer.prompt_ids(item.prompt)?;
         if prompt_ids.is_empty() {
             return Err(Error::Invalid(format!(
-                "model `{}`: a prompt is empty after tokenization",
-                backend.name()
+                "model `{}`, line {}: the prompt is empty after tokenization",
+                scorer.name(),
+                item.line
             )));
         }
-        let encoding = model
-            .tokenizer
+        let encoding = scorer
+            .tokenizer()
             .inner()
             .encode(item.response, false)
             .map_err(|e| Error::Backend {
-                backend: backend.name().to_string(),
-                message: format!("cannot encode a response: {e}"),
+                backend: scorer.name().to_string(),
+                message: format!("line {}: cannot encode a response: {e}", item.line),
             })?;
-        rows.push((
+        offsets.push(encoding.get_offsets().to_vec());
+        requests.push(ScoreRequest {
+            label: format!("line {}", item.line),
             prompt_ids,
-            encoding.get_ids().to_vec(),
-            encoding.get_offsets().to_vec(),
-        ));
-    }
-    let vocab = model.config.vocab_size as u32;
-    let seqs: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|(p, c, _)| p.iter().chain(c).copied().collect())
-        .collect();
-    if let Some(bad) = seqs.iter().flatten().find(|&&t| t >= vocab) {
-        return Err(Error::Invalid(format!(
-            "token id {bad} is out of range for a vocabulary of {vocab}"
-        )));
-    }
-    let net = &model.model;
-    let batch = PaddedBatch::left(&seqs, model.pad_id(), net.device())?;
-    let mask = batch.has_padding().then_some(&batch.attention_mask);
-    let hidden = net.forward_hidden(&batch.input_ids, mask, Some(&batch.position_ids))?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (row, (prompt, completion, offsets)) in rows.into_iter().enumerate() {
-        if completion.is_empty() {
-            out.push(TokenScores::default());
-            continue;
-        }
-        // Position p predicts token p + 1.
-        let start = batch.pad_lens[row] + prompt.len() - 1;
-        let h = hidden.i((row..row + 1, start..start + completion.len()))?;
-        let logits = net.lm_head(&h)?.to_dtype(DType::F32)?;
-        let targets = Tensor::from_slice(&completion, (1, completion.len()), net.device())?;
-        let logprobs = token_logprobs_from_logits(&logits, &targets)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        let ranks = if ranks {
-            // Rank = 1 + the number of tokens with a strictly larger logit than the target.
-            let target_logits =
-                logits.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
-            let above = logits
-                .broadcast_gt(&target_logits)?
-                .to_dtype(DType::F32)?
-                .sum(D::Minus1)?;
-            above
-                .squeeze(0)?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(|n| n as u32 + 1)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        out.push(TokenScores {
-            logprobs,
-            offsets,
-            ranks,
+            completion_ids: encoding.get_ids().to_vec(),
         });
     }
-    Ok(out)
+    let wants = ScoreWants { top_k: 0, ranks };
+    let scores = scorer.score_ids(&requests, wants)?;
+    Ok(scores
+        .into_iter()
+        .zip(offsets)
+        .map(|(s, offsets)| TokenScores {
+            logprobs: s.logprobs,
+            offsets,
+            ranks: s.ranks,
+        })
+        .collect())
 }
 
 /// Student perplexity: `exp(-mean log-prob)`; `None` without tokens.

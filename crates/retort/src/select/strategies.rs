@@ -312,7 +312,12 @@ pub(crate) fn score_and_rank(
     let inputs: Vec<ScoreInput<'_>> = prompts
         .iter()
         .zip(&responses)
-        .map(|(prompt, response)| ScoreInput { prompt, response })
+        .zip(&items)
+        .map(|((prompt, response), item)| ScoreInput {
+            prompt,
+            response,
+            line: item.line,
+        })
         .collect();
     let scores: Vec<Option<f64>> = match strategy {
         Strategy::StudentPpl => scorer

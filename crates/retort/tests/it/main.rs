@@ -4,5 +4,8 @@ mod distill_cache;
 mod distill_lora;
 mod openai;
 mod provenance;
+mod remote_teacher;
 mod report;
+mod scoring;
 mod select;
+mod vllm;

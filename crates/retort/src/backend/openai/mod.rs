@@ -43,7 +43,9 @@
 //! return_token_ids: true, temperature: 0` (plus `extra_body`), and splits the echoed tokens at
 //! the prompt's length in characters using `text_offset`; see `wire::parse_score` for the rules.
 
+mod replicas;
 mod retry;
+pub mod score;
 mod wire;
 
 use std::fmt;
@@ -55,6 +57,7 @@ use reqwest::header::HeaderValue;
 use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc};
 
+use self::replicas::Replicas;
 use self::retry::{AttemptError, RetryPolicy, post_with_retries};
 use self::wire::{ChatRequest, CommonParams, CompletionRequest, Parsed, PromptField};
 use crate::backend::{Backend, GenerateRequest, Prompt, RequestOutcome, SamplingParams, Scored};
@@ -199,8 +202,7 @@ struct Counters {
 struct Inner {
     name: String,
     model: String,
-    chat_url: String,
-    completions_url: String,
+    replicas: Replicas,
     endpoint: Endpoint,
     extra_body: Map<String, Value>,
     auth: Option<HeaderValue>,
@@ -243,7 +245,7 @@ impl OpenAiBackend {
     /// Connects nothing yet: builds the HTTP client and the runtime for `server`. Fails on zero
     /// concurrency or a key that is not a valid header.
     pub fn connect(server: &ServerSpec, options: OpenAiOptions) -> Result<Self> {
-        let (url, model) = (server.url.clone(), server.model.clone());
+        let model = server.model.clone();
         if options.concurrency == 0 {
             return Err(Error::Invalid(
                 "`concurrency` must be at least 1".to_owned(),
@@ -290,8 +292,7 @@ impl OpenAiBackend {
         Ok(Self {
             inner: Arc::new(Inner {
                 name,
-                chat_url: format!("{url}/chat/completions"),
-                completions_url: format!("{url}/completions"),
+                replicas: Replicas::new(server.urls()),
                 model,
                 endpoint: options.endpoint,
                 extra_body: options.extra_body,
@@ -312,6 +313,11 @@ impl OpenAiBackend {
     /// The served model's name (the part after `#`).
     pub fn model(&self) -> &str {
         &self.inner.model
+    }
+
+    /// Requests sent to each replica so far (one entry per URL of the spec, in order).
+    pub fn replica_requests(&self) -> Vec<u64> {
+        self.inner.replicas.sent()
     }
 
     /// Attempts, outcomes and token usage summed over the backend's life.
@@ -449,13 +455,14 @@ impl Inner {
             Ok(body) => body,
             Err(e) => return outcome(Err(e), 0),
         };
-        let (url, parse): (&str, ParseFn) = match route {
-            Route::Chat => (&self.chat_url, wire::parse_chat),
-            Route::Completions => (&self.completions_url, wire::parse_completion),
+        let replica = self.replicas.lease();
+        let (url, parse): (String, ParseFn) = match route {
+            Route::Chat => (replica.url("chat/completions"), wire::parse_chat),
+            Route::Completions => (replica.url("completions"), wire::parse_completion),
         };
         let (result, attempts) = post_with_retries(
             &self.client,
-            url,
+            &url,
             self.auth.as_ref(),
             &body,
             self.policy,
@@ -620,9 +627,10 @@ impl Backend for OpenAiBackend {
             .map_err(backend_error)?;
         let (result, attempts) = self.runtime.block_on(async {
             let _permit = inner.permits.acquire().await;
+            let replica = inner.replicas.lease();
             post_with_retries(
                 &inner.client,
-                &inner.completions_url,
+                &replica.url("completions"),
                 inner.auth.as_ref(),
                 &body,
                 inner.policy,
