@@ -49,6 +49,10 @@ pub struct EngineOptions {
     pub kv_budget_bytes: usize,
     /// Prompt tokens prefilled per step at most (beside the decode rows).
     pub prefill_chunk: usize,
+    /// Fixed-order projections (on by default). Off, projections take the GEMM for many rows:
+    /// faster, but a row's last bits then depend on how many rows run beside it (for measuring
+    /// what invariance costs).
+    pub batch_invariant: bool,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +61,7 @@ impl Default for EngineOptions {
             max_seqs: 0,
             kv_budget_bytes: 4 << 30,
             prefill_chunk: 512,
+            batch_invariant: true,
         }
     }
 }
@@ -184,7 +189,7 @@ pub fn run(
                 "generation engine: no row to run while requests wait (scheduler invariant)",
             ));
         }
-        let logits = step(model, &mut cache, &plan, &device)?;
+        let logits = step(model, &mut cache, &plan, &device, options.batch_invariant)?;
         stats.steps += 1;
         let mut decoded = Vec::new();
         let mut li = 0;
@@ -253,8 +258,9 @@ fn step(
     cache: &mut BlockCache,
     plan: &scheduler::Plan,
     device: &Device,
+    batch_invariant: bool,
 ) -> Result<Vec<Vec<f32>>> {
-    let _fixed = FixedOrder::enter();
+    let _fixed = batch_invariant.then(FixedOrder::enter);
     let n = plan.tokens.len();
     let input = Tensor::from_vec(plan.tokens.clone(), (n, 1), device)?;
     let positions: Vec<u32> = plan.positions.iter().map(|&p| p as u32).collect();

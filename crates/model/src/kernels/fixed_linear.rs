@@ -166,7 +166,7 @@ fn tile_avx512<const R: usize, const C: usize>(
 }
 
 /// Whether [`tile_avx512`] may run here.
-fn has_avx512() -> bool {
+pub(super) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
