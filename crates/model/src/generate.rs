@@ -107,7 +107,14 @@ pub fn generate(
             stream: i as u64,
         })
         .collect();
-    Ok(generate_all(model, tokenizer, &requests, params, &EngineOptions::default())?.0)
+    Ok(generate_all(
+        model,
+        tokenizer,
+        &requests,
+        params,
+        &EngineOptions::default(),
+    )?
+    .0)
 }
 
 /// Like [`generate`], but row `i` draws from stream 0 of `seeds[i]` (ignoring `params.seed`), so a
@@ -135,7 +142,14 @@ pub fn generate_with_seeds(
             stream: 0,
         })
         .collect();
-    Ok(generate_all(model, tokenizer, &requests, params, &EngineOptions::default())?.0)
+    Ok(generate_all(
+        model,
+        tokenizer,
+        &requests,
+        params,
+        &EngineOptions::default(),
+    )?
+    .0)
 }
 
 /// Generates every request at once on the [`crate::engine`] (sequences in flight and key/value

@@ -25,8 +25,8 @@ pub mod train;
 
 pub use chat_template::ChatTemplate;
 pub use config::{Architecture, GenerationConfig, ModelConfig, RopeScaling};
-pub use error::{Error, Result};
 pub use engine::{EngineOptions, EngineStats, Request};
+pub use error::{Error, Result};
 pub use generate::{FinishReason, Generated, GenerationParams, generate, generate_all};
 pub use kv_cache::KvCache;
 pub use load::{LoadOptions, LoadedModel, load, load_trainable, load_trainable_with};

@@ -1086,7 +1086,13 @@ mod tests {
         assert_eq!(report["bench"], "retort");
         assert_eq!(report["configs"]["bench-mini"]["hidden"], 32);
         let mini = &report["results"]["bench-mini"];
-        for figure in ["train", "score", "generate_b1", "generate_b8", "generate_many"] {
+        for figure in [
+            "train",
+            "score",
+            "generate_b1",
+            "generate_b8",
+            "generate_many",
+        ] {
             positive(&mini[figure], figure, "tokens_per_s");
         }
         assert_eq!(mini["generate_many"]["sequences"], 4);

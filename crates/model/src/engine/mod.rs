@@ -141,7 +141,10 @@ pub fn run(
     };
     if params.max_new_tokens == 0 {
         for (i, r) in requests.iter().enumerate() {
-            sink(i, sequence::Decoding::new(r.seed, r.stream).finish(tokenizer)?);
+            sink(
+                i,
+                sequence::Decoding::new(r.seed, r.stream).finish(tokenizer)?,
+            );
         }
         return Ok(stats);
     }
@@ -169,7 +172,9 @@ pub fn run(
     };
     while !sched.is_done() {
         for mut seq in sched.admit(&mut cache) {
-            start(&mut sched, &mut cache, &mut seq, &sampling, params, tokenizer)?;
+            start(
+                &mut sched, &mut cache, &mut seq, &sampling, params, tokenizer,
+            )?;
             if seq.decoding.is_finished() {
                 finish(&mut sched, &mut cache, seq)?;
             } else {
@@ -201,7 +206,9 @@ pub fn run(
                         sched.groups[g].logits = Some(logits[li].clone());
                         li += 1;
                         for mut seq in sched.take_joining(g) {
-                            start(&mut sched, &mut cache, &mut seq, &sampling, params, tokenizer)?;
+                            start(
+                                &mut sched, &mut cache, &mut seq, &sampling, params, tokenizer,
+                            )?;
                             if seq.decoding.is_finished() {
                                 finish(&mut sched, &mut cache, seq)?;
                             } else {
@@ -214,7 +221,8 @@ pub fn run(
                     stats.decode_tokens += 1;
                     let seq = &mut sched.running[i];
                     seq.len += 1;
-                    seq.decoding.push(&logits[li], &sampling, params, tokenizer)?;
+                    seq.decoding
+                        .push(&logits[li], &sampling, params, tokenizer)?;
                     li += 1;
                 }
             }

@@ -180,7 +180,7 @@ impl Scheduler {
             cache.retain(b);
             seq.table.push(b);
         }
-        if len % BLOCK_SIZE != 0 {
+        if !len.is_multiple_of(BLOCK_SIZE) {
             seq.table.push(cache.copy_of(g.blocks[full]));
         }
         seq.len = len;

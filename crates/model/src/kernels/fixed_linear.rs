@@ -67,7 +67,11 @@ pub fn linear_fixed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out_dim, in_dim) = w.dims2()?;
     let x_in = x.dim(candle_core::D::Minus1)?;
     if x_in != in_dim {
-        candle_core::bail!("linear_fixed: x {:?} with weight {:?}", x.shape(), w.shape());
+        candle_core::bail!(
+            "linear_fixed: x {:?} with weight {:?}",
+            x.shape(),
+            w.shape()
+        );
     }
     let rows = x.elem_count() / in_dim.max(1);
     let mut dims = x.dims().to_vec();
@@ -127,7 +131,10 @@ fn tile_avx512<const R: usize, const C: usize>(
 ) {
     use std::arch::x86_64::*;
     let body = in_dim / LANES * LANES;
-    assert!(x.len() >= R * in_dim && w.len() >= C * in_dim, "tile inside its operands");
+    assert!(
+        x.len() >= R * in_dim && w.len() >= C * in_dim,
+        "tile inside its operands"
+    );
     let (px, pw) = (x.as_ptr(), w.as_ptr());
     // SAFETY: every load reads 16 floats at `row * in_dim + k` with `k + 16 <= body <= in_dim`
     // for `row < R` (resp. `C`), inside `x` (resp. `w`) by the assertion above.
@@ -239,17 +246,41 @@ fn tile_portable<T: num_traits::Float>(
 
 /// Sealed dispatch of a tile to the fastest path of the float type.
 trait Tile: num_traits::Float + Send + Sync + candle_core::WithDType {
-    fn tile(x: &[Self], w: &[Self], in_dim: usize, mr: usize, nr: usize, out: &mut [Self], s: usize);
+    fn tile(
+        x: &[Self],
+        w: &[Self],
+        in_dim: usize,
+        mr: usize,
+        nr: usize,
+        out: &mut [Self],
+        s: usize,
+    );
 }
 
 impl Tile for f32 {
-    fn tile(x: &[Self], w: &[Self], in_dim: usize, mr: usize, nr: usize, out: &mut [Self], s: usize) {
+    fn tile(
+        x: &[Self],
+        w: &[Self],
+        in_dim: usize,
+        mr: usize,
+        nr: usize,
+        out: &mut [Self],
+        s: usize,
+    ) {
         tile_f32(x, w, in_dim, mr, nr, out, s);
     }
 }
 
 impl Tile for f64 {
-    fn tile(x: &[Self], w: &[Self], in_dim: usize, mr: usize, nr: usize, out: &mut [Self], s: usize) {
+    fn tile(
+        x: &[Self],
+        w: &[Self],
+        in_dim: usize,
+        mr: usize,
+        nr: usize,
+        out: &mut [Self],
+        s: usize,
+    ) {
         tile_portable(x, w, in_dim, mr, nr, out, s);
     }
 }
@@ -351,8 +382,10 @@ mod tests {
         }
         for r in 0..37 {
             for o in 0..out_dim {
-                let reference =
-                    dot_fixed(&x[r * in_dim..(r + 1) * in_dim], &w[o * in_dim..(o + 1) * in_dim]);
+                let reference = dot_fixed(
+                    &x[r * in_dim..(r + 1) * in_dim],
+                    &w[o * in_dim..(o + 1) * in_dim],
+                );
                 assert_eq!(all[r * out_dim + o].to_bits(), reference.to_bits());
             }
         }
@@ -367,7 +400,9 @@ mod tests {
         let mut max = 0f32;
         for r in 0..rows {
             for o in 0..out_dim {
-                let plain: f32 = (0..in_dim).map(|k| x[r * in_dim + k] * w[o * in_dim + k]).sum();
+                let plain: f32 = (0..in_dim)
+                    .map(|k| x[r * in_dim + k] * w[o * in_dim + k])
+                    .sum();
                 max = max.max((plain - y[r * out_dim + o]).abs());
             }
         }

@@ -211,7 +211,11 @@ mod tests {
         let pos = |p: usize| (t0[p / 3] as usize * 3 + p % 3) * slot + 8;
         let qh = &q[24..32];
         let s: Vec<f64> = (0..7)
-            .map(|p| 0.5 * (0..8).map(|i| f64::from(qh[i] * k[pos(p) + i])).sum::<f64>())
+            .map(|p| {
+                0.5 * (0..8)
+                    .map(|i| f64::from(qh[i] * k[pos(p) + i]))
+                    .sum::<f64>()
+            })
             .collect();
         let m = s.iter().cloned().fold(f64::MIN, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();

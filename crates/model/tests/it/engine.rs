@@ -53,7 +53,10 @@ fn run(m: &LoadedModel, reqs: &[Request], p: &GenerationParams, max_seqs: usize)
     };
     let (out, stats) = generate_all(&m.model, &m.tokenizer, reqs, p, &options).expect("generate");
     assert_eq!(stats.blocks_in_use_after, 0, "every block goes back");
-    assert_eq!(stats.max_blocks_beyond_live, 0, "no block held beyond live rows");
+    assert_eq!(
+        stats.max_blocks_beyond_live, 0,
+        "no block held beyond live rows"
+    );
     out
 }
 
@@ -70,7 +73,11 @@ fn params(seed_eos: u32, stop: &str) -> GenerationParams {
 
 #[test]
 fn a_row_is_identical_alone_among_255_others_and_joining_late() {
-    for (name, eos, stop) in [("qwen2-tiny", 7, "e"), ("qwen3-tiny", 11, "a"), ("llama-tiny", 5, "o")] {
+    for (name, eos, stop) in [
+        ("qwen2-tiny", 7, "e"),
+        ("qwen3-tiny", 11, "a"),
+        ("llama-tiny", 5, "o"),
+    ] {
         let m = model(name);
         let reqs = requests(&m);
         let p = params(eos, stop);
@@ -83,11 +90,20 @@ fn a_row_is_identical_alone_among_255_others_and_joining_late() {
             let alone = run(&m, std::slice::from_ref(&reqs[i]), &p, 1);
             assert_eq!(alone[0], all[i], "{name}: row {i} alone vs among 255");
         }
-        let stopped = all.iter().filter(|g| g.finish_reason == FinishReason::Stop).count();
+        let stopped = all
+            .iter()
+            .filter(|g| g.finish_reason == FinishReason::Stop)
+            .count();
         let lengths: std::collections::BTreeSet<usize> =
             all.iter().map(|g| g.token_ids.len()).collect();
-        println!("{name}: 256 rows identical; {stopped} stopped early, {} distinct lengths", lengths.len());
-        assert!(stopped > 0 && lengths.len() > 5, "{name}: rows end at different steps");
+        println!(
+            "{name}: 256 rows identical; {stopped} stopped early, {} distinct lengths",
+            lengths.len()
+        );
+        assert!(
+            stopped > 0 && lengths.len() > 5,
+            "{name}: rows end at different steps"
+        );
     }
 }
 
@@ -137,5 +153,9 @@ fn the_cache_follows_live_tokens() {
     assert!(stats.peak_in_flight <= 4);
     // Each distinct prompt is prefilled once.
     let distinct: usize = reqs[..16].iter().map(|r| r.prompt.len()).sum();
-    assert!(stats.prefill_tokens <= distinct * 2, "{}", stats.prefill_tokens);
+    assert!(
+        stats.prefill_tokens <= distinct * 2,
+        "{}",
+        stats.prefill_tokens
+    );
 }
