@@ -66,6 +66,15 @@ impl BlockCache {
         self.refs.len()
     }
 
+    /// Reserves address space for `blocks` blocks in every pool, so growing the pools never
+    /// reallocates and copies them; pages are only touched (and counted) when a block is taken.
+    pub fn reserve(&mut self, blocks: usize) {
+        let len = self.block_len() * blocks;
+        for pool in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            pool.reserve_exact(len.saturating_sub(pool.len()));
+        }
+    }
+
     /// A fresh block with one holder (reused from the free list when possible).
     pub fn allocate(&mut self) -> u32 {
         let id = match self.free.pop() {

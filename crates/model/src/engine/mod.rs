@@ -164,6 +164,14 @@ pub fn run(
         params.max_new_tokens,
         options.prefill_chunk,
     );
+    // The most blocks the admitted rows can hold at once: their worst cases within the budget.
+    let mut needs: Vec<usize> = requests
+        .iter()
+        .map(|r| (r.prompt.len() + params.max_new_tokens).div_ceil(BLOCK_SIZE))
+        .collect();
+    needs.sort_unstable_by(|a, b| b.cmp(a));
+    let worst: usize = needs.iter().take(max_seqs).sum();
+    cache.reserve(worst.min(budget_blocks) + 1);
     let device = model.device().clone();
     let mut finish = |sched: &mut Scheduler, cache: &mut BlockCache, seq: Seq| -> Result<()> {
         let (request, decoding) = sched.retire(seq, cache);
