@@ -106,7 +106,7 @@ impl SamplingArgs {
 /// How to reach a model: batching for local models, concurrency and retries for servers.
 #[derive(Debug, Args, Clone)]
 pub struct BackendArgs {
-    /// Rows decoded together by a local model.
+    /// Sequences in flight for a local model (0: auto, 256 within a 4 GiB key/value budget).
     #[arg(long, default_value_t = BackendOptions::default().batch_size)]
     pub batch_size: usize,
     /// Requests in flight at once to a remote server.

@@ -1,14 +1,18 @@
-//! Batched generation: [`generate`] runs left-padded prompts through a preallocated
-//! [`KvCache`], picks tokens with [`crate::sampling`], and stops each row on an EOS id, a stop
-//! string or `max_new_tokens`.
+//! Generation entry points: [`generate`], [`generate_with_seeds`] and [`generate_all`] hand
+//! their requests to the continuous-batching [`crate::engine`], which picks tokens with
+//! [`crate::sampling`] and stops each row on an EOS id, a stop string or `max_new_tokens`.
+//! Where the engine does not run (not f32 on the CPU) a static left-padded batch through a
+//! preallocated [`KvCache`] does the same work.
 //!
-//! Row `i` draws from its own ChaCha8 stream `i` of `seed`, so its tokens depend on the seed, its
-//! index and its prompt, never on the other rows' tokens.
+//! Each request draws from its own ChaCha8 stream, so its tokens depend on its seed, stream and
+//! prompt, never on the other requests; on the engine they are bit-identical whatever the
+//! batching (see [`crate::engine`]).
 
 use candle_core::{DType, IndexOp, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::engine::{self, EngineOptions, EngineStats, Request};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::models::CausalLm;
@@ -94,10 +98,23 @@ pub fn generate(
     prompts: &[Vec<u32>],
     params: &GenerationParams,
 ) -> Result<Vec<Generated>> {
-    let streams: Vec<(u64, u64)> = (0..prompts.len())
-        .map(|i| (params.seed, i as u64))
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt: p.clone(),
+            seed: params.seed,
+            stream: i as u64,
+        })
         .collect();
-    generate_rows(model, tokenizer, prompts, &streams, params)
+    Ok(generate_all(
+        model,
+        tokenizer,
+        &requests,
+        params,
+        &EngineOptions::default(),
+    )?
+    .0)
 }
 
 /// Like [`generate`], but row `i` draws from stream 0 of `seeds[i]` (ignoring `params.seed`), so a
@@ -116,8 +133,59 @@ pub fn generate_with_seeds(
             prompts.len()
         )));
     }
-    let streams: Vec<(u64, u64)> = seeds.iter().map(|&s| (s, 0)).collect();
-    generate_rows(model, tokenizer, prompts, &streams, params)
+    let requests: Vec<Request> = prompts
+        .iter()
+        .zip(seeds)
+        .map(|(p, &seed)| Request {
+            prompt: p.clone(),
+            seed,
+            stream: 0,
+        })
+        .collect();
+    Ok(generate_all(
+        model,
+        tokenizer,
+        &requests,
+        params,
+        &EngineOptions::default(),
+    )?
+    .0)
+}
+
+/// Generates every request at once on the [`crate::engine`] (sequences in flight and key/value
+/// budget from `options`; identical prompts are prefilled once), outputs in request order.
+///
+/// Where the engine does not run, static batches of `options.max_seqs` rows (16 when 0) do.
+pub fn generate_all(
+    model: &CausalLm,
+    tokenizer: &Tokenizer,
+    requests: &[Request],
+    params: &GenerationParams,
+    options: &EngineOptions,
+) -> Result<(Vec<Generated>, EngineStats)> {
+    if engine::supports(model) {
+        let mut out: Vec<Option<Generated>> = vec![None; requests.len()];
+        let stats = engine::run(model, tokenizer, requests, params, options, &mut |i, g| {
+            out[i] = Some(g);
+        })?;
+        let out = out
+            .into_iter()
+            .map(|g| g.expect("the engine finishes every request"))
+            .collect();
+        return Ok((out, stats));
+    }
+    let batch = if options.max_seqs == 0 {
+        16
+    } else {
+        options.max_seqs
+    };
+    let mut out = Vec::with_capacity(requests.len());
+    for chunk in requests.chunks(batch) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|r| r.prompt.clone()).collect();
+        let streams: Vec<(u64, u64)> = chunk.iter().map(|r| (r.seed, r.stream)).collect();
+        out.extend(generate_rows(model, tokenizer, &prompts, &streams, params)?);
+    }
+    Ok((out, EngineStats::default()))
 }
 
 fn generate_rows(
@@ -284,7 +352,7 @@ fn last_logits(model: &CausalLm, hidden: &Tensor) -> Result<Tensor> {
 }
 
 /// Byte offset of the earliest match of any stop string.
-fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
+pub(crate) fn earliest_stop(text: &str, stops: &[String]) -> Option<usize> {
     stops
         .iter()
         .filter(|s| !s.is_empty())

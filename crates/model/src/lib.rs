@@ -3,12 +3,13 @@
 //! [`load`] reads a folder (or `hf:ORG/NAME[@REV]` from the local hub cache) into a
 //! [`LoadedModel`]: the network ([`CausalLm`], one file per architecture under [`models`]), its
 //! [`ModelConfig`], [`Tokenizer`] with [`ChatTemplate`], and [`GenerationConfig`]. On top sit
-//! [`score_batch`] (per-token log-probs, left-padded batches) and [`generate`] (batched decoding
-//! with a preallocated [`KvCache`]). The forward is built from differentiable ops only, so the
+//! [`score_batch`] (per-token log-probs, left-padded batches) and [`generate`] (decoding on the
+//! continuous-batching [`engine`] over a block key/value cache, batch-invariant). The forward is built from differentiable ops only, so the
 //! same model trains.
 
 pub mod chat_template;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;
@@ -24,8 +25,9 @@ pub mod train;
 
 pub use chat_template::ChatTemplate;
 pub use config::{Architecture, GenerationConfig, ModelConfig, RopeScaling};
+pub use engine::{EngineOptions, EngineStats, Request};
 pub use error::{Error, Result};
-pub use generate::{FinishReason, Generated, GenerationParams, generate};
+pub use generate::{FinishReason, Generated, GenerationParams, generate, generate_all};
 pub use kv_cache::KvCache;
 pub use load::{LoadOptions, LoadedModel, load, load_trainable, load_trainable_with};
 pub use models::CausalLm;

@@ -11,6 +11,11 @@
 //! - `score`: [`score_batch`] on frozen weights (plain tensors, not `Var`s); `tokens = batch·seq`.
 //! - `generate_b1`, `generate_b8`: greedy [`generate`], 16-token prompt, exactly 128 new tokens
 //!   (no EOS), prefill included; `tokens = batch·128`.
+//! - `generate_many`: the many-streams workload of `shared/bench/gen_vs_vllm.sh` on the
+//!   generation engine ([`generate_all`], default options): 16 random prompts × 16 samples,
+//!   200 new tokens (no EOS), temperature 0.8; `tokens` = tokens generated. It also reports the
+//!   peak key/value cache (`peak_kv_bytes`) and the same run without batch-invariant
+//!   projections (`tokens_per_s_not_invariant`), so the cost of invariance reads side by side.
 //! - `kd_small_to_tiny`: the distillation trainer's KD step ([`objective::loss`] with
 //!   [`LossSpec::Kd`]: frozen bench-small teacher and bench-tiny-shaped student, both projected
 //!   to the teacher's vocabulary only at the target positions, forward KL summed per token; then
@@ -33,7 +38,10 @@ use rand_chacha::ChaCha8Rng;
 use retort_model::train::{
     AdamWConfig, LrSchedule, TrainConfig, Trainer, causal_lm_loss, named_vars,
 };
-use retort_model::{CausalLm, GenerationParams, ModelConfig, Tokenizer, generate, score_batch};
+use retort_model::{
+    CausalLm, EngineOptions, GenerationParams, ModelConfig, Request, Tokenizer, generate,
+    generate_all, score_batch,
+};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
@@ -141,6 +149,8 @@ pub enum Figure {
     GenerateB1,
     /// Greedy generation, batch 8.
     GenerateB8,
+    /// Many streams on the engine: prompts × samples, sampled.
+    GenerateMany,
     /// KD step, bench-small teacher to bench-tiny-shaped student.
     Kd,
     /// Answer verification, one thread.
@@ -149,11 +159,12 @@ pub enum Figure {
 
 impl Figure {
     /// Every figure, in report order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Train,
         Self::Score,
         Self::GenerateB1,
         Self::GenerateB8,
+        Self::GenerateMany,
         Self::Kd,
         Self::Verify,
     ];
@@ -165,13 +176,15 @@ impl Figure {
             Self::Score => "score",
             Self::GenerateB1 => "generate_b1",
             Self::GenerateB8 => "generate_b8",
+            Self::GenerateMany => "generate_many",
             Self::Kd => "kd_small_to_tiny",
             Self::Verify => "verify",
         }
     }
 
-    /// Figures named in `--only` (`train`, `score`, `generate` (both batch sizes),
-    /// `generate_b1`, `generate_b8`, `kd`, `kd_small_to_tiny`, `verify`); empty means all.
+    /// Figures named in `--only` (`train`, `score`, `generate` (all three generation figures),
+    /// `generate_b1`, `generate_b8`, `generate_many`, `kd`, `kd_small_to_tiny`, `verify`); empty
+    /// means all.
     pub fn parse_list(names: &[String]) -> Result<Vec<Self>> {
         if names.is_empty() {
             return Ok(Self::ALL.to_vec());
@@ -181,15 +194,17 @@ impl Figure {
             let figures: &[Self] = match name {
                 "train" => &[Self::Train],
                 "score" => &[Self::Score],
-                "generate" => &[Self::GenerateB1, Self::GenerateB8],
+                "generate" => &[Self::GenerateB1, Self::GenerateB8, Self::GenerateMany],
                 "generate_b1" => &[Self::GenerateB1],
                 "generate_b8" => &[Self::GenerateB8],
+                "generate_many" => &[Self::GenerateMany],
                 "kd" | "kd_small_to_tiny" => &[Self::Kd],
                 "verify" => &[Self::Verify],
                 other => {
                     return Err(Error::Invalid(format!(
                         "unknown figure `{other}` in `--only`; expected `train`, `score`, \
-                         `generate`, `generate_b1`, `generate_b8`, `kd` or `verify`"
+                         `generate`, `generate_b1`, `generate_b8`, `generate_many`, `kd` or \
+                         `verify`"
                     )));
                 }
             };
@@ -224,6 +239,8 @@ pub struct BenchOptions {
     pub prompt_len: usize,
     /// New tokens per row of the generation figures.
     pub new_tokens: usize,
+    /// `generate_many`: (prompts, samples per prompt, new tokens per sample).
+    pub many: (usize, usize, usize),
 }
 
 impl Default for BenchOptions {
@@ -238,6 +255,7 @@ impl Default for BenchOptions {
             min_iters: 3,
             prompt_len: 16,
             new_tokens: 128,
+            many: (16, 16, 200),
         }
     }
 }
@@ -629,6 +647,56 @@ fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions) -> Result<Val
     )
 }
 
+fn bench_generate_many(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
+    let model = frozen_model(&c.model_config(c.vocab)?, 3)?;
+    let tokenizer = placeholder_tokenizer()?;
+    let (prompts, samples, new_tokens) = o.many;
+    let prompts = random_ids(prompts, o.prompt_len, c.vocab, 17);
+    let requests: Vec<Request> = (0..samples as u64)
+        .flat_map(|sample| {
+            prompts.iter().enumerate().map(move |(i, p)| Request {
+                prompt: p.clone(),
+                seed: 1 + i as u64,
+                stream: sample,
+            })
+        })
+        .collect();
+    let params = GenerationParams {
+        max_new_tokens: new_tokens,
+        temperature: 0.8,
+        ..GenerationParams::default()
+    };
+    // One timed run each (a run is ~50k tokens): invariant (the default), then not.
+    let measure = |batch_invariant: bool| -> Result<(Timing, f64, usize)> {
+        let options = EngineOptions {
+            batch_invariant,
+            ..EngineOptions::default()
+        };
+        let (mut tokens, mut peak) = (0, 0);
+        let timing = time_it(0, 1, 0.0, || {
+            let (out, stats) = generate_all(&model, &tokenizer, &requests, &params, &options)?;
+            peak = stats.peak_kv_bytes();
+            tokens = out.iter().map(|g| g.token_ids.len()).sum();
+            Ok(())
+        })?;
+        let rate = tokens as f64 / timing.median_s;
+        Ok((timing, rate, peak))
+    };
+    let (timing, rate, peak) = measure(true)?;
+    let (_, fast, _) = measure(false)?;
+    entry(
+        &timing,
+        json!({
+            "sequences": requests.len(),
+            "new_tokens": new_tokens,
+            "tokens_per_s": rate,
+            "tokens_per_s_not_invariant": fast,
+            "invariance_cost": 1.0 - rate / fast,
+            "peak_kv_bytes": peak,
+        }),
+    )
+}
+
 fn bench_kd(o: &BenchOptions) -> Result<Value> {
     let (tc, sc) = (&o.kd_teacher, &o.kd_student);
     let teacher = frozen_model(&tc.model_config(tc.vocab)?, 4)?;
@@ -748,6 +816,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
             Figure::Score,
             Figure::GenerateB1,
             Figure::GenerateB8,
+            Figure::GenerateMany,
         ] {
             if !wants(figure) {
                 continue;
@@ -756,6 +825,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
                 Figure::Train => bench_train(c, options)?,
                 Figure::Score => bench_score(c, options)?,
                 Figure::GenerateB1 => bench_generate(c, 1, options)?,
+                Figure::GenerateMany => bench_generate_many(c, options)?,
                 _ => bench_generate(c, 8, options)?,
             };
             report_line(c.name, figure.key(), &value);
@@ -963,6 +1033,7 @@ mod tests {
             min_iters: 1,
             prompt_len: 3,
             new_tokens: 4,
+            many: (2, 2, 4),
         }
     }
 
@@ -1015,16 +1086,24 @@ mod tests {
         assert_eq!(report["bench"], "retort");
         assert_eq!(report["configs"]["bench-mini"]["hidden"], 32);
         let mini = &report["results"]["bench-mini"];
-        for figure in ["train", "score", "generate_b1", "generate_b8"] {
+        for figure in [
+            "train",
+            "score",
+            "generate_b1",
+            "generate_b8",
+            "generate_many",
+        ] {
             positive(&mini[figure], figure, "tokens_per_s");
         }
+        assert_eq!(mini["generate_many"]["sequences"], 4);
+        assert!(mini["generate_many"]["peak_kv_bytes"].as_u64() > Some(0));
         assert_eq!(mini["train"]["tokens_per_step"], 24);
         assert_eq!(mini["generate_b8"]["batch"], 8);
         assert!(mini["train"]["phases_ms"]["backward"].as_f64().is_some());
         positive(&report["results"]["kd_small_to_tiny"], "kd", "tokens_per_s");
         positive(&report["results"]["verify"], "verify", "pairs_per_s");
         assert_eq!(report["results"]["verify"]["threads"], 1);
-        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert_eq!(lines.len(), 7, "{lines:?}");
     }
 
     #[test]
@@ -1037,14 +1116,19 @@ mod tests {
         .expect("valid filters");
         assert_eq!(
             o.figures,
-            vec![Figure::GenerateB1, Figure::GenerateB8, Figure::Kd]
+            vec![
+                Figure::GenerateB1,
+                Figure::GenerateB8,
+                Figure::GenerateMany,
+                Figure::Kd
+            ]
         );
         assert_eq!(o.configs, vec![BENCH_SMALL]);
         assert!(BenchOptions::from_filters(&["fast".into()], &[], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &["bench-huge".into()], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &[], f64::NAN).is_err());
         let all = BenchOptions::from_filters(&[], &[], 1.0).expect("defaults");
-        assert_eq!(all.figures.len(), 6);
+        assert_eq!(all.figures.len(), 7);
         assert_eq!(all.configs, CONFIGS.to_vec());
     }
 

@@ -9,9 +9,11 @@
 mod adamw;
 mod cross_entropy;
 mod exp;
+mod fixed_linear;
 mod gemm;
 mod linear;
 mod logprobs;
+mod paged_attention;
 mod rms_norm;
 mod rope;
 mod softmax;
@@ -19,9 +21,11 @@ mod swiglu;
 
 pub use adamw::{AdamWStep, adamw_update, sum_squares};
 pub use cross_entropy::cross_entropy_sum;
+pub use fixed_linear::{FixedOrder, linear_fixed};
 pub use gemm::linear;
 pub use linear::{MAX_ROWS as LINEAR_ROWS_MAX, linear_rows};
 pub use logprobs::target_logprobs;
+pub use paged_attention::{PagedShape, paged_attention};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::scaled_softmax;

@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvStore};
 
 /// A causal LM of one of the supported architectures.
 #[derive(Debug, Clone)]
@@ -156,6 +156,18 @@ impl CausalLm {
         Ok(hidden)
     }
 
+    /// Final hidden states `[n, 1, hidden]` of one generation-engine step: row `i` is the token
+    /// `input_ids[i]` (`[n, 1]`) at position `position_ids[i]` of a sequence whose keys and values
+    /// `store` holds and attends (causality and the rows' sequences are the store's business).
+    pub fn forward_step_hidden(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        store: &mut dyn KvStore,
+    ) -> Result<Tensor> {
+        self.hidden(input_ids, position_ids, None, Some(store))
+    }
+
     /// Projects hidden states to f32 logits with `lm_head` (the embedding when tied).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         let logits = match self {
@@ -171,7 +183,7 @@ impl CausalLm {
         input_ids: &Tensor,
         position_ids: &Tensor,
         bias: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
+        cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let (cos, sin) = match self {
             Self::Qwen2(m) => m.rotary().cos_sin(position_ids)?,
@@ -469,7 +481,11 @@ impl candle_core::Module for Linear {
             && kernels::supported(&self.weight)
             && xs.dtype() == self.weight.dtype()
             && self.bias.as_ref().is_none_or(|b| b.dtype() == xs.dtype());
-        let ys = if fused && rows <= kernels::LINEAR_ROWS_MAX {
+        // Inside a generation step every row count takes the fixed-order kernel, so a row's
+        // logits do not depend on the rows beside it (issue 21).
+        let ys = if fused && kernels::FixedOrder::active() {
+            kernels::linear_fixed(xs, &self.weight)?
+        } else if fused && rows <= kernels::LINEAR_ROWS_MAX {
             kernels::linear_rows(xs, &self.weight)?
         } else if fused {
             return kernels::linear(xs, &self.weight, self.bias.as_ref());

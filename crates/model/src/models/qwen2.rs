@@ -10,7 +10,7 @@ use candle_nn::{Embedding, VarBuilder};
 use super::{Linear, Rope, RotaryEmbedding, apply_rope, attention, linear, rms_norm, swiglu};
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::KvStore;
 
 /// The gated MLP: `down(silu(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
@@ -73,7 +73,7 @@ impl Attention {
         xs: &Tensor,
         rope: &Rope,
         bias: Option<&Tensor>,
-        cache: Option<(&mut KvCache, usize)>,
+        cache: Option<(&mut dyn KvStore, usize)>,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (b_sz, seq_len, _) = xs.dims3()?;
@@ -94,12 +94,11 @@ impl Attention {
             .contiguous()?;
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = attention(&q, &k, &v, bias, scale)?;
+        let out = match cache {
+            Some((cache, layer)) => cache.attend(layer, &q, &k, &v, bias, scale)?,
+            None => attention(&q, &k, &v, bias, scale)?,
+        };
         let out = out
             .transpose(1, 2)?
             .reshape((b_sz, seq_len, self.num_heads * self.head_dim))?;
@@ -136,7 +135,7 @@ impl DecoderLayer {
         xs: &Tensor,
         rope: &Rope,
         bias: Option<&Tensor>,
-        cache: Option<(&mut KvCache, usize)>,
+        cache: Option<(&mut dyn KvStore, usize)>,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let h = rms_norm(xs, &self.input_layernorm, self.eps)?;
@@ -204,11 +203,11 @@ impl Model {
         input_ids: &Tensor,
         rope: &Rope,
         bias: Option<&Tensor>,
-        mut cache: Option<&mut KvCache>,
+        mut cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            let layer_cache = cache.as_deref_mut().map(|c| (c as &mut dyn KvStore, i));
             xs = layer.forward(&xs, rope, bias, layer_cache)?;
         }
         rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)

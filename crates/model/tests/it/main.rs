@@ -1,4 +1,5 @@
 //! Integration tests of retort-model: one binary (parity with the PyTorch fixtures, training).
 
+mod engine;
 mod parity;
 mod train;

@@ -1,9 +1,11 @@
 //! The local backend: a [`retort_model`] model on this machine (CPU, or CUDA with the `cuda`
-//! feature). Requests are generated in batches of similar prompt length; each request samples from
-//! its own random stream derived from (seed, request key, sample), so its output does not depend
-//! on batching, order or resumption.
+//! feature). All requests go to the generation engine at once ([`retort_model::engine`]:
+//! continuous batching, each distinct prompt prefilled once); each request samples from its own
+//! random stream derived from (seed, request key, sample), and the engine's kernels are
+//! batch-invariant, so its output does not depend on batching, order or resumption, bit for bit.
 
-use retort_model::generate::{GenerationParams, generate_with_seeds};
+use retort_model::engine::{self, EngineOptions, Request};
+use retort_model::generate::GenerationParams;
 use retort_model::load::{LoadOptions, LoadedModel, load};
 use retort_model::score::score_batch;
 use serde_json::json;
@@ -22,8 +24,9 @@ pub struct LocalBackend {
 }
 
 impl LocalBackend {
-    /// Loads the model folder `dir`; `batch_size` rows are decoded together (model specs are
-    /// resolved to folders by [`crate::ModelSpec::local_dir`]).
+    /// Loads the model folder `dir` (model specs are resolved to folders by
+    /// [`crate::ModelSpec::local_dir`]); `batch_size` sequences are in flight at once (0: the
+    /// engine's default, [`engine::AUTO_MAX_SEQS`] within its memory budget).
     ///
     /// A PEFT LoRA adapter folder (as `retort distill --lora-rank` writes) loads onto the base
     /// model its `adapter_config.json` names, merged for inference.
@@ -47,7 +50,7 @@ impl LocalBackend {
         Self {
             name: name.to_string(),
             model,
-            batch_size: batch_size.max(1),
+            batch_size,
         }
     }
 
@@ -148,8 +151,6 @@ impl Backend for LocalBackend {
                 Err(e) => sink(unusable(&request, e.to_string())),
             }
         }
-        // Similar lengths share a batch so little compute goes to padding.
-        encoded.sort_by_key(|(_, ids)| ids.len());
         let mut eos_ids = self.model.eos_ids();
         eos_ids.sort_unstable();
         eos_ids.dedup();
@@ -162,46 +163,70 @@ impl Backend for LocalBackend {
             eos_ids,
             stop_strings: params.stop.clone(),
         };
-        for batch in encoded.chunks(self.batch_size) {
-            if crate::interrupt::requested().is_some() {
-                break; // A stop was asked for: the rest is not generated (nor reported).
+        let requests: Vec<Request> = encoded
+            .iter()
+            .map(|(r, ids)| Request {
+                prompt: ids.clone(),
+                seed: request_seed(generation.seed, r.key, r.sample),
+                stream: 0,
+            })
+            .collect();
+        let options = EngineOptions {
+            max_seqs: self.batch_size,
+            // A stop request (Ctrl-C) ends the run after the current step; unfinished rows are
+            // not reported, so the journal resends them on a rerun.
+            stop: Some(|| crate::interrupt::requested().is_some()),
+            ..EngineOptions::default()
+        };
+        let to_outcome = |(request, ids): &(GenerateRequest, Vec<u32>),
+                          output: retort_model::Generated| {
+            let finish_reason = match output.finish_reason {
+                retort_model::generate::FinishReason::Stop => FinishReason::Stop,
+                retort_model::generate::FinishReason::Length => FinishReason::Length,
+            };
+            RequestOutcome {
+                key: request.key,
+                sample: request.sample,
+                attempts: 1,
+                unusable: false,
+                result: Ok(Completion {
+                    text: output.text,
+                    reasoning: None,
+                    completion_tokens: output.token_ids.len(),
+                    token_ids: Some(output.token_ids),
+                    finish_reason,
+                    prompt_tokens: ids.len(),
+                    logprobs: None,
+                }),
             }
-            let prompts: Vec<Vec<u32>> = batch.iter().map(|(_, ids)| ids.clone()).collect();
-            let seeds: Vec<u64> = batch
-                .iter()
-                .map(|(r, _)| request_seed(generation.seed, r.key, r.sample))
-                .collect();
-            let outputs = generate_with_seeds(
-                &self.model.model,
+        };
+        let backend_error = |e: retort_model::Error| Error::Backend {
+            backend: self.name.clone(),
+            message: e.to_string(),
+        };
+        let model = &self.model.model;
+        if engine::supports(model) {
+            // Each request reaches the sink the step it ends, so a journal records it at once.
+            engine::run(
+                model,
                 &self.model.tokenizer,
-                &prompts,
-                &seeds,
+                &requests,
                 &generation,
+                &options,
+                &mut |i, output| sink(to_outcome(&encoded[i], output)),
             )
-            .map_err(|e| Error::Backend {
-                backend: self.name.clone(),
-                message: e.to_string(),
-            })?;
-            for ((request, ids), output) in batch.iter().zip(outputs) {
-                let finish_reason = match output.finish_reason {
-                    retort_model::generate::FinishReason::Stop => FinishReason::Stop,
-                    retort_model::generate::FinishReason::Length => FinishReason::Length,
-                };
-                sink(RequestOutcome {
-                    key: request.key,
-                    sample: request.sample,
-                    attempts: 1,
-                    unusable: false,
-                    result: Ok(Completion {
-                        text: output.text,
-                        reasoning: None,
-                        completion_tokens: output.token_ids.len(),
-                        token_ids: Some(output.token_ids),
-                        finish_reason,
-                        prompt_tokens: ids.len(),
-                        logprobs: None,
-                    }),
-                });
+            .map_err(backend_error)?;
+        } else {
+            let (outputs, _) = retort_model::generate_all(
+                model,
+                &self.model.tokenizer,
+                &requests,
+                &generation,
+                &options,
+            )
+            .map_err(backend_error)?;
+            for (item, output) in encoded.iter().zip(outputs) {
+                sink(to_outcome(item, output));
             }
         }
         Ok(())

@@ -11,7 +11,7 @@ use crate::model_spec::ModelSpec;
 /// How to reach a model.
 #[derive(Debug, Clone)]
 pub struct BackendOptions {
-    /// Rows decoded together by a local model.
+    /// Sequences in flight for a local model (0: the engine's default).
     pub batch_size: usize,
     /// Requests in flight at once to a server.
     pub concurrency: usize,
@@ -30,7 +30,7 @@ pub struct BackendOptions {
 impl Default for BackendOptions {
     fn default() -> Self {
         Self {
-            batch_size: 16,
+            batch_size: 0,
             concurrency: 64,
             timeout: Duration::from_secs(600),
             max_retries: 8,

@@ -3,7 +3,8 @@
 
 use std::collections::HashSet;
 
-use retort_model::generate::{GenerationParams, generate};
+use retort_model::engine::{EngineOptions, Request};
+use retort_model::generate::{GenerationParams, generate_all};
 use retort_model::{CausalLm, Tokenizer};
 use serde::Serialize;
 
@@ -83,7 +84,9 @@ impl EvalReport {
     }
 }
 
-/// Greedy answers of `model` to `problems` in batches of `batch_size`, verified against gold.
+/// Greedy answers of `model` to `problems`, verified against gold: each level's problems go to
+/// the generation engine at once (`batch_size` sequences in flight, 0 for the engine's default),
+/// with `16 · level + 32` new tokens at most.
 pub fn accuracy(
     model: &CausalLm,
     tokenizer: &Tokenizer,
@@ -96,26 +99,42 @@ pub fn accuracy(
             tokenizer.path().display()
         ))
     })?;
-    let mut results = Vec::with_capacity(problems.len());
-    for chunk in problems.chunks(batch_size.max(1)) {
-        let prompts = chunk
+    let mut levels: Vec<usize> = problems.iter().map(WorldProblem::level).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    let mut by_index: Vec<Option<ProblemResult>> = vec![None; problems.len()];
+    for level in levels {
+        let chosen: Vec<usize> = (0..problems.len())
+            .filter(|&i| problems[i].level() == level)
+            .collect();
+        let requests = chosen
             .iter()
-            .map(|p| tokenizer.encode(&p.prompt(), false))
+            .map(|&i| {
+                Ok(Request {
+                    prompt: tokenizer.encode(&problems[i].prompt(), false)?,
+                    seed: 0,
+                    stream: i as u64,
+                })
+            })
             .collect::<retort_model::Result<Vec<_>>>()?;
-        let deepest = chunk.iter().map(WorldProblem::level).max().unwrap_or(1);
         let params = GenerationParams {
-            max_new_tokens: 16 * deepest + 32,
+            max_new_tokens: 16 * level + 32,
             eos_ids: vec![eos],
             ..Default::default()
         };
-        let outputs = generate(model, tokenizer, &prompts, &params)?;
-        for (problem, output) in chunk.iter().zip(outputs) {
+        let options = EngineOptions {
+            max_seqs: batch_size,
+            ..EngineOptions::default()
+        };
+        let (outputs, _) = generate_all(model, tokenizer, &requests, &params, &options)?;
+        for (&i, output) in chosen.iter().zip(outputs) {
+            let problem = &problems[i];
             let verdict = retort_verify::verify(
                 &output.text,
                 &problem.answer.to_string(),
                 &Default::default(),
             );
-            results.push(ProblemResult {
+            by_index[i] = Some(ProblemResult {
                 id: problem.id.clone(),
                 level: problem.level(),
                 response: output.text,
@@ -123,6 +142,7 @@ pub fn accuracy(
             });
         }
     }
+    let results = by_index.into_iter().flatten().collect();
     Ok(report(results))
 }
 
