@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod mock_server;
 pub mod model_spec;
 pub mod provenance;
+pub mod reasoning;
 pub mod records;
 pub mod report;
 pub mod score;

@@ -1,5 +1,7 @@
 //! The verify stage: adds `"verdict": {"correct", "extracted"}` to every record by comparing its
-//! response's final answer with its gold answer ([`retort_verify`]). Streams the input in chunks,
+//! response's final answer with its gold answer ([`retort_verify`]). A response that carries its
+//! reasoning inline is read after the reasoning's closing tag ([`crate::reasoning::answer_part`]),
+//! so a number in the chain of thought never counts as the answer. Streams the input in chunks,
 //! verifies each chunk on all cores, and writes the output atomically in input order.
 
 use std::io::Write;
@@ -11,6 +13,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
 use crate::io::{AtomicFile, RecordReader, read::kind};
+use crate::reasoning::{ThinkTags, answer_part};
 
 pub use retort_verify::{Verdict, VerifyOptions};
 
@@ -25,6 +28,8 @@ pub struct VerifyStageOptions {
     pub policy: VerifyOptions,
     /// Records verified per parallel chunk.
     pub chunk_size: usize,
+    /// The tags around inline reasoning; the answer is read after the closing one.
+    pub think_tags: ThinkTags,
 }
 
 impl Default for VerifyStageOptions {
@@ -34,6 +39,7 @@ impl Default for VerifyStageOptions {
             response_field: "response".into(),
             policy: VerifyOptions::default(),
             chunk_size: 8192,
+            think_tags: ThinkTags::default(),
         }
     }
 }
@@ -85,7 +91,8 @@ pub fn verify_record(
     };
     let gold = field(&options.gold_field)?;
     let response = field(&options.response_field)?;
-    let verdict = retort_verify::verify(&response, &gold, &options.policy);
+    let answer = answer_part(&response, &options.think_tags);
+    let verdict = retort_verify::verify(&answer, &gold, &options.policy);
     record.insert(
         "verdict".into(),
         json!({ "correct": verdict.correct, "extracted": verdict.extracted }),

@@ -9,6 +9,7 @@ use retort::ModelSpec;
 use retort::backend::open::open_backend;
 use retort::generate::{GenerateOptions, generate_problems, read_problems};
 use retort::manifest::Manifest;
+use retort::reasoning::{ReasoningMode, ThinkTags};
 use retort::records::InputFormat;
 
 use crate::args::{BackendArgs, SamplingArgs};
@@ -44,6 +45,16 @@ pub struct GenerateArgs {
     /// With --until-correct: at most this many samples per problem.
     #[arg(long, value_name = "M")]
     pub max_samples: Option<usize>,
+    /// Reasoning a server returns separately (`reasoning_content`, from a reasoning parser):
+    /// `keep` joins it into `response` as `<think>\n...\n</think>\n\n` + answer, the teacher's
+    /// native form, so verify, select, distill and trace all see it; `drop` discards it;
+    /// `separate` stores it in a `reasoning` field.
+    #[arg(long, value_enum, default_value_t = ReasoningMode::Keep)]
+    pub reasoning: ReasoningMode,
+    /// The tags reasoning is joined with (default `<think>` `</think>`), e.g.
+    /// `--think-tags '<seed:think>' '</seed:think>'`; verification reads the answer after the second.
+    #[arg(long, num_args = 2, value_names = ["OPEN", "CLOSE"])]
+    pub think_tags: Option<Vec<String>>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -60,6 +71,14 @@ fn parse_shard(text: &str) -> anyhow::Result<(usize, usize)> {
     }
 }
 
+/// The `--think-tags OPEN CLOSE` pair, `<think>` `</think>` when absent.
+pub fn think_tags(tags: Option<&[String]>) -> anyhow::Result<ThinkTags> {
+    Ok(match tags {
+        Some([open, close]) => ThinkTags::new(open, close)?,
+        _ => ThinkTags::default(),
+    })
+}
+
 /// Runs `retort generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
@@ -74,6 +93,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         chunk_size: 4096,
         verify: args.verify.then(retort_verify::VerifyOptions::default),
         until_correct: args.until_correct.zip(args.max_samples),
+        reasoning: args.reasoning,
+        think_tags: think_tags(args.think_tags.as_deref())?,
     };
     // Read the input before loading the model so bad input fails fast and leaves no output.
     let problems = read_problems(&options.input, options.format)?;
@@ -90,6 +111,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         "sampling": options.sampling,
         "samples": options.samples,
         "shard": args.shard,
+        "reasoning": options.reasoning,
+        "think_tags": options.think_tags,
     }));
     manifest.add_input(&args.input)?;
     manifest.add_model(&args.model)?;
@@ -118,6 +141,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                 summary.satisfied.map_or("-".into(), |n| n.to_string()),
             ),
             ("truncated (length)", summary.truncated.to_string()),
+            (
+                "reasoning from the server",
+                match (summary.separate_reasoning, options.reasoning) {
+                    (0, _) => "none".into(),
+                    (n, ReasoningMode::Keep) => format!("{n}, joined into `response`"),
+                    (n, ReasoningMode::Drop) => format!("{n}, dropped"),
+                    (n, ReasoningMode::Separate) => format!("{n}, in `reasoning`"),
+                },
+            ),
             ("prompt tokens", summary.prompt_tokens.to_string()),
             ("completion tokens", summary.completion_tokens.to_string()),
             (
