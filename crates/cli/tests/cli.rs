@@ -418,10 +418,18 @@ fn render_prints_each_prompt_with_its_token_count() {
         .arg(&input)
         .arg("--chat-template")
         .arg(&template)
-        .args(["--chat-template-kwargs", r#"{"enable_thinking": false}"#, "--json"])
+        .args([
+            "--chat-template-kwargs",
+            r#"{"enable_thinking": false}"#,
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let rows: Vec<Value> = String::from_utf8(output.stdout)
         .unwrap()
         .lines()
@@ -434,8 +442,10 @@ fn render_prints_each_prompt_with_its_token_count() {
     );
     assert_eq!(
         rows[1]["text"],
-        json!("<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|>\n\
-               <|im_start|>user\n3+3?<|im_end|><|im_start|>assistant\n<think>\n\n</think>\n")
+        json!(
+            "<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|>\n\
+               <|im_start|>user\n3+3?<|im_end|><|im_start|>assistant\n<think>\n\n</think>\n"
+        )
     );
     assert!(rows.iter().all(|r| r["num_tokens"].as_u64().unwrap() > 5));
     // The text form, and a server spec refused with a reason.
@@ -451,7 +461,12 @@ fn render_prints_each_prompt_with_its_token_count() {
     assert!(text.starts_with("### a ("), "{text}");
     assert!(text.contains("<|im_start|>user\n2+2?<|im_end|>"), "{text}");
     let refused = retort()
-        .args(["render", "--model", "openai:http://127.0.0.1:9/v1#m", "--input"])
+        .args([
+            "render",
+            "--model",
+            "openai:http://127.0.0.1:9/v1#m",
+            "--input",
+        ])
         .arg(&input)
         .output()
         .unwrap();
@@ -773,14 +788,22 @@ mod remote {
         for trace in read_jsonl(&output) {
             let response = trace["response"].as_str().unwrap();
             assert!(
-                response.starts_with("<think>\nLet me think step by step.\n</think>\n\nThe answer is"),
+                response
+                    .starts_with("<think>\nLet me think step by step.\n</think>\n\nThe answer is"),
                 "{response:?}"
             );
         }
-        let bodies: Vec<Value> = server.requests().into_iter().filter_map(|r| r.body).collect();
+        let bodies: Vec<Value> = server
+            .requests()
+            .into_iter()
+            .filter_map(|r| r.body)
+            .collect();
         assert_eq!(bodies.len(), 3);
         for body in &bodies {
-            assert_eq!(body["chat_template_kwargs"], json!({"enable_thinking": true}));
+            assert_eq!(
+                body["chat_template_kwargs"],
+                json!({"enable_thinking": true})
+            );
             assert_eq!(body["min_p"], json!(0.05));
         }
         let tagged = dir.path().join("tagged.jsonl");
@@ -788,12 +811,23 @@ mod remote {
             &server,
             &input,
             &tagged,
-            &["--reasoning", "separate", "--think-tags", "<seed:think>", "</seed:think>"],
+            &[
+                "--reasoning",
+                "separate",
+                "--think-tags",
+                "<seed:think>",
+                "</seed:think>",
+            ],
         )
         .assert()
         .success();
         for trace in read_jsonl(&tagged) {
-            assert!(trace["response"].as_str().unwrap().starts_with("The answer is"));
+            assert!(
+                trace["response"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("The answer is")
+            );
             assert_eq!(trace["reasoning"], json!("Let me think step by step."));
         }
     }

@@ -151,12 +151,15 @@ fn rewrite_generation_tags(source: &str) -> String {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
         let Some(end) = tag.find("%}") else {
+            rest = tag;
             break;
         };
         let inner = &tag[2..end];
         let open_mark = inner.strip_prefix(['-', '+']).map_or("", |_| &inner[..1]);
         let body = &inner[open_mark.len()..];
-        let close_mark = body.strip_suffix(['-', '+']).map_or("", |_| &body[body.len() - 1..]);
+        let close_mark = body
+            .strip_suffix(['-', '+'])
+            .map_or("", |_| &body[body.len() - 1..]);
         let word = body[..body.len() - close_mark.len()].trim();
         let replacement = match word {
             "generation" => Some("if true"),

@@ -94,7 +94,11 @@ fn sft_targets(path: &Path) -> (Vec<String>, usize) {
     let (examples, stats) = load_examples(path, &view, &data).expect("examples");
     let targets = examples
         .iter()
-        .map(|e| tokenizer.decode(&e.ids[e.prompt_len..], true).expect("decode"))
+        .map(|e| {
+            tokenizer
+                .decode(&e.ids[e.prompt_len..], true)
+                .expect("decode")
+        })
         .collect();
     (targets, stats.joined_reasoning)
 }
@@ -140,12 +144,16 @@ fn parser_reasoning_reaches_selected_traces_and_sft_targets() {
     let summary = generate_with(&server, &input, &separate, ReasoningMode::Separate);
     assert_eq!(summary.correct, 4);
     let records = read_jsonl(&separate);
-    assert!(records.iter().all(|r| r["reasoning"] == json!(MOCK_REASONING)));
     assert!(
         records
             .iter()
-            .all(|r| r["response"].as_str().is_some_and(|t| t.starts_with("The answer")))
+            .all(|r| r["reasoning"] == json!(MOCK_REASONING))
     );
+    assert!(records.iter().all(|r| {
+        r["response"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("The answer"))
+    }));
     let (targets, joined) = sft_targets(&separate);
     assert_eq!(joined, 4);
     assert!(targets.iter().all(|t| t.contains(MOCK_REASONING)));
@@ -166,8 +174,9 @@ fn inline_reasoning_and_enable_thinking_through_the_mock() {
     })
     .expect("server");
     let mut options = options(None);
-    options.extra_body = serde_json::from_str(r#"{"chat_template_kwargs": {"enable_thinking": true}}"#)
-        .expect("json");
+    options.extra_body =
+        serde_json::from_str(r#"{"chat_template_kwargs": {"enable_thinking": true}}"#)
+            .expect("json");
     let backend = OpenAiBackend::new(&server.spec("m"), options).expect("backend");
     let request = GenerateRequest {
         key: 0,
@@ -179,13 +188,21 @@ fn inline_reasoning_and_enable_thinking_through_the_mock() {
     };
     let mut outcomes = Vec::new();
     backend
-        .generate(vec![request.clone()], &SamplingParams::default(), &mut |o| {
-            outcomes.push(o);
-        })
+        .generate(
+            vec![request.clone()],
+            &SamplingParams::default(),
+            &mut |o| {
+                outcomes.push(o);
+            },
+        )
         .expect("generate");
     let completion = outcomes.remove(0).result.expect("ok");
     assert_eq!(completion.reasoning, None, "no parser: inline");
-    assert!(completion.text.starts_with("<think>\nLet me think"), "{}", completion.text);
+    assert!(
+        completion.text.starts_with("<think>\nLet me think"),
+        "{}",
+        completion.text
+    );
     let body = server.requests()[0].body.clone().expect("recorded");
     assert_eq!(body["chat_template_kwargs"]["enable_thinking"], json!(true));
 
@@ -223,7 +240,10 @@ fn preflight_names_a_dead_server_and_passes_a_live_one() {
     let spec = format!("openai:http://127.0.0.1:{port}/v1#m");
     let backend = OpenAiBackend::new(&spec, options(None)).expect("backend");
     let started = Instant::now();
-    let error = backend.preflight().expect_err("nothing listens").to_string();
+    let error = backend
+        .preflight()
+        .expect_err("nothing listens")
+        .to_string();
     assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
     assert!(error.contains("not answering"), "{error}");
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -261,7 +281,10 @@ fn breaker_stops_a_dead_run_and_spares_a_flaky_one() {
     let elapsed = started.elapsed();
     assert!(error.contains("looks down"), "{error}");
     assert!(error.contains("HTTP 500"), "{error}");
-    assert_eq!(delivered, 0, "stopped requests are not reported as failed for good");
+    assert_eq!(
+        delivered, 0,
+        "stopped requests are not reported as failed for good"
+    );
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
     eprintln!("breaker tripped after {elapsed:?}: {error}");
 

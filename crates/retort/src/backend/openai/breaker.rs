@@ -110,7 +110,9 @@ pub(crate) async fn preflight(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let mut request = client.get(models_url).timeout(timeout.min(PREFLIGHT_TIMEOUT));
+        let mut request = client
+            .get(models_url)
+            .timeout(timeout.min(PREFLIGHT_TIMEOUT));
         if let Some(auth) = auth {
             request = request.header(AUTHORIZATION, auth.clone());
         }
@@ -133,7 +135,9 @@ pub(crate) async fn preflight(
                     }
                 }
             }
-            Err(e) if e.is_timeout() => format!("no answer within {timeout:?}: {}", error_chain(&e)),
+            Err(e) if e.is_timeout() => {
+                format!("no answer within {timeout:?}: {}", error_chain(&e))
+            }
             Err(e) => format!("cannot connect: {}", error_chain(&e)),
         };
         if attempts > retries {
@@ -184,7 +188,9 @@ mod tests {
             breaker.record(&failure(None));
         }
         assert!(
-            breaker.tripped(Instant::now() + Duration::from_secs(1)).is_none(),
+            breaker
+                .tripped(Instant::now() + Duration::from_secs(1))
+                .is_none(),
             "3 < window"
         );
         assert!(Breaker::new(1, None).tripped(later).is_none());
