@@ -32,7 +32,8 @@
 //! Reasoning: a separate `message.reasoning_content` (vLLM reasoning parsers, DeepSeek) or
 //! `message.reasoning` goes to [`Completion::reasoning`]; `content` is kept verbatim in
 //! [`Completion::text`], so a server without a reasoning parser returns `<think>...</think>`
-//! inline in the text and retort does not strip or split it. Completions responses have no
+//! inline in the text and retort does not strip or split it. The generate stage joins the two
+//! back in the teacher's native form ([`crate::reasoning`]). Completions responses have no
 //! reasoning field. `finish_reason` `stop` and `length` map directly; anything else (`abort`,
 //! `content_filter`, null) maps to [`FinishReason::Stop`], is logged with its raw value and
 //! counted in [`UsageTotals::odd_finish_reasons`].
