@@ -61,7 +61,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use self::breaker::Breaker;
-use self::retry::{AttemptError, RetryPolicy, post_with_retries};
+use self::retry::{AttemptError, RetryPolicy, post_watched, post_with_retries};
 use self::wire::{ChatRequest, CommonParams, CompletionRequest, Parsed, PromptField};
 use crate::backend::{Backend, GenerateRequest, Prompt, RequestOutcome, SamplingParams, Scored};
 use crate::error::{Error, Result};
@@ -493,7 +493,7 @@ impl Inner {
             Route::Chat => (&self.chat_url, wire::parse_chat),
             Route::Completions => (&self.completions_url, wire::parse_completion),
         };
-        let (result, attempts) = post_with_retries(
+        let (result, attempts) = post_watched(
             &self.client,
             url,
             self.auth.as_ref(),
@@ -689,7 +689,6 @@ impl Backend for OpenAiBackend {
                 &body,
                 inner.policy,
                 |bytes| wire::parse_score(bytes, boundary, total, top_k),
-                None,
             )
             .await
         });

@@ -147,9 +147,20 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 /// POSTs `body` until it succeeds, fails permanently or runs out of retries. Returns the
-/// result (the last error's description on failure) and the number of attempts made. Each
-/// attempt's result is shown to `breaker`, when given.
+/// result (the last error's description on failure) and the number of attempts made.
 pub(crate) async fn post_with_retries<T>(
+    client: &reqwest::Client,
+    url: &str,
+    auth: Option<&HeaderValue>,
+    body: &[u8],
+    policy: RetryPolicy,
+    parse: impl Fn(&[u8]) -> Result<T, AttemptError>,
+) -> (Result<T, String>, usize) {
+    post_watched(client, url, auth, body, policy, parse, None).await
+}
+
+/// [`post_with_retries`], showing each attempt's result to `breaker` when given.
+pub(crate) async fn post_watched<T>(
     client: &reqwest::Client,
     url: &str,
     auth: Option<&HeaderValue>,
