@@ -55,6 +55,8 @@ pub enum Command {
     Eval(crate::commands::eval::EvalArgs),
     /// Sentence provenance: teacher / student / shared / boosted per sentence of each response.
     Trace(crate::commands::trace::TraceArgs),
+    /// Print the exact prompt text (and token count) each record becomes for a local model.
+    Render(crate::commands::render::RenderArgs),
     /// Write a self-contained HTML report of a run folder: accuracy, training curves, provenance.
     Report(crate::commands::report::ReportArgs),
     /// The synthetic demo world: train the bundled teacher and base student.
@@ -128,6 +130,32 @@ pub struct BackendArgs {
     /// processes). Never written to manifests.
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
+    /// Stop the run when every request to the server has failed for this many seconds (and at
+    /// least twice the concurrency in a row): a dead server ends the run with a message instead of
+    /// being retried for many minutes. 0 never stops early.
+    #[arg(long, value_name = "SECONDS",
+        default_value_t = BackendOptions::default().dead_after.map_or(0.0, |d| d.as_secs_f64()))]
+    pub dead_after: f64,
+    /// Chat-template variables as a JSON object, e.g. `'{"enable_thinking": true}'`: sent to a
+    /// server as `chat_template_kwargs` and given to a local model's template.
+    #[arg(long, value_name = "JSON", value_parser = json_object)]
+    pub chat_template_kwargs: Option<JsonObject>,
+    /// Extra fields for every server request body as a JSON object (they override retort's own),
+    /// e.g. `'{"min_p": 0.05, "repetition_penalty": 1.05}'`.
+    #[arg(long, value_name = "JSON", value_parser = json_object)]
+    pub extra_body: Option<JsonObject>,
+}
+
+/// A JSON object given on the command line.
+pub type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// Parses a JSON object argument.
+pub fn json_object(text: &str) -> Result<JsonObject, String> {
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err("expected a JSON object, e.g. `{\"enable_thinking\": true}`".to_owned()),
+        Err(e) => Err(format!("not valid JSON: {e}")),
+    }
 }
 
 impl BackendArgs {
@@ -140,6 +168,9 @@ impl BackendArgs {
             max_retries: self.max_retries,
             backoff_base: Duration::from_secs_f64(self.backoff_base),
             backoff_max: Duration::from_secs_f64(self.backoff_max),
+            dead_after: (self.dead_after > 0.0).then(|| Duration::from_secs_f64(self.dead_after)),
+            chat_template_kwargs: self.chat_template_kwargs.clone().unwrap_or_default(),
+            extra_body: self.extra_body.clone().unwrap_or_default(),
             api_key: self.api_key.clone().map(ApiKey::new),
         }
     }

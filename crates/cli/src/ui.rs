@@ -101,6 +101,11 @@ fn hint_for(err: &anyhow::Error) -> Option<&'static str> {
         Some(
             "check the path; model specs are a folder, `hf:ORG/NAME[@REV]`, `openai:URL#MODEL` or `world:teacher`",
         )
+    } else if text.contains("the server looks down") || text.contains("the server is not answering")
+    {
+        Some(
+            "check that the server is up (`curl URL/models`); what succeeded is kept, and rerunning the same command resumes",
+        )
     } else {
         None
     }

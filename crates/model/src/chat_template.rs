@@ -3,6 +3,12 @@
 //! The environment mimics transformers' sandbox: `trim_blocks` and `lstrip_blocks`, loop
 //! controls, `raise_exception`, `strftime_now`, a Python-style `tojson`, and the common Python
 //! string/dict methods templates call (`strip`, `split`, `startswith`, `items`, `get`, ...).
+//!
+//! transformers also knows `{% generation %}`...`{% endgeneration %}` (SmolLM3 and other
+//! templates mark the assistant's tokens with it, for `return_assistant_tokens_mask`). The block
+//! renders its body unchanged, so [`ChatTemplate::new`] rewrites the two tags to
+//! `{% if true %}`...`{% endif %}` before compiling: same output, and the same whitespace control
+//! (`-`, `+`, `trim_blocks`, `lstrip_blocks` apply to any block tag alike).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -51,7 +57,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.set_unknown_method_callback(python_method);
-        env.add_template_owned(TEMPLATE_NAME, source.clone())
+        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(&source))
             .map_err(|e| Error::Template(format!("cannot compile chat template: {e:#}")))?;
         Ok(Self {
             env: Arc::new(env),
@@ -134,6 +140,42 @@ impl ChatTemplate {
             .render(JValue::from(minijinja::value::Serde(&ctx)))
             .map_err(|e| Error::Template(format!("cannot render chat template: {e:#}")))
     }
+}
+
+/// `{% generation %}` → `{% if true %}` and `{% endgeneration %}` → `{% endif %}`, keeping the
+/// whitespace-control marks (`{%-`, `-%}`, `{%+`) as written. Anything else is left alone.
+fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            rest = tag;
+            break;
+        };
+        let inner = &tag[2..end];
+        let open_mark = inner.strip_prefix(['-', '+']).map_or("", |_| &inner[..1]);
+        let body = &inner[open_mark.len()..];
+        let close_mark = body
+            .strip_suffix(['-', '+'])
+            .map_or("", |_| &body[body.len() - 1..]);
+        let word = body[..body.len() - close_mark.len()].trim();
+        let replacement = match word {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(statement) => {
+                out.push_str(&format!("{{%{open_mark} {statement} {close_mark}%}}"));
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn raise_exception(msg: String) -> std::result::Result<JValue, minijinja::Error> {
@@ -515,6 +557,70 @@ mod tests {
             out, "<u>q1|False<a>ans</a><u>q2|True<s>",
             "jinja2 3.1.6 renders the same"
         );
+    }
+
+    /// A SmolLM3-style template (written for this test): a system block with a reasoning mode,
+    /// assistant turns wrapped in `{% generation %}`, whitespace control on every tag.
+    const GENERATION_TEMPLATE: &str = "{%- set think = enable_thinking | default(true) -%}
+<|im_start|>system
+{{ 'Reasoning: /think' if think else 'Reasoning: /no_think' }}
+<|im_end|>
+{% for message in messages -%}
+{%- if message.role == 'assistant' -%}
+<|im_start|>assistant
+{%- generation -%}
+{{ '\n' + message.content | trim }}<|im_end|>
+{%- endgeneration %}
+
+{% else -%}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% if not think %}<think>
+
+</think>
+{% endif %}
+{%- endif -%}";
+
+    #[test]
+    fn generation_blocks_render_as_transformers_does() {
+        let t = ChatTemplate::new(GENERATION_TEMPLATE.to_string(), None, None).expect("compiles");
+        let messages = vec![
+            json!({"role": "user", "content": "2+2?"}),
+            json!({"role": "assistant", "content": " <think>\nadd\n</think>\n\n4 "}),
+            json!({"role": "user", "content": "3+3?"}),
+        ];
+        let out = t.render(&messages, true).expect("renders");
+        // What jinja2 3.1.6 renders with transformers' settings (trim_blocks, lstrip_blocks, a
+        // `generation` extension whose block renders its body, as transformers' AssistantTracker).
+        assert_eq!(
+            out,
+            "<|im_start|>system\nReasoning: /think\n<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n\
+             <|im_start|>assistant\n<think>\nadd\n</think>\n\n4<|im_end|>\n\
+             <|im_start|>user\n3+3?<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("enable_thinking".into(), json!(false));
+        let out = t
+            .render_with(&messages[..1], true, &kwargs)
+            .expect("renders");
+        assert!(
+            out.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n"),
+            "{out:?}"
+        );
+        assert!(out.contains("/no_think"), "{out:?}");
+    }
+
+    #[test]
+    fn generation_tags_keep_their_whitespace_marks() {
+        assert_eq!(
+            rewrite_generation_tags("a{%- generation -%}b{%+endgeneration%}{% if x %}{{ '{%' }}"),
+            "a{%- if true -%}b{%+ endif %}{% if x %}{{ '{%' }}"
+        );
+        assert_eq!(rewrite_generation_tags("{% unclosed"), "{% unclosed");
     }
 
     #[test]

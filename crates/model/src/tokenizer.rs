@@ -197,6 +197,18 @@ impl Tokenizer {
         self.template()?.render(messages, add_generation_prompt)
     }
 
+    /// Renders `messages` with extra template variables (`enable_thinking`, `tools`, ...), as
+    /// transformers' `apply_chat_template(..., **kwargs)` does.
+    pub fn apply_chat_template_with(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, Value>,
+    ) -> Result<String> {
+        self.template()?
+            .render_with(messages, add_generation_prompt, kwargs)
+    }
+
     /// Renders `messages` and encodes the result without adding special tokens (the template
     /// writes BOS itself where the model wants one), as transformers'
     /// `apply_chat_template(tokenize=True)` does.

@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use crate::backend::{Backend, GenerateRequest, RequestOutcome, SamplingParams};
 use crate::error::{Error, Result};
 use crate::io::{Journal, RecordReader};
+use crate::reasoning::{ReasoningMode, ThinkTags};
 use crate::records::{InputFormat, Problem, problem_from_record};
 use retort_verify::VerifyOptions;
 
@@ -39,6 +40,10 @@ pub struct GenerateOptions {
     /// Rejection sampling: sample each problem until `K` traces verify correct, at most `M`
     /// samples (sample indices `0..M`); implies verification.
     pub until_correct: Option<(usize, usize)>,
+    /// What to do with reasoning the backend returns separately (joined into `response` by default).
+    pub reasoning: ReasoningMode,
+    /// The tags reasoning is joined with, and verified answers are read after.
+    pub think_tags: ThinkTags,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -75,6 +80,9 @@ pub struct GenerateSummary {
     pub satisfied: Option<usize>,
     /// Generated traces that hit the token limit.
     pub truncated: usize,
+    /// Generated traces whose reasoning the backend returned separately (then kept, dropped or
+    /// stored apart as `--reasoning` says).
+    pub separate_reasoning: usize,
     /// Prompt tokens counted by the backend in this run.
     pub prompt_tokens: usize,
     /// Completion tokens counted by the backend in this run.
@@ -257,19 +265,28 @@ pub fn generate_problems(
                         trace.insert("id".into(), json!(problem.id));
                         trace.insert("sample".into(), json!(outcome.sample));
                         trace.insert("model".into(), json!(backend.name()));
-                        trace.insert("response".into(), json!(completion.text));
-                        if let Some(reasoning) = &completion.reasoning {
+                        let finished =
+                            completion.finish_reason == crate::backend::FinishReason::Stop;
+                        summary.separate_reasoning += usize::from(completion.reasoning.is_some());
+                        let (response, reasoning) = crate::reasoning::shape(
+                            &completion.text,
+                            completion.reasoning.as_deref(),
+                            finished,
+                            options.reasoning,
+                            &options.think_tags,
+                        );
+                        trace.insert("response".into(), json!(response));
+                        if let Some(reasoning) = reasoning {
                             trace.insert("reasoning".into(), json!(reasoning));
                         }
                         if let Some(ids) = &completion.token_ids {
                             trace.insert("response_ids".into(), json!(ids));
                         }
-                        let finish = match completion.finish_reason {
-                            crate::backend::FinishReason::Stop => "stop",
-                            crate::backend::FinishReason::Length => {
-                                summary.truncated += 1;
-                                "length"
-                            }
+                        let finish = if finished {
+                            "stop"
+                        } else {
+                            summary.truncated += 1;
+                            "length"
                         };
                         trace.insert("finish_reason".into(), json!(finish));
                         trace.insert("num_tokens".into(), json!(completion.completion_tokens));
@@ -278,8 +295,10 @@ pub fn generate_problems(
                             .clone()
                             .or_else(|| options.until_correct.map(|_| VerifyOptions::default()));
                         if let (Some(policy), Some(gold)) = (policy, &problem.answer) {
+                            let answer =
+                                crate::reasoning::answer_part(&response, &options.think_tags);
                             let verdict = retort_verify::verify_finished(
-                                &completion.text,
+                                &answer,
                                 gold,
                                 Some(finish),
                                 &policy,

@@ -75,11 +75,16 @@ impl Identity {
         self
     }
 
-    /// Adds the model in `role`: its spec, and for a local model the hashes of its weight and
-    /// tokenizer files (the tokenizer files hold the chat template).
+    /// Adds the model in `role`: for a local model its spec and the hashes of its weight and
+    /// tokenizer files (the tokenizer files hold the chat template); for a server the served
+    /// model's name, since its addresses may change between runs (replicas, a restarted server)
+    /// while the model stays the same.
     pub fn with_model(mut self, role: &str, spec: &ModelSpec) -> Result<Self> {
-        self.0
-            .insert(role.to_string(), Value::from(spec.to_string()));
+        let name = match spec {
+            ModelSpec::Server(server) => format!("openai:…#{}", server.model),
+            local => local.to_string(),
+        };
+        self.0.insert(role.to_string(), Value::from(name));
         if let Some(dir) = spec.local_path().filter(|d| d.is_dir()) {
             self.0
                 .insert(format!("{role}.files"), model_fingerprint(&dir)?);

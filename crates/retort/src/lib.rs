@@ -19,6 +19,7 @@ pub mod mock_scoring;
 pub mod mock_server;
 pub mod model_spec;
 pub mod provenance;
+pub mod reasoning;
 pub mod records;
 pub mod report;
 pub mod score;

@@ -5,7 +5,10 @@
 //! `POST /v1/chat/completions`, `POST /v1/completions` (with `echo`, `logprobs`,
 //! `prompt_logprobs` and `return_token_ids` for scoring) and `GET /v1/models`. Answers are
 //! deterministic: the text is `"The answer is N."` with `N = `[`mock_answer`]`(prompt, seed)`,
-//! chat responses add `reasoning_content` `"Let me think step by step."`, tokens are
+//! chat responses add [`MOCK_REASONING`] as `reasoning_content`, as a server with a reasoning
+//! parser does (or inline as `<think>\n...\n</think>\n\n` before the answer, as a server
+//! without one does, when [`FaultPlan::inline_reasoning`] is set; and not at all when the request
+//! says `chat_template_kwargs: {"enable_thinking": false}`), tokens are
 //! whitespace-led words ([`mock_tokenize`]) with fake log-probs ([`mock_logprob`]) and ids
 //! ([`mock_token_id`]). `max_tokens` truncates (reasoning first, then content) and reports
 //! `finish_reason: "length"`.
@@ -71,6 +74,12 @@ pub struct FaultPlan {
     pub latency: Duration,
     /// Keep each request's JSON body in [`MockServer::requests`] (off by default: memory).
     pub record_bodies: bool,
+    /// Chat answers carry their reasoning inline in `content` (a server without a reasoning
+    /// parser) instead of in `reasoning_content`.
+    pub inline_reasoning: bool,
+    /// `GET /v1/models` always answers normally and takes no fault (an API front end that is up
+    /// while the engine behind it fails every generation).
+    pub healthy_models: bool,
 }
 
 impl FaultPlan {
@@ -388,7 +397,11 @@ async fn serve_connection(stream: TcpStream, state: Arc<State>) {
     let mut reader = BufReader::new(read);
     while let Some(request) = read_request(&mut reader).await {
         let index = state.served.fetch_add(1, Ordering::SeqCst);
-        let fault = state.fault(index);
+        let fault = if state.plan.healthy_models && request.target == "GET /v1/models" {
+            None
+        } else {
+            state.fault(index)
+        };
         let parsed: Option<Value> = serde_json::from_slice(&request.body).ok();
         lock(&state.log).push(RequestRecord {
             at: Instant::now(),
@@ -444,7 +457,7 @@ fn answer(target: &str, body: Option<&Value>, state: &State) -> Vec<u8> {
         ("GET /v1/models", _) => {
             Ok(json!({"object": "list", "data": [{"id": "mock", "object": "model"}]}))
         }
-        ("POST /v1/chat/completions", Some(body)) => chat(body),
+        ("POST /v1/chat/completions", Some(body)) => chat(body, state.plan.inline_reasoning),
         ("POST /v1/completions", Some(body)) => match state.model.as_ref() {
             Some(model) => model.completions(body).unwrap_or_else(|| completions(body)),
             None => completions(body),
@@ -502,7 +515,7 @@ fn top_alternatives(token: &str, k: usize) -> Vec<(String, f64)> {
     top
 }
 
-fn chat(body: &Value) -> Result<Value, String> {
+fn chat(body: &Value, inline_reasoning: bool) -> Result<Value, String> {
     let sampling = sampling(body)?;
     let messages = body
         .get("messages")
@@ -513,8 +526,20 @@ fn chat(body: &Value) -> Result<Value, String> {
         .map(|m| m.get("content").and_then(Value::as_str).unwrap_or(""))
         .collect();
     let prompt = prompt.join("\n");
-    let content = format!("The answer is {}.", mock_answer(&prompt, sampling.seed));
-    let reasoning_tokens = mock_tokenize(MOCK_REASONING);
+    let answer = format!("The answer is {}.", mock_answer(&prompt, sampling.seed));
+    let thinking = body
+        .pointer("/chat_template_kwargs/enable_thinking")
+        .and_then(Value::as_bool)
+        != Some(false);
+    let (reasoning, content) = match (thinking, inline_reasoning) {
+        (false, _) => (String::new(), answer),
+        (true, false) => (MOCK_REASONING.to_owned(), answer),
+        (true, true) => (
+            String::new(),
+            format!("<think>\n{MOCK_REASONING}\n</think>\n\n{answer}"),
+        ),
+    };
+    let reasoning_tokens = mock_tokenize(&reasoning);
     let content_tokens = mock_tokenize(&content);
     let keep_reasoning = reasoning_tokens.len().min(sampling.max_tokens);
     let keep_content = content_tokens
@@ -523,10 +548,13 @@ fn chat(body: &Value) -> Result<Value, String> {
     let truncated = keep_reasoning + keep_content < reasoning_tokens.len() + content_tokens.len();
     let join = |tokens: &[(String, usize)]| tokens.iter().map(|t| t.0.as_str()).collect::<String>();
     let content_kept = &content_tokens[..keep_content];
+    let mut message = json!({"role": "assistant", "content": join(content_kept)});
+    if !reasoning.is_empty() {
+        message["reasoning_content"] = json!(join(&reasoning_tokens[..keep_reasoning]));
+    }
     let mut choice = json!({
         "index": 0,
-        "message": {"role": "assistant", "content": join(content_kept),
-            "reasoning_content": join(&reasoning_tokens[..keep_reasoning])},
+        "message": message,
         "finish_reason": if truncated { "length" } else { "stop" },
     });
     if body.get("logprobs").and_then(Value::as_bool) == Some(true) {

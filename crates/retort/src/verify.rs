@@ -1,7 +1,10 @@
 //! The verify stage: adds `"verdict": {"correct", "extracted"}` to every record by comparing its
 //! response's final answer with its gold answer ([`retort_verify`]), plus `"reason"`
 //! (`no_answer` or `truncated`) when no answer was extracted. A record's `finish_reason`
-//! (`length` for a generation cut at its token limit) is passed to the verifier. Streams the input in chunks,
+//! (`length` for a generation cut at its token limit) is passed to the verifier. A response that
+//! carries its reasoning inline is read after the reasoning's closing tag
+//! ([`crate::reasoning::answer_part`]), so a number in the chain of thought never counts as the
+//! answer. Streams the input in chunks,
 //! verifies each chunk on all cores, and writes the output atomically in input order.
 
 use std::io::Write;
@@ -13,6 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{Error, Result};
 use crate::io::{AtomicFile, RecordReader, read::kind};
+use crate::reasoning::{ThinkTags, answer_part};
 
 pub use retort_verify::{Verdict, VerifyOptions};
 
@@ -27,6 +31,8 @@ pub struct VerifyStageOptions {
     pub policy: VerifyOptions,
     /// Records verified per parallel chunk.
     pub chunk_size: usize,
+    /// The tags around inline reasoning; the answer is read after the closing one.
+    pub think_tags: ThinkTags,
 }
 
 impl Default for VerifyStageOptions {
@@ -36,6 +42,7 @@ impl Default for VerifyStageOptions {
             response_field: "response".into(),
             policy: VerifyOptions::default(),
             chunk_size: 8192,
+            think_tags: ThinkTags::default(),
         }
     }
 }
@@ -98,7 +105,8 @@ pub fn verify_record(
     let gold = field(&options.gold_field)?;
     let response = field(&options.response_field)?;
     let finish_reason = record.get("finish_reason").and_then(Value::as_str);
-    let verdict = retort_verify::verify_finished(&response, &gold, finish_reason, &options.policy);
+    let answer = answer_part(&response, &options.think_tags);
+    let verdict = retort_verify::verify_finished(&answer, &gold, finish_reason, &options.policy);
     record.insert("verdict".into(), verdict_json(&verdict));
     Ok(verdict)
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use retort::ModelSpec;
 use retort::backend::open::open_backend;
 use retort::generate::{GenerateOptions, generate_problems, read_problems};
+use retort::reasoning::{ReasoningMode, ThinkTags};
 use retort::records::InputFormat;
 
 use retort::identity::{Identity, RunStatus, SameRun};
@@ -48,6 +49,16 @@ pub struct GenerateArgs {
     /// Replace an existing output (and its manifest) made by another run instead of refusing.
     #[arg(long)]
     pub overwrite: bool,
+    /// Reasoning a server returns separately (`reasoning_content`, from a reasoning parser):
+    /// `keep` joins it into `response` as `<think>\n...\n</think>\n\n` + answer, the teacher's
+    /// native form, so verify, select, distill and trace all see it; `drop` discards it;
+    /// `separate` stores it in a `reasoning` field.
+    #[arg(long, value_enum, default_value_t = ReasoningMode::Keep)]
+    pub reasoning: ReasoningMode,
+    /// The tags reasoning is joined with (default `<think>` `</think>`), e.g.
+    /// `--think-tags '<seed:think>' '</seed:think>'`; verification reads the answer after the second.
+    #[arg(long, num_args = 2, value_names = ["OPEN", "CLOSE"])]
+    pub think_tags: Option<Vec<String>>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -84,6 +95,14 @@ fn generate_traces(
     Ok(summary)
 }
 
+/// The `--think-tags OPEN CLOSE` pair, `<think>` `</think>` when absent.
+pub fn think_tags(tags: Option<&[String]>) -> anyhow::Result<ThinkTags> {
+    Ok(match tags {
+        Some([open, close]) => ThinkTags::new(open, close)?,
+        _ => ThinkTags::default(),
+    })
+}
+
 /// Runs `retort generate`.
 pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
@@ -98,6 +117,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         chunk_size: 4096,
         verify: args.verify.then(retort_verify::VerifyOptions::default),
         until_correct: args.until_correct.zip(args.max_samples),
+        reasoning: args.reasoning,
+        think_tags: think_tags(args.think_tags.as_deref())?,
     };
     // Read the input before loading the model so bad input fails fast and leaves no output.
     let problems = read_problems(&options.input, options.format)?;
@@ -111,11 +132,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         .with_fields(&options.sampling, &[])
         .with("shard", &args.shard)
         .with("verify", args.verify)
-        .with("until_correct", options.until_correct);
+        .with("until_correct", options.until_correct)
+        .with("reasoning", options.reasoning)
+        .with("think_tags", &options.think_tags)
+        .with("chat_template_kwargs", &args.backend.chat_template_kwargs)
+        .with("extra_body", &args.backend.extra_body);
     let settings = serde_json::json!({
         "sampling": options.sampling,
         "samples": options.samples,
         "shard": args.shard,
+        "reasoning": options.reasoning,
+        "think_tags": options.think_tags,
     });
     let mut manifest = run::start(
         &args.output,
@@ -162,6 +189,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                 summary.satisfied.map_or("-".into(), |n| n.to_string()),
             ),
             ("truncated (length)", summary.truncated.to_string()),
+            (
+                "reasoning from the server",
+                match (summary.separate_reasoning, options.reasoning) {
+                    (0, _) => "none".into(),
+                    (n, ReasoningMode::Keep) => format!("{n}, joined into `response`"),
+                    (n, ReasoningMode::Drop) => format!("{n}, dropped"),
+                    (n, ReasoningMode::Separate) => format!("{n}, in `reasoning`"),
+                },
+            ),
             ("prompt tokens", summary.prompt_tokens.to_string()),
             ("completion tokens", summary.completion_tokens.to_string()),
             (

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod distill;
 pub mod eval;
 pub mod generate;
+pub mod render;
 pub mod report;
 pub mod score;
 pub mod select;
@@ -31,6 +32,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(args) => eval::run(args),
         Command::Trace(args) => trace::run(args),
         Command::Report(args) => report::run(args),
+        Command::Render(args) => render::run(args),
         Command::World(args) => world::run(args),
     }
 }

@@ -34,6 +34,10 @@ pub struct VerifyArgs {
     /// Accept numbers within this relative tolerance of the gold (default: exact, so 1.414 is not √2).
     #[arg(long)]
     pub tolerance: Option<f64>,
+    /// The tags around inline reasoning (default `<think>` `</think>`); the answer is read after
+    /// the second.
+    #[arg(long, num_args = 2, value_names = ["OPEN", "CLOSE"])]
+    pub think_tags: Option<Vec<String>>,
     /// Keep units after values (`5 cm` vs `5`) instead of stripping them.
     #[arg(long)]
     pub keep_units: bool,
@@ -48,6 +52,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let mut options = VerifyStageOptions {
         gold_field: args.gold_field,
         response_field: args.response_field,
+        think_tags: crate::commands::generate::think_tags(args.think_tags.as_deref())?,
         ..VerifyStageOptions::default()
     };
     options.policy.percent = args.percent;

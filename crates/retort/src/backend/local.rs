@@ -21,6 +21,7 @@ pub struct LocalBackend {
     name: String,
     model: LoadedModel,
     batch_size: usize,
+    template_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 impl LocalBackend {
@@ -51,6 +52,7 @@ impl LocalBackend {
             name: name.to_string(),
             model,
             batch_size,
+            template_kwargs: serde_json::Map::new(),
         }
     }
 
@@ -64,6 +66,11 @@ impl LocalBackend {
         self.batch_size
     }
 
+    /// Extra chat-template variables (`enable_thinking`, ...) for rendering chat prompts.
+    pub fn set_chat_template_kwargs(&mut self, kwargs: serde_json::Map<String, serde_json::Value>) {
+        self.template_kwargs = kwargs;
+    }
+
     /// The loaded model.
     pub fn model(&self) -> &LoadedModel {
         &self.model
@@ -71,22 +78,36 @@ impl LocalBackend {
 
     /// Token ids of a prompt: raw text is encoded as `tokenizer(text)` would (special tokens per the
     /// tokenizer's post-processor); messages are rendered with the chat template
-    /// (`add_generation_prompt`) and encoded without adding special tokens again.
+    /// (`add_generation_prompt`, plus the chat-template kwargs) and encoded without adding special
+    /// tokens again.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let tokenizer = &self.model.tokenizer;
-        Ok(match prompt {
-            Prompt::Ids(ids) => ids.clone(),
-            Prompt::Text(text) => tokenizer.encode(text, true)?,
-            Prompt::Messages(messages) => {
-                let messages: Vec<_> = messages
-                    .iter()
-                    .map(|m| json!({"role": m.role, "content": m.content}))
-                    .collect();
-                let text = tokenizer.apply_chat_template(&messages, true)?;
-                tokenizer.encode(&text, false)?
-            }
-        })
+        Ok(render_prompt(&self.model.tokenizer, prompt, &self.template_kwargs)?.1)
     }
+}
+
+/// The text a local model is given for `prompt` and its token ids, as [`LocalBackend`] builds
+/// them: chat messages rendered with the chat template (`add_generation_prompt`, `kwargs` as extra
+/// template variables) and encoded without adding special tokens again; raw text as given, encoded
+/// as `tokenizer(text)` would (special tokens per the tokenizer's post-processor); token ids as
+/// given, decoded with their special tokens for the text.
+pub fn render_prompt(
+    tokenizer: &retort_model::Tokenizer,
+    prompt: &Prompt,
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(String, Vec<u32>)> {
+    Ok(match prompt {
+        Prompt::Ids(ids) => (tokenizer.decode(ids, false)?, ids.clone()),
+        Prompt::Text(text) => (text.clone(), tokenizer.encode(text, true)?),
+        Prompt::Messages(messages) => {
+            let messages: Vec<_> = messages
+                .iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect();
+            let text = tokenizer.apply_chat_template_with(&messages, true, kwargs)?;
+            let ids = tokenizer.encode(&text, false)?;
+            (text, ids)
+        }
+    })
 }
 
 /// The random stream of one request: a SplitMix64 mix of the run seed, the request key and the

@@ -5,7 +5,10 @@
 //!
 //! A record gives its prompt as `prompt`, `messages`, `prompt_ids` (or any shape of
 //! [`crate::records::InputFormat`]) and its completion as `completion_ids`, `completion`, or
-//! `response` (a trace from `retort generate`), else a trailing assistant message. Text
+//! `response` (a trace from `retort generate`), else a trailing assistant message. A `response`
+//! whose reasoning was stored apart (`generate --reasoning separate`, a `reasoning` field) is
+//! trained on with its reasoning joined back in the native `<think>` form
+//! ([`crate::reasoning::join`]), so the student learns the chain of thought, not only the answer. Text
 //! completions get the EOS token appended unless `finish_reason` is `length` or they already
 //! end with EOS; `completion_ids` are taken as they are.
 
@@ -71,6 +74,8 @@ pub struct DataStats {
     pub dropped: usize,
     /// Completion tokens kept (loss targets per epoch).
     pub target_tokens: usize,
+    /// Records whose separate `reasoning` field was joined into the target.
+    pub joined_reasoning: usize,
 }
 
 /// What tokenising needs from the student.
@@ -125,7 +130,9 @@ pub fn load_examples(
             stats.skipped_incorrect += 1;
             continue;
         }
-        let (mut prompt, completion) = parse_record(&record, options.input_format, path, line)?;
+        let (mut prompt, completion, joined) =
+            parse_record(&record, options.input_format, path, line)?;
+        stats.joined_reasoning += usize::from(joined);
         let err = |message: String| Error::Input {
             path: path.to_path_buf(),
             line,
@@ -231,7 +238,7 @@ fn parse_record(
     format: InputFormat,
     path: &Path,
     line: usize,
-) -> Result<(Prompt, Completion)> {
+) -> Result<(Prompt, Completion, bool)> {
     let err = |message: String| Error::Input {
         path: path.to_path_buf(),
         line,
@@ -272,13 +279,31 @@ fn parse_record(
                     kind(value)
                 ))
             })?;
-        return Ok((problem.prompt, Completion::Ids(ids)));
+        return Ok((problem.prompt, Completion::Ids(ids), false));
     }
-    for name in ["completion", "response"] {
-        if let Some(value) = record.get(name) {
-            let text = text(name, value)?;
-            return Ok((problem.prompt, Completion::Text { text, finished }));
+    if let Some(value) = record.get("completion") {
+        let text = text("completion", value)?;
+        return Ok((problem.prompt, Completion::Text { text, finished }, false));
+    }
+    if let Some(value) = record.get("response") {
+        let mut text = text("response", value)?;
+        let reasoning = match record.get("reasoning") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(self::text_field("reasoning", value, path, line)?),
+        };
+        if let Some(reasoning) = &reasoning {
+            text = crate::reasoning::join(
+                reasoning,
+                &text,
+                finished,
+                &crate::reasoning::ThinkTags::default(),
+            );
         }
+        return Ok((
+            problem.prompt,
+            Completion::Text { text, finished },
+            reasoning.is_some(),
+        ));
     }
     // A conversation ending with an assistant turn: that turn is the completion.
     if let Some(Value::Array(messages)) = record.get("messages")
@@ -295,6 +320,7 @@ fn parse_record(
                 text: content.clone(),
                 finished,
             },
+            false,
         ));
     }
     Err(err(
@@ -302,6 +328,17 @@ fn parse_record(
          `completion_ids` or a final assistant message"
             .into(),
     ))
+}
+
+fn text_field(name: &str, value: &Value, path: &Path, line: usize) -> Result<String> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        other => Err(Error::Input {
+            path: path.to_path_buf(),
+            line,
+            message: format!("field `{name}`: expected a string, got {}", kind(other)),
+        }),
+    }
 }
 
 /// The batches of one epoch, as indices into `lengths`: examples are shuffled, sorted by length

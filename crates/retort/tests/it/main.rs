@@ -2,6 +2,7 @@
 mod distill;
 mod distill_cache;
 mod distill_lora;
+mod edges;
 mod openai;
 mod provenance;
 mod remote_teacher;

@@ -23,6 +23,7 @@ fn fast_options() -> OpenAiOptions {
         endpoint: Endpoint::Auto,
         api_key: None,
         extra_body: serde_json::Map::new(),
+        dead_after: None,
     }
 }
 

@@ -15,7 +15,10 @@
 //! ever lost, its request is still reported as failed, so every request gets exactly one outcome.
 //!
 //! `timeout` bounds one attempt; a request as a whole ends within about
-//! `(max_retries + 1) * timeout` plus its backoff delays. Create and drop the backend outside
+//! `(max_retries + 1) * timeout` plus its backoff delays. A dead server ends a run sooner:
+//! [`OpenAiBackend::preflight`] checks the server before a run, and a breaker stops
+//! [`Backend::generate`] with an error once every attempt has failed for
+//! [`OpenAiOptions::dead_after`] (see [`breaker`](self)). Create and drop the backend outside
 //! any async runtime (tokio forbids blocking on or dropping a runtime from inside another).
 //!
 //! Mapping of [`SamplingParams`]: `temperature`, `top_p`, `max_new_tokens` → `max_tokens`,
@@ -29,7 +32,8 @@
 //! Reasoning: a separate `message.reasoning_content` (vLLM reasoning parsers, DeepSeek) or
 //! `message.reasoning` goes to [`Completion::reasoning`]; `content` is kept verbatim in
 //! [`Completion::text`], so a server without a reasoning parser returns `<think>...</think>`
-//! inline in the text and retort does not strip or split it. Completions responses have no
+//! inline in the text and retort does not strip or split it. The generate stage joins the two
+//! back in the teacher's native form ([`crate::reasoning`]). Completions responses have no
 //! reasoning field. `finish_reason` `stop` and `length` map directly; anything else (`abort`,
 //! `content_filter`, null) maps to [`FinishReason::Stop`], is logged with its raw value and
 //! counted in [`UsageTotals::odd_finish_reasons`].
@@ -43,6 +47,7 @@
 //! return_token_ids: true, temperature: 0` (plus `extra_body`), and splits the echoed tokens at
 //! the prompt's length in characters using `text_offset`; see `wire::parse_score` for the rules.
 
+mod breaker;
 mod replicas;
 mod retry;
 pub mod score;
@@ -51,14 +56,15 @@ mod wire;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderValue;
 use serde_json::{Map, Value};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
+use self::breaker::Breaker;
 use self::replicas::Replicas;
-use self::retry::{AttemptError, RetryPolicy, post_with_retries};
+use self::retry::{AttemptError, RetryPolicy, post_watched, post_with_retries};
 use self::wire::{ChatRequest, CommonParams, CompletionRequest, Parsed, PromptField};
 use crate::backend::{Backend, GenerateRequest, Prompt, RequestOutcome, SamplingParams, Scored};
 use crate::error::{Error, Result};
@@ -152,11 +158,16 @@ pub struct OpenAiOptions {
     /// Extra top-level fields merged into every request body (they override retort's own),
     /// e.g. `{"chat_template_kwargs": {"enable_thinking": true}}`.
     pub extra_body: Map<String, Value>,
+    /// [`Backend::generate`] stops with an error once every attempt has failed for this long
+    /// (and at least twice the requests in flight in a row); `None` retries each request to the
+    /// end of its retries.
+    pub dead_after: Option<Duration>,
 }
 
 impl Default for OpenAiOptions {
     /// 64 in flight, 600 s per attempt (long reasoning traces), 8 retries from 1 s up to 60 s,
-    /// [`Endpoint::Auto`], the key from the environment ([`ApiKey::from_env`]).
+    /// [`Endpoint::Auto`], the key from the environment ([`ApiKey::from_env`]), a run stopped
+    /// after 30 s of nothing but failures.
     fn default() -> Self {
         Self {
             concurrency: 64,
@@ -167,6 +178,7 @@ impl Default for OpenAiOptions {
             endpoint: Endpoint::Auto,
             api_key: ApiKey::from_env(),
             extra_body: Map::new(),
+            dead_after: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -203,6 +215,9 @@ struct Inner {
     name: String,
     model: String,
     replicas: Replicas,
+    concurrency: usize,
+    timeout: Duration,
+    dead_after: Option<Duration>,
     endpoint: Endpoint,
     extra_body: Map<String, Value>,
     auth: Option<HeaderValue>,
@@ -293,6 +308,9 @@ impl OpenAiBackend {
             inner: Arc::new(Inner {
                 name,
                 replicas: Replicas::new(server.urls()),
+                concurrency: options.concurrency,
+                timeout: options.timeout,
+                dead_after: options.dead_after,
                 model,
                 endpoint: options.endpoint,
                 extra_body: options.extra_body,
@@ -308,6 +326,28 @@ impl OpenAiBackend {
             }),
             runtime,
         })
+    }
+
+    /// Checks that the server answers, before a run: `GET URL/models`, a few quick tries (see
+    /// [`breaker`](self)). Fails with a message naming the server when it is down or refuses
+    /// the API key.
+    pub fn preflight(&self) -> Result<()> {
+        let inner = &self.inner;
+        for root in inner.replicas.roots() {
+            self.runtime
+                .block_on(breaker::preflight(
+                    &inner.client,
+                    &format!("{root}/models"),
+                    inner.auth.as_ref(),
+                    inner.policy,
+                    inner.timeout,
+                ))
+                .map_err(|message| Error::Backend {
+                    backend: inner.name.clone(),
+                    message,
+                })?;
+        }
+        Ok(())
     }
 
     /// The served model's name (the part after `#`).
@@ -438,7 +478,12 @@ impl Inner {
     }
 
     /// One request, all attempts; never fails outside the outcome.
-    async fn run(&self, request: GenerateRequest, params: &SamplingParams) -> RequestOutcome {
+    async fn run(
+        &self,
+        request: GenerateRequest,
+        params: &SamplingParams,
+        breaker: &Breaker,
+    ) -> RequestOutcome {
         let (key, sample) = (request.key, request.sample);
         let outcome = |result, attempts| RequestOutcome {
             unusable: false,
@@ -460,13 +505,14 @@ impl Inner {
             Route::Chat => (replica.url("chat/completions"), wire::parse_chat),
             Route::Completions => (replica.url("completions"), wire::parse_completion),
         };
-        let (result, attempts) = post_with_retries(
+        let (result, attempts) = post_watched(
             &self.client,
             &url,
             self.auth.as_ref(),
             &body,
             self.policy,
             parse,
+            Some(breaker),
         )
         .await;
         let c = &self.counters;
@@ -514,9 +560,14 @@ impl Backend for OpenAiBackend {
         let ids: Vec<(usize, usize)> = requests.iter().map(|r| (r.key, r.sample)).collect();
         let params = Arc::new(params.clone());
         let inner = Arc::clone(&self.inner);
+        // Every request in flight failed, twice (see `breaker`).
+        let in_flight = self.inner.concurrency.min(requests.len()).max(1);
+        let breaker = Arc::new(Breaker::new(2 * in_flight, self.inner.dead_after));
+        let (stop, stopped) = watch::channel(false);
         let drain = &mut *sink;
-        let delivered = self.runtime.block_on(async move {
+        let (delivered, tripped) = self.runtime.block_on(async move {
             let (sender, mut receiver) = mpsc::unbounded_channel::<(usize, RequestOutcome)>();
+            let task_breaker = Arc::clone(&breaker);
             // The feeder spawns one task per request as permits free up, so a million requests
             // never become a million tasks; it runs on the workers while this thread drains.
             let feeder = tokio::spawn(async move {
@@ -527,36 +578,69 @@ impl Backend for OpenAiBackend {
                     if crate::interrupt::requested().is_some() {
                         break; // A stop was asked for: no new requests.
                     }
-                    let (inner, params, sender) =
-                        (Arc::clone(&inner), Arc::clone(&params), sender.clone());
+                    let (inner, params, sender, breaker, mut stopped) = (
+                        Arc::clone(&inner),
+                        Arc::clone(&params),
+                        sender.clone(),
+                        Arc::clone(&task_breaker),
+                        stopped.clone(),
+                    );
                     tokio::spawn(async move {
-                        let outcome = inner.run(request, &params).await;
-                        drop(permit);
-                        // Fails only when the caller stopped listening (its sink panicked).
-                        let _ = sender.send((index, outcome));
+                        tokio::select! {
+                            biased;
+                            outcome = inner.run(request, &params, &breaker) => {
+                                drop(permit);
+                                // Fails only when the caller stopped listening (its sink panicked).
+                                let _ = sender.send((index, outcome));
+                            }
+                            // The breaker tripped: drop the request unreported (it did not fail
+                            // for good; a rerun does it).
+                            _ = stopped.wait_for(|&stop| stop) => {}
+                        }
                     });
                 }
             });
             let mut delivered = vec![false; ids.len()];
+            let mut tripped = None;
+            let mut watch = tokio::time::interval(Duration::from_millis(200));
+            // Wakes up now and then to notice a stop request while requests are in flight: they
+            // are dropped (not journaled), so a rerun sends them again.
+            let mut poll = tokio::time::interval(STOP_POLL);
             loop {
-                // Wake up now and then to notice a stop request while requests are in flight:
-                // they are dropped (not journaled), so a rerun sends them again.
-                match tokio::time::timeout(STOP_POLL, receiver.recv()).await {
-                    Ok(Some((index, outcome))) => {
-                        delivered[index] = true;
-                        drain(outcome);
+                tokio::select! {
+                    message = receiver.recv() => match message {
+                        Some((index, outcome)) => {
+                            delivered[index] = true;
+                            drain(outcome);
+                        }
+                        // Every sender is gone: all requests ended (or were stopped).
+                        None => break,
+                    },
+                    _ = watch.tick(), if tripped.is_none() && breaker.armed() => {
+                        if let Some(reason) = breaker.tripped(Instant::now()) {
+                            tripped = Some(reason);
+                            feeder.abort();
+                            let _ = stop.send(true);
+                        }
                     }
-                    Ok(None) => break,
-                    Err(_) if crate::interrupt::requested().is_some() => {
-                        feeder.abort();
-                        return (delivered, ids);
+                    _ = poll.tick() => {
+                        if crate::interrupt::requested().is_some() {
+                            feeder.abort();
+                            let _ = stop.send(true);
+                            break;
+                        }
                     }
-                    Err(_) => {}
                 }
             }
             let _ = feeder.await;
-            (delivered, ids)
+            ((delivered, ids), tripped)
         });
+        if let Some(message) = tripped {
+            return Err(Error::Backend {
+                backend: self.inner.name.clone(),
+                message,
+            });
+        }
         let (delivered, ids) = delivered;
         if crate::interrupt::requested().is_some() {
             return Ok(());

@@ -58,6 +58,11 @@ impl Replicas {
         Lease { replica }
     }
 
+    /// The API roots, in the order given.
+    pub(crate) fn roots(&self) -> impl Iterator<Item = &str> {
+        self.replicas.iter().map(|r| r.root.as_str())
+    }
+
     /// Requests sent to each replica so far, in the order given.
     pub(crate) fn sent(&self) -> Vec<u64> {
         self.replicas

@@ -11,6 +11,8 @@ use std::time::Duration;
 use rand::Rng;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
+use super::breaker::Breaker;
+
 /// Longest `Retry-After` honoured; a larger value is treated as this (and said so in the error).
 const RETRY_AFTER_CAP: Duration = Duration::from_secs(600);
 /// How much of an error body is quoted in messages.
@@ -22,6 +24,8 @@ pub(crate) struct AttemptError {
     pub retryable: bool,
     /// The server's `Retry-After`, when it sent one.
     pub retry_after: Option<Duration>,
+    /// The HTTP status of a non-2xx answer.
+    pub status: Option<u16>,
     pub message: String,
 }
 
@@ -30,6 +34,7 @@ impl AttemptError {
         Self {
             retryable: true,
             retry_after: None,
+            status: None,
             message,
         }
     }
@@ -38,6 +43,7 @@ impl AttemptError {
         Self {
             retryable: false,
             retry_after: None,
+            status: None,
             message,
         }
     }
@@ -123,12 +129,13 @@ async fn attempt<T>(
     Err(AttemptError {
         retryable: code == 408 || code == 429 || status.is_server_error(),
         retry_after: after,
+        status: Some(code),
         message: format!("HTTP {status} from `{url}`: {}", snippet(&bytes)),
     })
 }
 
 /// reqwest's Display hides the cause ("error sending request"); show the whole chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -149,10 +156,27 @@ pub(crate) async fn post_with_retries<T>(
     policy: RetryPolicy,
     parse: impl Fn(&[u8]) -> Result<T, AttemptError>,
 ) -> (Result<T, String>, usize) {
+    post_watched(client, url, auth, body, policy, parse, None).await
+}
+
+/// [`post_with_retries`], showing each attempt's result to `breaker` when given.
+pub(crate) async fn post_watched<T>(
+    client: &reqwest::Client,
+    url: &str,
+    auth: Option<&HeaderValue>,
+    body: &[u8],
+    policy: RetryPolicy,
+    parse: impl Fn(&[u8]) -> Result<T, AttemptError>,
+    breaker: Option<&Breaker>,
+) -> (Result<T, String>, usize) {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match attempt(client, url, auth, body, &parse).await {
+        let result = attempt(client, url, auth, body, &parse).await;
+        if let Some(breaker) = breaker {
+            breaker.record(&result);
+        }
+        match result {
             Ok(value) => return (Ok(value), attempts),
             Err(error) if !error.retryable => {
                 return (Err(format!("{} (not retried)", error.message)), attempts);
