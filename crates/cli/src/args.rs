@@ -181,7 +181,8 @@ pub struct ScoreArgs {
 /// `retort bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Only these figures (comma separated: train, score, generate_b1, generate_b8, kd, verify).
+    /// Only these figures (comma separated: train, lora, lora_bf16, score, generate_b1,
+    /// generate_b8, kd, verify).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Only these configs (bench-tiny, bench-small).

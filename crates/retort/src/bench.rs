@@ -8,6 +8,11 @@
 //! figures run the product's own code paths:
 //! - `train`: [`CausalLm::forward`] + [`causal_lm_loss`] + [`Trainer`] (backward, AdamW, lr 1e-4,
 //!   no weight decay) on `[batch, seq]` random ids; `tokens = batch·seq` per step.
+//! - `lora`, `lora_bf16`: the `train` step through LoRA ([`LoraModel`]: rank 16, alpha 32, every
+//!   projection, as `torch_bench.py`'s PEFT figure) on the same weights, the frozen base held in
+//!   f32 or bf16. Both training figures report `train_state_mib`: weights, gradients and AdamW
+//!   moments (for LoRA the frozen base plus the adapters with theirs), and `peak_rss_mib`, the
+//!   process's peak resident memory during that figure alone (Linux, activations included).
 //! - `score`: [`score_batch`] on frozen weights (plain tensors, not `Var`s); `tokens = batch·seq`.
 //! - `generate_b1`, `generate_b8`: greedy [`generate`], 16-token prompt, exactly 128 new tokens
 //!   (no EOS), prefill included; `tokens = batch·128`.
@@ -39,6 +44,7 @@ use serde_json::{Map, Value, json};
 
 use crate::distill::data::Example;
 use crate::distill::divergence::Divergence;
+use crate::distill::lora::{self, BaseName, DEFAULT_TARGETS, LoraModel, LoraSpec};
 use crate::distill::objective::{self, LossSpec, MicroBatch};
 use crate::error::{Error, Result};
 
@@ -135,6 +141,10 @@ impl BenchConfig {
 pub enum Figure {
     /// Forward + loss + backward + AdamW.
     Train,
+    /// As `train` through LoRA (rank 16, alpha 32, every projection), frozen f32 base.
+    Lora,
+    /// As `lora` with the frozen base held in bf16.
+    LoraBf16,
     /// All-position log-probs, no gradient.
     Score,
     /// Greedy generation, batch 1.
@@ -149,8 +159,10 @@ pub enum Figure {
 
 impl Figure {
     /// Every figure, in report order.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Train,
+        Self::Lora,
+        Self::LoraBf16,
         Self::Score,
         Self::GenerateB1,
         Self::GenerateB8,
@@ -162,6 +174,8 @@ impl Figure {
     pub fn key(self) -> &'static str {
         match self {
             Self::Train => "train",
+            Self::Lora => "lora",
+            Self::LoraBf16 => "lora_bf16",
             Self::Score => "score",
             Self::GenerateB1 => "generate_b1",
             Self::GenerateB8 => "generate_b8",
@@ -170,7 +184,7 @@ impl Figure {
         }
     }
 
-    /// Figures named in `--only` (`train`, `score`, `generate` (both batch sizes),
+    /// Figures named in `--only` (`train`, `lora`, `lora_bf16`, `score`, `generate` (both batch sizes),
     /// `generate_b1`, `generate_b8`, `kd`, `kd_small_to_tiny`, `verify`); empty means all.
     pub fn parse_list(names: &[String]) -> Result<Vec<Self>> {
         if names.is_empty() {
@@ -180,6 +194,8 @@ impl Figure {
         for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
             let figures: &[Self] = match name {
                 "train" => &[Self::Train],
+                "lora" => &[Self::Lora],
+                "lora_bf16" => &[Self::LoraBf16],
                 "score" => &[Self::Score],
                 "generate" => &[Self::GenerateB1, Self::GenerateB8],
                 "generate_b1" => &[Self::GenerateB1],
@@ -188,8 +204,8 @@ impl Figure {
                 "verify" => &[Self::Verify],
                 other => {
                     return Err(Error::Invalid(format!(
-                        "unknown figure `{other}` in `--only`; expected `train`, `score`, \
-                         `generate`, `generate_b1`, `generate_b8`, `kd` or `verify`"
+                        "unknown figure `{other}` in `--only`; expected `train`, `lora`, \
+                         `lora_bf16`, `score`, `generate`, `generate_b1`, `generate_b8`, `kd` or `verify`"
                     )));
                 }
             };
@@ -547,15 +563,89 @@ fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
+    // Weights, gradients and two AdamW moments, all f32.
+    let state_bytes = params * 4 * 4;
     entry(
         &timing,
         json!({
             "tokens_per_step": tokens,
             "tokens_per_s": tokens as f64 / timing.median_s,
             "params": params,
+            "train_state_mib": mib(state_bytes),
+            "peak_rss_mib": peak_rss_mib(),
             "phases_ms": phases.medians(timing.iters),
         }),
     )
+}
+
+/// One LoRA step (rank 16, alpha 32, every projection, as `torch_bench.py`'s PEFT figure) on a
+/// base held in `base_dtype`: the same weights, batch and phases as [`bench_train`].
+fn bench_lora(c: &BenchConfig, o: &BenchOptions, base_dtype: DType) -> Result<Value> {
+    let cfg = c.model_config(c.vocab)?;
+    let (varmap, _) = random_model(&cfg, 1)?;
+    let spec = LoraSpec {
+        rank: 16,
+        alpha: 32.0,
+        targets: DEFAULT_TARGETS.map(String::from).to_vec(),
+        dropout: 0.0,
+        base_dtype,
+    };
+    let base = BaseName {
+        name: format!("<{}>", c.name),
+        revision: None,
+    };
+    let lora = LoraModel::new(lora::frozen_weights(&varmap), &cfg, &spec, base, 1)?;
+    drop(varmap);
+    // The layers hold the adapter variables' storage, which AdamW updates in place: one build
+    // serves every step.
+    let model = lora.build()?;
+    let mut trainer = trainer_for(&lora.varmap())?;
+    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    let mut phases = Phases::new(&["forward", "loss", "backward", "optimizer"]);
+    let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
+        phases.start();
+        let logits = model.forward(&ids, None, None)?;
+        phases.end_phase();
+        let (loss_sum, n_tokens) = causal_lm_loss(&logits, &ids)?;
+        phases.end_phase();
+        trainer.accumulate(&loss_sum, n_tokens)?;
+        phases.end_phase();
+        trainer.step()?;
+        phases.end_phase();
+        Ok(())
+    })?;
+    let tokens = c.batch * c.seq;
+    let trainable: usize = lora.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let base_bytes: usize = lora
+        .base_weights()
+        .values()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
+    // The frozen base, then the adapters with their gradients and two AdamW moments (f32).
+    let state_bytes = base_bytes + trainable * 4 * 4;
+    entry(
+        &timing,
+        json!({
+            "tokens_per_step": tokens,
+            "tokens_per_s": tokens as f64 / timing.median_s,
+            "trainable_params": trainable,
+            "base_dtype": format!("{base_dtype:?}").to_lowercase(),
+            "train_state_mib": mib(state_bytes),
+            "peak_rss_mib": peak_rss_mib(),
+            "phases_ms": phases.medians(timing.iters),
+        }),
+    )
+}
+
+/// Bytes in MiB, rounded to 0.01.
+fn mib(bytes: usize) -> f64 {
+    (bytes as f64 / (1024.0 * 1024.0) * 100.0).round() / 100.0
+}
+
+/// Resets the peak resident memory the kernel reports as `VmHWM` (Linux; elsewhere nothing), so
+/// each figure's `peak_rss_mib` is its own.
+fn reset_peak_rss() {
+    let _ = fs_err::write("/proc/self/clear_refs", "5");
 }
 
 fn bench_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
@@ -745,6 +835,8 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
         let mut figures = Map::new();
         for figure in [
             Figure::Train,
+            Figure::Lora,
+            Figure::LoraBf16,
             Figure::Score,
             Figure::GenerateB1,
             Figure::GenerateB8,
@@ -752,8 +844,11 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
             if !wants(figure) {
                 continue;
             }
+            reset_peak_rss();
             let value = match figure {
                 Figure::Train => bench_train(c, options)?,
+                Figure::Lora => bench_lora(c, options, DType::F32)?,
+                Figure::LoraBf16 => bench_lora(c, options, DType::BF16)?,
                 Figure::Score => bench_score(c, options)?,
                 Figure::GenerateB1 => bench_generate(c, 1, options)?,
                 _ => bench_generate(c, 8, options)?,

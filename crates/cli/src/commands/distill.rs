@@ -168,6 +168,22 @@ pub struct LoraArgs {
     /// With LoRA, also write the merged model as a Hugging Face folder in `OUTPUT/merged`.
     #[arg(long)]
     pub merge_lora: bool,
+    /// LoRA dropout on the adapter input while training, as PEFT's `lora_dropout` [default: 0].
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// With LoRA, hold the frozen base's linear weights in this dtype (`bf16`: half the memory;
+    /// compute stays f32) [default: f32].
+    #[arg(long, value_enum)]
+    pub lora_base_dtype: Option<LoraBaseDtypeArg>,
+}
+
+/// `--lora-base-dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoraBaseDtypeArg {
+    /// float32.
+    F32,
+    /// bfloat16.
+    Bf16,
 }
 
 /// `--objective`.
@@ -295,7 +311,13 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
             }
         )*};
     }
-    set_lora!(lora_rank, lora_alpha, lora_targets);
+    set_lora!(lora_rank, lora_alpha, lora_targets, lora_dropout);
+    if let Some(dtype) = args.lora.lora_base_dtype {
+        o.lora_base_dtype = Some(match dtype {
+            LoraBaseDtypeArg::F32 => retort::distill::lora::LoraBaseDtype::F32,
+            LoraBaseDtypeArg::Bf16 => retort::distill::lora::LoraBaseDtype::Bf16,
+        });
+    }
     if let Some(loss) = args.on_policy_loss {
         o.on_policy_loss = match loss {
             OnPolicyLossArg::Reward => OnPolicyLoss::Reward,

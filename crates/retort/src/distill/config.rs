@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::distill::divergence::Divergence;
-use crate::distill::lora::{DEFAULT_TARGETS, LoraSpec};
+use crate::distill::lora::{DEFAULT_TARGETS, LoraBaseDtype, LoraSpec};
 use crate::distill::teacher::MissingMass;
 use crate::error::{Error, Result};
 use crate::records::InputFormat;
@@ -171,6 +171,12 @@ pub struct DistillOptions {
     pub lora_targets: Option<Vec<String>>,
     /// With LoRA, also write the merged model as a Hugging Face folder in `OUTPUT/merged`.
     pub merge_lora: bool,
+    /// LoRA dropout on the adapter input while training (PEFT's `lora_dropout`, default 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// The dtype LoRA holds the frozen base's linear weights in (`f32`, the default, or `bf16`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_base_dtype: Option<LoraBaseDtype>,
     /// Test hook: make the loss of this (1-based) step non-finite. Never saved.
     #[doc(hidden)]
     #[serde(skip)]
@@ -222,6 +228,8 @@ impl Default for DistillOptions {
             lora_alpha: None,
             lora_targets: None,
             merge_lora: false,
+            lora_dropout: None,
+            lora_base_dtype: None,
             inject_non_finite_at_step: None,
             stop_after_step: None,
         }
@@ -265,6 +273,8 @@ impl DistillOptions {
                 .lora_targets
                 .clone()
                 .unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec()),
+            dropout: self.lora_dropout.unwrap_or(0.0),
+            base_dtype: self.lora_base_dtype.unwrap_or_default().dtype(),
         })
     }
 
@@ -354,9 +364,16 @@ impl DistillOptions {
                         format!("expected module names such as `q_proj`, got {targets:?}"),
                     ));
                 }
+                if let Some(p) = self.lora_dropout
+                    && !(0.0..1.0).contains(&p)
+                {
+                    return Err(bad("lora-dropout", format!("must be in [0, 1), got {p}")));
+                }
             }
             None => {
                 let set = [
+                    ("lora-dropout", self.lora_dropout.is_some()),
+                    ("lora-base-dtype", self.lora_base_dtype.is_some()),
                     ("lora-alpha", self.lora_alpha.is_some()),
                     ("lora-targets", self.lora_targets.is_some()),
                     ("merge-lora", self.merge_lora),
