@@ -40,7 +40,11 @@ pub fn linear_frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let (out_dim, in_dim) = w.dims2()?;
     if x.dim(candle_core::D::Minus1)? != in_dim {
-        candle_core::bail!("linear_frozen: x {:?} with weight {:?}", x.shape(), w.shape());
+        candle_core::bail!(
+            "linear_frozen: x {:?} with weight {:?}",
+            x.shape(),
+            w.shape()
+        );
     }
     let rows = x.elem_count() / in_dim.max(1);
     let mut dims = x.dims().to_vec();
@@ -77,7 +81,9 @@ impl CustomOp1 for FrozenLinear {
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let wide = self.w.to_dtype(grad.dtype())?;
-        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(&wide, &Grad::Input)?))
+        Ok(Some(
+            grad.contiguous()?.apply_op2_no_bwd(&wide, &Grad::Input)?,
+        ))
     }
 }
 

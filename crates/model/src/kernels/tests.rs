@@ -437,7 +437,13 @@ fn frozen_linear_widens_a_bf16_weight() {
     eprintln!("linear_frozen bf16: forward max_abs_diff {d:e}");
     assert!(d < 1e-6, "{d}");
     let weights = random(&[2, 20, 9], 7, DType::F32);
-    let grads = y.broadcast_mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = y
+        .broadcast_mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
     let dx = grads.get(var.as_tensor()).expect("dx");
     let dx_ref = weights.reshape((40, 9)).unwrap().matmul(&wide).unwrap();
     let d = max_abs_diff(dx, &dx_ref.reshape((2, 20, 16)).unwrap());

@@ -63,7 +63,8 @@ impl LoraDropout {
 
     fn apply(&self, xs: &Tensor) -> Result<Tensor> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ call.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let keep = 1.0 / (1.0 - self.p);
         let mask: Vec<f32> = (0..xs.elem_count())
             .map(|_| {
@@ -129,10 +130,7 @@ fn project(xs: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut dims = xs.dims().to_vec();
     *dims.last_mut().expect("a linear input has rank >= 1") = w.dim(0)?;
     let w = w.to_dtype(xs.dtype())?;
-    Ok(xs
-        .reshape((rows, in_dim))?
-        .matmul(&w.t()?)?
-        .reshape(dims)?)
+    Ok(xs.reshape((rows, in_dim))?.matmul(&w.t()?)?.reshape(dims)?)
 }
 
 thread_local! {

@@ -25,10 +25,10 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use retort_model::lora::{AdaptedBackend, LoraAdapter, LoraDropout, PEFT_PREFIX, target_modules};
 pub use retort_model::lora::{
     ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterConfig, adapter_base, load_with_adapter,
 };
+use retort_model::lora::{AdaptedBackend, LoraAdapter, LoraDropout, PEFT_PREFIX, target_modules};
 use retort_model::train::named_vars;
 use retort_model::{CausalLm, ModelConfig};
 use serde::{Deserialize, Serialize};
@@ -324,7 +324,10 @@ impl LoraModel {
             .enumerate()
             .map(|(i, adapter)| {
                 let dropout = (self.dropout > 0.0).then(|| {
-                    LoraDropout::new(self.dropout, dropout_seed ^ (i as u64).wrapping_mul(INIT_SALT))
+                    LoraDropout::new(
+                        self.dropout,
+                        dropout_seed ^ (i as u64).wrapping_mul(INIT_SALT),
+                    )
                 });
                 let layer = LoraAdapter::new(
                     adapter.a.as_tensor().clone(),
@@ -336,7 +339,11 @@ impl LoraModel {
             })
             .collect();
         let vb = AdaptedBackend::var_builder(Arc::clone(&self.base), &self.device());
-        Ok(retort_model::lora::build_adapted(&self.config, vb, adapters)?)
+        Ok(retort_model::lora::build_adapted(
+            &self.config,
+            vb,
+            adapters,
+        )?)
     }
 
     fn device(&self) -> Device {
@@ -385,7 +392,10 @@ impl LoraModel {
                 adapter.b.as_detached_tensor(),
             );
             let delta = b.matmul(&a)?.affine(self.scale, 0.0)?;
-            merged.insert(name.clone(), (self.base[&name].to_dtype(DType::F32)? + delta)?);
+            merged.insert(
+                name.clone(),
+                (self.base[&name].to_dtype(DType::F32)? + delta)?,
+            );
         }
         Ok(merged)
     }
@@ -473,7 +483,10 @@ fn narrow_base(base: HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<St
 
 /// A seed from the bits of `tensor`'s values (FNV-1a).
 fn values_seed(tensor: &Tensor) -> Result<u64> {
-    let values = tensor.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let values = tensor
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
     Ok(values.iter().fold(0xcbf2_9ce4_8422_2325, |hash, v| {
         (hash ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3)
     }))

@@ -283,7 +283,13 @@ fn lora_gradients_are_the_full_gradient_projected() -> TestResult {
             assert!(name.ends_with("lora_A.weight"), "{name} ({i})");
         }
     }
-    let ids = Tensor::new(&[[3u32, 17, 42, 5, 99, 7, 23, 11], [8, 2, 64, 31, 12, 9, 4, 50]], &Device::Cpu)?;
+    let ids = Tensor::new(
+        &[
+            [3u32, 17, 42, 5, 99, 7, 23, 11],
+            [8, 2, 64, 31, 12, 9, 4, 50],
+        ],
+        &Device::Cpu,
+    )?;
 
     // LoRA: gradients of A and B only.
     let model = adapters.build()?;
@@ -323,8 +329,14 @@ fn lora_gradients_are_the_full_gradient_projected() -> TestResult {
             t.abs()?.flatten_all()?.max(0)?.to_vec0::<f32>()
         };
         eprintln!("{module}: dA max_abs_diff {dda:e}, dB max_abs_diff {ddb:e}");
-        assert!(dda <= 1e-4 * size(&da_want)?.max(1e-3), "{module}: dA {dda}");
-        assert!(ddb <= 1e-4 * size(&db_want)?.max(1e-3), "{module}: dB {ddb}");
+        assert!(
+            dda <= 1e-4 * size(&da_want)?.max(1e-3),
+            "{module}: dA {dda}"
+        );
+        assert!(
+            ddb <= 1e-4 * size(&db_want)?.max(1e-3),
+            "{module}: dB {ddb}"
+        );
     }
     Ok(())
 }
