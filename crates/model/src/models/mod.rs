@@ -477,9 +477,6 @@ impl Linear {
 
 impl candle_core::Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let Some(lora) = &self.lora else {
-            return self.forward_base(xs);
-        };
         // A frozen base in another dtype (bf16) is widened per call, never kept wide.
         let base = if self.weight.dtype() != xs.dtype() && kernels::supported(xs) {
             let ys = kernels::linear_frozen(xs, &self.weight)?;
@@ -489,6 +486,9 @@ impl candle_core::Module for Linear {
             }
         } else {
             self.forward_base(xs)?
+        };
+        let Some(lora) = &self.lora else {
+            return Ok(base);
         };
         let delta = lora
             .forward(xs)
