@@ -297,10 +297,13 @@ fn lora_gradients_are_the_full_gradient_projected() -> TestResult {
     let lora_grads = lora_loss.backward()?;
 
     // Full fine-tuning at the merged weights: dW of every weight.
+    // (The full model's variables share storage with the LoRA base, so this comes after the
+    // LoRA backward.)
     let merged: HashMap<String, Tensor> = adapters.merged_weights()?.into_iter().collect();
     let full_vars: HashMap<String, candle_core::Var> = named_vars(&varmap).into_iter().collect();
-    for (name, var) in &full_vars {
-        var.set(&merged[name])?;
+    for module in adapters.modules() {
+        let name = format!("{module}.weight");
+        full_vars[&name].set(&merged[&name])?;
     }
     let (full_loss, _) = causal_lm_loss(&student.model.forward(&ids, None, None)?, &ids)?;
     let full_grads = full_loss.backward()?;
