@@ -1110,8 +1110,18 @@ mod tests {
         assert_eq!(report["bench"], "retort");
         assert_eq!(report["configs"]["bench-mini"]["hidden"], 32);
         let mini = &report["results"]["bench-mini"];
-        for figure in ["train", "score", "generate_b1", "generate_b8"] {
+        for figure in [
+            "train",
+            "lora",
+            "lora_bf16",
+            "score",
+            "generate_b1",
+            "generate_b8",
+        ] {
             positive(&mini[figure], figure, "tokens_per_s");
+        }
+        for figure in ["train", "lora", "lora_bf16"] {
+            positive(&mini[figure], figure, "train_state_mib");
         }
         assert_eq!(mini["train"]["tokens_per_step"], 24);
         assert_eq!(mini["generate_b8"]["batch"], 8);
@@ -1119,7 +1129,7 @@ mod tests {
         positive(&report["results"]["kd_small_to_tiny"], "kd", "tokens_per_s");
         positive(&report["results"]["verify"], "verify", "pairs_per_s");
         assert_eq!(report["results"]["verify"]["threads"], 1);
-        assert_eq!(lines.len(), 6, "{lines:?}");
+        assert_eq!(lines.len(), 8, "{lines:?}");
     }
 
     #[test]
@@ -1139,7 +1149,7 @@ mod tests {
         assert!(BenchOptions::from_filters(&[], &["bench-huge".into()], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &[], f64::NAN).is_err());
         let all = BenchOptions::from_filters(&[], &[], 1.0).expect("defaults");
-        assert_eq!(all.figures.len(), 6);
+        assert_eq!(all.figures.len(), 8);
         assert_eq!(all.configs, CONFIGS.to_vec());
     }
 
