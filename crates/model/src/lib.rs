@@ -16,6 +16,7 @@ pub mod hub;
 pub mod kernels;
 pub mod kv_cache;
 pub mod load;
+pub mod lora;
 pub mod models;
 pub mod sampling;
 pub mod save;

@@ -8,6 +8,11 @@
 //! figures run the product's own code paths:
 //! - `train`: [`CausalLm::forward`] + [`causal_lm_loss`] + [`Trainer`] (backward, AdamW, lr 1e-4,
 //!   no weight decay) on `[batch, seq]` random ids; `tokens = batch·seq` per step.
+//! - `lora`, `lora_bf16`: the `train` step through LoRA ([`LoraModel`]: rank 16, alpha 32, every
+//!   projection, as `torch_bench.py`'s PEFT figure) on the same weights, the frozen base held in
+//!   f32 or bf16. Both training figures report `train_state_mib`: weights, gradients and AdamW
+//!   moments (for LoRA the frozen base plus the adapters with theirs), and `peak_rss_mib`, the
+//!   process's peak resident memory during that figure alone (Linux, activations included).
 //! - `score`: [`score_batch`] on frozen weights (plain tensors, not `Var`s); `tokens = batch·seq`.
 //! - `generate_b1`, `generate_b8`: greedy [`generate`], 16-token prompt, exactly 128 new tokens
 //!   (no EOS), prefill included; `tokens = batch·128`.
@@ -47,6 +52,7 @@ use serde_json::{Map, Value, json};
 
 use crate::distill::data::Example;
 use crate::distill::divergence::Divergence;
+use crate::distill::lora::{self, BaseName, DEFAULT_TARGETS, LoraModel, LoraSpec};
 use crate::distill::objective::{self, LossSpec, MicroBatch};
 use crate::error::{Error, Result};
 
@@ -143,6 +149,10 @@ impl BenchConfig {
 pub enum Figure {
     /// Forward + loss + backward + AdamW.
     Train,
+    /// As `train` through LoRA (rank 16, alpha 32, every projection), frozen f32 base.
+    Lora,
+    /// As `lora` with the frozen base held in bf16.
+    LoraBf16,
     /// All-position log-probs, no gradient.
     Score,
     /// Greedy generation, batch 1.
@@ -159,8 +169,10 @@ pub enum Figure {
 
 impl Figure {
     /// Every figure, in report order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Train,
+        Self::Lora,
+        Self::LoraBf16,
         Self::Score,
         Self::GenerateB1,
         Self::GenerateB8,
@@ -173,6 +185,8 @@ impl Figure {
     pub fn key(self) -> &'static str {
         match self {
             Self::Train => "train",
+            Self::Lora => "lora",
+            Self::LoraBf16 => "lora_bf16",
             Self::Score => "score",
             Self::GenerateB1 => "generate_b1",
             Self::GenerateB8 => "generate_b8",
@@ -182,9 +196,9 @@ impl Figure {
         }
     }
 
-    /// Figures named in `--only` (`train`, `score`, `generate` (all three generation figures),
-    /// `generate_b1`, `generate_b8`, `generate_many`, `kd`, `kd_small_to_tiny`, `verify`); empty
-    /// means all.
+    /// Figures named in `--only` (`train`, `lora`, `lora_bf16`, `score`, `generate` (all three
+    /// generation figures), `generate_b1`, `generate_b8`, `generate_many`, `kd`,
+    /// `kd_small_to_tiny`, `verify`); empty means all.
     pub fn parse_list(names: &[String]) -> Result<Vec<Self>> {
         if names.is_empty() {
             return Ok(Self::ALL.to_vec());
@@ -193,6 +207,8 @@ impl Figure {
         for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
             let figures: &[Self] = match name {
                 "train" => &[Self::Train],
+                "lora" => &[Self::Lora],
+                "lora_bf16" => &[Self::LoraBf16],
                 "score" => &[Self::Score],
                 "generate" => &[Self::GenerateB1, Self::GenerateB8, Self::GenerateMany],
                 "generate_b1" => &[Self::GenerateB1],
@@ -202,9 +218,9 @@ impl Figure {
                 "verify" => &[Self::Verify],
                 other => {
                     return Err(Error::Invalid(format!(
-                        "unknown figure `{other}` in `--only`; expected `train`, `score`, \
-                         `generate`, `generate_b1`, `generate_b8`, `generate_many`, `kd` or \
-                         `verify`"
+                        "unknown figure `{other}` in `--only`; expected `train`, `lora`, \
+                         `lora_bf16`, `score`, `generate`, `generate_b1`, `generate_b8`, \
+                         `generate_many`, `kd` or `verify`"
                     )));
                 }
             };
@@ -565,15 +581,89 @@ fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
+    // Weights, gradients and two AdamW moments, all f32.
+    let state_bytes = params * 4 * 4;
     entry(
         &timing,
         json!({
             "tokens_per_step": tokens,
             "tokens_per_s": tokens as f64 / timing.median_s,
             "params": params,
+            "train_state_mib": mib(state_bytes),
+            "peak_rss_mib": peak_rss_mib(),
             "phases_ms": phases.medians(timing.iters),
         }),
     )
+}
+
+/// One LoRA step (rank 16, alpha 32, every projection, as `torch_bench.py`'s PEFT figure) on a
+/// base held in `base_dtype`: the same weights, batch and phases as [`bench_train`].
+fn bench_lora(c: &BenchConfig, o: &BenchOptions, base_dtype: DType) -> Result<Value> {
+    let cfg = c.model_config(c.vocab)?;
+    let (varmap, _) = random_model(&cfg, 1)?;
+    let spec = LoraSpec {
+        rank: 16,
+        alpha: 32.0,
+        targets: DEFAULT_TARGETS.map(String::from).to_vec(),
+        dropout: 0.0,
+        base_dtype,
+    };
+    let base = BaseName {
+        name: format!("<{}>", c.name),
+        revision: None,
+    };
+    let lora = LoraModel::new(lora::frozen_weights(&varmap), &cfg, &spec, base, 1)?;
+    drop(varmap);
+    // The layers hold the adapter variables' storage, which AdamW updates in place: one build
+    // serves every step.
+    let model = lora.build()?;
+    let mut trainer = trainer_for(&lora.varmap())?;
+    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    let mut phases = Phases::new(&["forward", "loss", "backward", "optimizer"]);
+    let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
+        phases.start();
+        let logits = model.forward(&ids, None, None)?;
+        phases.end_phase();
+        let (loss_sum, n_tokens) = causal_lm_loss(&logits, &ids)?;
+        phases.end_phase();
+        trainer.accumulate(&loss_sum, n_tokens)?;
+        phases.end_phase();
+        trainer.step()?;
+        phases.end_phase();
+        Ok(())
+    })?;
+    let tokens = c.batch * c.seq;
+    let trainable: usize = lora.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let base_bytes: usize = lora
+        .base_weights()
+        .values()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
+    // The frozen base, then the adapters with their gradients and two AdamW moments (f32).
+    let state_bytes = base_bytes + trainable * 4 * 4;
+    entry(
+        &timing,
+        json!({
+            "tokens_per_step": tokens,
+            "tokens_per_s": tokens as f64 / timing.median_s,
+            "trainable_params": trainable,
+            "base_dtype": format!("{base_dtype:?}").to_lowercase(),
+            "train_state_mib": mib(state_bytes),
+            "peak_rss_mib": peak_rss_mib(),
+            "phases_ms": phases.medians(timing.iters),
+        }),
+    )
+}
+
+/// Bytes in MiB, rounded to 0.01.
+fn mib(bytes: usize) -> f64 {
+    (bytes as f64 / (1024.0 * 1024.0) * 100.0).round() / 100.0
+}
+
+/// Resets the peak resident memory the kernel reports as `VmHWM` (Linux; elsewhere nothing), so
+/// each figure's `peak_rss_mib` is its own.
+fn reset_peak_rss() {
+    let _ = fs_err::write("/proc/self/clear_refs", "5");
 }
 
 fn bench_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
@@ -813,6 +903,8 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
         let mut figures = Map::new();
         for figure in [
             Figure::Train,
+            Figure::Lora,
+            Figure::LoraBf16,
             Figure::Score,
             Figure::GenerateB1,
             Figure::GenerateB8,
@@ -821,8 +913,11 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
             if !wants(figure) {
                 continue;
             }
+            reset_peak_rss();
             let value = match figure {
                 Figure::Train => bench_train(c, options)?,
+                Figure::Lora => bench_lora(c, options, DType::F32)?,
+                Figure::LoraBf16 => bench_lora(c, options, DType::BF16)?,
                 Figure::Score => bench_score(c, options)?,
                 Figure::GenerateB1 => bench_generate(c, 1, options)?,
                 Figure::GenerateMany => bench_generate_many(c, options)?,
@@ -1088,6 +1183,8 @@ mod tests {
         let mini = &report["results"]["bench-mini"];
         for figure in [
             "train",
+            "lora",
+            "lora_bf16",
             "score",
             "generate_b1",
             "generate_b8",
@@ -1097,13 +1194,16 @@ mod tests {
         }
         assert_eq!(mini["generate_many"]["sequences"], 4);
         assert!(mini["generate_many"]["peak_kv_bytes"].as_u64() > Some(0));
+        for figure in ["train", "lora", "lora_bf16"] {
+            positive(&mini[figure], figure, "train_state_mib");
+        }
         assert_eq!(mini["train"]["tokens_per_step"], 24);
         assert_eq!(mini["generate_b8"]["batch"], 8);
         assert!(mini["train"]["phases_ms"]["backward"].as_f64().is_some());
         positive(&report["results"]["kd_small_to_tiny"], "kd", "tokens_per_s");
         positive(&report["results"]["verify"], "verify", "pairs_per_s");
         assert_eq!(report["results"]["verify"]["threads"], 1);
-        assert_eq!(lines.len(), 7, "{lines:?}");
+        assert_eq!(lines.len(), 9, "{lines:?}");
     }
 
     #[test]
@@ -1128,7 +1228,7 @@ mod tests {
         assert!(BenchOptions::from_filters(&[], &["bench-huge".into()], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &[], f64::NAN).is_err());
         let all = BenchOptions::from_filters(&[], &[], 1.0).expect("defaults");
-        assert_eq!(all.figures.len(), 7);
+        assert_eq!(all.figures.len(), 9);
         assert_eq!(all.configs, CONFIGS.to_vec());
     }
 

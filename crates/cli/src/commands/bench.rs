@@ -9,7 +9,8 @@ use retort::bench::{BenchOptions, compare, run as run_bench};
 /// `retort bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Only these figures (comma separated: train, score, generate_b1, generate_b8, kd, verify).
+    /// Only these figures (comma separated: train, lora, lora_bf16, score, generate, generate_b1,
+    /// generate_b8, generate_many, kd, verify).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Only these configs (bench-tiny, bench-small).

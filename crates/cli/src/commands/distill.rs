@@ -176,6 +176,13 @@ pub struct LoraArgs {
     /// With LoRA, also write the merged model as a Hugging Face folder in `OUTPUT/merged`.
     #[arg(long)]
     pub merge_lora: bool,
+    /// LoRA dropout on the adapter input while training, as PEFT's `lora_dropout` [default: 0].
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// With LoRA, hold the frozen base's linear weights in this dtype (`bf16`: half the memory;
+    /// compute stays f32) [default: f32].
+    #[arg(long, value_enum)]
+    pub lora_base_dtype: Option<retort::distill::lora::LoraBaseDtype>,
 }
 
 /// The options from `--config` (if any) with every given flag applied on top.
@@ -232,7 +239,13 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
             }
         )*};
     }
-    set_lora!(lora_rank, lora_alpha, lora_targets);
+    set_lora!(
+        lora_rank,
+        lora_alpha,
+        lora_targets,
+        lora_dropout,
+        lora_base_dtype
+    );
     o.only_correct |= args.only_correct;
     o.resume |= args.resume;
     o.merge_lora |= args.lora.merge_lora;

@@ -31,6 +31,62 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     y.reshape(dims)
 }
 
+/// `x` `[.., in]` times a frozen `w` `[out, in]` of any float dtype, computed in `x`'s dtype
+/// (f32 or f64, CPU). `W` is widened per call, in the forward and again in the backward, and never
+/// kept wide, so a bf16 base costs half the memory of an f32 one. The backward gives `dx` only.
+pub fn linear_frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.dtype() == x.dtype() {
+        return linear(x, &w.detach(), None);
+    }
+    let (out_dim, in_dim) = w.dims2()?;
+    if x.dim(candle_core::D::Minus1)? != in_dim {
+        candle_core::bail!(
+            "linear_frozen: x {:?} with weight {:?}",
+            x.shape(),
+            w.shape()
+        );
+    }
+    let rows = x.elem_count() / in_dim.max(1);
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = out_dim;
+    let x2 = x.contiguous()?.reshape((rows, in_dim))?;
+    let op = FrozenLinear {
+        w: w.detach().contiguous()?,
+    };
+    x2.apply_op1(op)?.reshape(dims)
+}
+
+/// Forward of [`linear_frozen`]: `[rows, in] x [out, in] -> [rows, out]`, `W` in its own dtype.
+struct FrozenLinear {
+    w: Tensor,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "linear-frozen"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_float!(s, self.name(), T => {
+            let x = data::<T>(s, l, self.name())?;
+            let wide = self.w.to_dtype(T::DTYPE)?;
+            let (storage, layout) = wide.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("{}: the weight is not on the CPU", self.name());
+            };
+            let w = data::<T>(cpu, layout, self.name())?;
+            forward(x, l, w, layout, None)
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let wide = self.w.to_dtype(grad.dtype())?;
+        Ok(Some(
+            grad.contiguous()?.apply_op2_no_bwd(&wide, &Grad::Input)?,
+        ))
+    }
+}
+
 /// A row-major view of a matrix inside a slice: element `(i, j)` at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
 struct View<'a, T> {

@@ -2,7 +2,8 @@
 //! `x` with a contiguous row of `W` `[out, in]`, so `W` is streamed once with no packing (a
 //! general GEMM packs the whole weight on every call, which dominates at one or eight rows).
 //!
-//! Backward (through candle ops): `dx = dy · W`, `dW = dyᵀ · x`.
+//! Backward (through candle ops): `dx = dy · W`, `dW = dyᵀ · x`, each only when that input takes
+//! part in autograd.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -199,8 +200,15 @@ impl CustomOp2 for LinearRows {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = grad.matmul(w)?;
-        let dw = grad.t()?.matmul(x)?;
-        Ok((Some(dx), Some(dw)))
+        // A frozen weight (LoRA's base) or an untracked input costs no product.
+        let dx = match x.track_op() {
+            true => Some(grad.matmul(w)?),
+            false => None,
+        };
+        let dw = match w.track_op() {
+            true => Some(grad.t()?.matmul(x)?),
+            false => None,
+        };
+        Ok((dx, dw))
     }
 }

@@ -22,7 +22,7 @@ mod swiglu;
 pub use adamw::{AdamWStep, adamw_update, sum_squares};
 pub use cross_entropy::cross_entropy_sum;
 pub use fixed_linear::{FixedOrder, linear_fixed};
-pub use gemm::linear;
+pub use gemm::{linear, linear_frozen};
 pub use linear::{MAX_ROWS as LINEAR_ROWS_MAX, linear_rows};
 pub use logprobs::target_logprobs;
 pub use paged_attention::{PagedShape, paged_attention};

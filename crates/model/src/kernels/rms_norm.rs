@@ -64,8 +64,12 @@ impl CustomOp2 for RmsNorm {
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         let rows = x.elem_count() / w.elem_count();
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, rows, 1)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        // A frozen weight (LoRA's base) gets no gradient entry; the pass computes it anyway.
+        let dw = match w.track_op() {
+            true => Some(packed.narrow(0, rows, 1)?.reshape(w.shape())?),
+            false => None,
+        };
+        Ok((Some(dx), dw))
     }
 }
 

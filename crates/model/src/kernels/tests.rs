@@ -393,6 +393,65 @@ fn linear_matches_plain_and_finite_differences() {
 }
 
 #[test]
+fn lora_linear_matches_the_merged_weight_and_finite_differences() {
+    use candle_core::Module;
+
+    use crate::lora::LoraAdapter;
+    use crate::models::Linear;
+    let scale = 2.5;
+    // Inputs: x, A [r, in], B [out, r] (differentiated), then the frozen W [out, in] and bias.
+    let adapted = |a: &[Tensor]| {
+        let adapter = LoraAdapter::new(a[1].clone(), a[2].clone(), scale);
+        Linear::new(a[3].detach(), Some(a[4].detach()))
+            .with_adapter(Some(adapter))
+            .forward(&a[0])
+    };
+    // The reference: the merged weight `W + scale · B · A` through candle's matmul.
+    let merged = |a: &[Tensor]| {
+        let w = (&a[3] + (a[2].matmul(&a[1])? * scale)?)?;
+        let (b_sz, seq_len, in_dim) = a[0].dims3()?;
+        a[0].reshape((b_sz * seq_len, in_dim))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&a[4])?
+            .reshape((b_sz, seq_len, w.dim(0)?))
+    };
+    check(
+        "lora linear",
+        &adapted,
+        &merged,
+        &[&[2, 20, 12], &[3, 12], &[7, 3], &[7, 12], &[7]],
+        3,
+        &[2, 20, 7],
+    );
+}
+
+#[test]
+fn frozen_linear_widens_a_bf16_weight() {
+    let x = random(&[2, 20, 16], 5, DType::F32);
+    let w = random(&[9, 16], 6, DType::BF16);
+    let wide = w.to_dtype(DType::F32).unwrap();
+    let var = Var::from_tensor(&x).unwrap();
+    let y = linear_frozen(var.as_tensor(), &w).unwrap();
+    let y_ref = linear(&x, &wide, None).unwrap();
+    let d = max_abs_diff(&y, &y_ref);
+    eprintln!("linear_frozen bf16: forward max_abs_diff {d:e}");
+    assert!(d < 1e-6, "{d}");
+    let weights = random(&[2, 20, 9], 7, DType::F32);
+    let grads = y
+        .broadcast_mul(&weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx = grads.get(var.as_tensor()).expect("dx");
+    let dx_ref = weights.reshape((40, 9)).unwrap().matmul(&wide).unwrap();
+    let d = max_abs_diff(dx, &dx_ref.reshape((2, 20, 16)).unwrap());
+    eprintln!("linear_frozen bf16: dx max_abs_diff {d:e}");
+    assert!(d < 1e-5, "{d}");
+}
+
+#[test]
 fn target_logprobs_matches_plain_and_finite_differences() {
     // Targets cover the first, last and middle ids; more rows than one block.
     let targets: Vec<u32> = (0..2 * 21).map(|i| (i * 7 % 13) as u32).collect();

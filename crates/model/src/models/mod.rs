@@ -17,6 +17,7 @@ use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kv_cache::{KvCache, KvStore};
+use crate::lora::LoraAdapter;
 
 /// A causal LM of one of the supported architectures.
 #[derive(Debug, Clone)]
@@ -449,22 +450,35 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias).with_adapter(crate::lora::scoped_adapter(&vb.prefix())))
 }
 
 /// `y = x · Wᵀ + b` with `W` `[out, in]`. On CPU in f32/f64: [`kernels::linear`] (one GEMM,
 /// bias fused, hand-written backward), or [`kernels::linear_rows`] for the few rows of a
-/// decoding step (no weight packing); elsewhere candle's matmul.
+/// decoding step (no weight packing); elsewhere candle's matmul. With a [`LoraAdapter`] (see
+/// [`crate::lora`]) the weight is frozen, possibly stored in a lower precision than the input,
+/// and the adapter's output is added.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
 }
 
 impl Linear {
     /// A layer from its weight `[out, in]` and optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// The same layer with `adapter` added to its output (the weight then takes no gradient).
+    pub fn with_adapter(mut self, adapter: Option<LoraAdapter>) -> Self {
+        self.lora = adapter;
+        self
     }
 
     /// The weight `[out, in]`.
@@ -475,6 +489,29 @@ impl Linear {
 
 impl candle_core::Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // A frozen base in another dtype (bf16) is widened per call, never kept wide.
+        let base = if self.weight.dtype() != xs.dtype() && kernels::supported(xs) {
+            let ys = kernels::linear_frozen(xs, &self.weight)?;
+            match &self.bias {
+                Some(bias) => ys.broadcast_add(&bias.to_dtype(xs.dtype())?)?,
+                None => ys,
+            }
+        } else {
+            self.forward_base(xs)?
+        };
+        let Some(lora) = &self.lora else {
+            return Ok(base);
+        };
+        let delta = lora
+            .forward(xs)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        base + delta
+    }
+}
+
+impl Linear {
+    /// `x · Wᵀ + b`, without the adapter.
+    fn forward_base(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let in_dim = xs.dim(D::Minus1)?;
         let rows = xs.elem_count() / in_dim.max(1);
         let fused = kernels::supported(xs)

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::distill::divergence::DivergenceKind;
+use crate::distill::lora::LoraBaseDtype;
 use crate::distill::teacher::MissingMass;
 use crate::error::{Error, Result};
 use crate::model_spec::ModelSpec;
@@ -178,6 +179,12 @@ pub struct DistillOptions {
     pub lora_targets: Option<Vec<String>>,
     /// With LoRA, also write the merged model as a Hugging Face folder in `OUTPUT/merged`.
     pub merge_lora: bool,
+    /// LoRA dropout on the adapter input while training (PEFT's `lora_dropout`, default 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// The dtype LoRA holds the frozen base's linear weights in (`f32`, the default, or `bf16`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_base_dtype: Option<LoraBaseDtype>,
     /// Test hook: make the loss of this (1-based) step non-finite. Never saved.
     #[doc(hidden)]
     #[serde(skip)]
@@ -230,6 +237,8 @@ impl Default for DistillOptions {
             lora_alpha: None,
             lora_targets: None,
             merge_lora: false,
+            lora_dropout: None,
+            lora_base_dtype: None,
             inject_non_finite_at_step: None,
             stop_after_step: None,
         }

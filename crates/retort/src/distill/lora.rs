@@ -1,22 +1,22 @@
 //! LoRA on the student: [`LoraModel`] keeps the base weights frozen and trains, for each targeted
 //! linear layer `W [out, in]`, a pair `A [r, in]` (Kaiming-uniform, as PEFT initialises it) and
-//! `B [out, r]` (zero), so the layer computes with `W + (alpha / r) * B @ A`.
+//! `B [out, r]` (zero), so the layer computes `x · Wᵀ + (alpha / r) · (x · Aᵀ) · Bᵀ`.
 //!
-//! The model files are not LoRA-aware: [`LoraModel::build`] hands [`CausalLm::new`] a
-//! [`candle_nn::var_builder::SimpleBackend`] that answers each targeted `*.weight` with the merged
-//! tensor (built from the current `A`/`B` variables, so autograd reaches them) and every other
-//! name with the frozen base tensor. The trainer rebuilds the network after each optimizer step;
-//! building costs one `B @ A` per target. The trade-off: the backward still forms the full
-//! `[out, in]` gradient of each merged weight before projecting it onto `A` and `B`, so a step
-//! costs about what full fine-tuning does; what LoRA saves is optimizer state and output size.
+//! The adapted layer itself lives in the model crate ([`retort_model::lora`]):
+//! [`LoraModel::build`] builds the network with a [`LoraAdapter`] on each targeted layer, whose
+//! `A`/`B` are the trainable variables. The merged weight is never formed while training and no
+//! base weight takes part in autograd: the backward computes `dx` through `W` and `dA`, `dB`
+//! through the two rank-`r` products. The frozen base may be held in bf16
+//! ([`LoraSpec::base_dtype`]; the layers compute in f32, adapters and optimizer state stay f32).
+//! Dropout on the adapter input ([`LoraSpec::dropout`]) follows PEFT and is off in
+//! [`LoraModel::build_detached`], which merges `W + scale · B · A` for inference.
 //!
 //! Adapters are saved in PEFT's format ([`write_adapter`]): `adapter_config.json`
 //! ([`AdapterConfig`]) and `adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`. [`load_with_adapter`] reads such a
-//! folder onto its base model. Dropout on the LoRA input is not implemented (`lora_dropout` is
-//! written as 0).
+//! folder onto its base model.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -25,16 +25,16 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+pub use retort_model::lora::{
+    ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, AdapterConfig, adapter_base, load_with_adapter,
+};
+use retort_model::lora::{AdaptedBackend, LoraAdapter, LoraDropout, PEFT_PREFIX, target_modules};
 use retort_model::train::named_vars;
-use retort_model::{CausalLm, LoadOptions, LoadedModel, ModelConfig};
+use retort_model::{CausalLm, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// File name of the PEFT adapter config.
-pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
-/// File name of the PEFT adapter weights.
-pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 /// The linear layers targeted when none are named: every projection of attention and MLP.
 pub const DEFAULT_TARGETS: [&str; 7] = [
     "q_proj",
@@ -45,8 +45,6 @@ pub const DEFAULT_TARGETS: [&str; 7] = [
     "up_proj",
     "down_proj",
 ];
-/// PEFT's prefix of the adapter keys of a causal LM.
-const PEFT_PREFIX: &str = "base_model.model.";
 /// Mixed into the run's seed for the `A` initialisation, so it is independent of the data order.
 const INIT_SALT: u64 = 0x6c6f_7261_5f69_6e69;
 
@@ -59,6 +57,10 @@ pub struct LoraSpec {
     pub alpha: f64,
     /// Module names (last path component, as PEFT's `target_modules`).
     pub targets: Vec<String>,
+    /// Dropout probability on the adapter input while training (PEFT's `lora_dropout`).
+    pub dropout: f64,
+    /// The dtype the frozen base's linear weights are held in (f32, or bf16 for half the memory).
+    pub base_dtype: DType,
 }
 
 impl LoraSpec {
@@ -68,150 +70,24 @@ impl LoraSpec {
     }
 }
 
-/// `adapter_config.json` as PEFT reads and writes it (the fields retort uses; others are kept
-/// when read and ignored).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AdapterConfig {
-    /// Always `LORA`.
-    pub peft_type: String,
-    /// Always `CAUSAL_LM`.
-    #[serde(default)]
-    pub task_type: Option<String>,
-    /// The rank.
-    pub r: usize,
-    /// The scale numerator.
-    pub lora_alpha: f64,
-    /// Adapted module names.
-    pub target_modules: Vec<String>,
-    /// The base model (a folder path or a hub name).
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    /// The hub revision of the base, when it came from the hub.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revision: Option<String>,
-    /// Whether weights are stored `[in, out]` (never, for these models).
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    /// Which biases train (`none`).
-    #[serde(default = "bias_none")]
-    pub bias: String,
-    /// Dropout on the LoRA input during training (retort trains without it).
-    #[serde(default)]
-    pub lora_dropout: f64,
-    /// Rank-stabilised scaling `alpha / sqrt(r)` instead of `alpha / r`.
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Whether the adapter is frozen (inference only).
-    #[serde(default)]
-    pub inference_mode: bool,
-    /// Layers saved whole beside the adapter (none).
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    /// Every other field, kept as read.
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
+/// The dtype LoRA holds the frozen base's linear weights in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum LoraBaseDtype {
+    /// Full precision.
+    #[default]
+    F32,
+    /// bfloat16: half the memory; the layers widen each weight to f32 per call.
+    Bf16,
 }
 
-fn bias_none() -> String {
-    "none".into()
-}
-
-impl AdapterConfig {
-    /// The config of an adapter trained per `spec` on `base`.
-    pub fn new(spec: &LoraSpec, base: BaseName) -> Self {
-        Self {
-            peft_type: "LORA".into(),
-            task_type: Some("CAUSAL_LM".into()),
-            r: spec.rank,
-            lora_alpha: spec.alpha,
-            target_modules: spec.targets.clone(),
-            base_model_name_or_path: Some(base.name),
-            revision: base.revision,
-            fan_in_fan_out: false,
-            bias: bias_none(),
-            lora_dropout: 0.0,
-            use_rslora: false,
-            inference_mode: true,
-            modules_to_save: None,
-            extra: serde_json::Map::new(),
-        }
-    }
-
-    /// Reads `dir/adapter_config.json` and checks that retort can apply it.
-    pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(ADAPTER_CONFIG_FILE);
-        if !path.is_file() {
-            return Err(Error::Invalid(format!(
-                "`{}` is not a PEFT adapter folder: `{ADAPTER_CONFIG_FILE}` is missing",
-                dir.display()
-            )));
-        }
-        let text = fs_err::read_to_string(&path)?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| Error::Input {
-            path: path.clone(),
-            line: e.line(),
-            message: format!("invalid adapter config: {e}"),
-        })?;
-        let bad = |message: String| Error::Input {
-            path: path.clone(),
-            line: 1,
-            message,
-        };
-        if config.peft_type != "LORA" {
-            return Err(bad(format!(
-                "field `peft_type`: expected `LORA`, got `{}`",
-                config.peft_type
-            )));
-        }
-        if config.r == 0 {
-            return Err(bad("field `r`: must be at least 1".into()));
-        }
-        if config.fan_in_fan_out {
-            return Err(bad(
-                "field `fan_in_fan_out`: `true` (Conv1D layouts) is not supported".into(),
-            ));
-        }
-        if config.bias != "none" {
-            return Err(bad(format!(
-                "field `bias`: only `none` is supported, got `{}`",
-                config.bias
-            )));
-        }
-        if config
-            .modules_to_save
-            .as_ref()
-            .is_some_and(|m| !m.is_empty())
-        {
-            return Err(bad("field `modules_to_save`: not supported".into()));
-        }
-        for key in ["rank_pattern", "alpha_pattern"] {
-            if config
-                .extra
-                .get(key)
-                .is_some_and(|v| v.as_object().is_some_and(|o| !o.is_empty()))
-            {
-                return Err(bad(format!(
-                    "field `{key}`: per-module ranks are not supported"
-                )));
-            }
-        }
-        if config
-            .extra
-            .get("use_dora")
-            .and_then(serde_json::Value::as_bool)
-            == Some(true)
-        {
-            return Err(bad("field `use_dora`: DoRA is not supported".into()));
-        }
-        Ok(config)
-    }
-
-    /// The factor on `B @ A`.
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
+impl LoraBaseDtype {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
         }
     }
 }
@@ -275,6 +151,7 @@ pub struct LoraModel {
     base: Arc<HashMap<String, Tensor>>,
     adapters: Vec<Adapter>,
     scale: f64,
+    dropout: f64,
     config: ModelConfig,
     adapter_config: AdapterConfig,
 }
@@ -301,6 +178,12 @@ impl LoraModel {
                 spec.alpha
             )));
         }
+        if !(0.0..1.0).contains(&spec.dropout) {
+            return Err(Error::Invalid(format!(
+                "field `lora-dropout`: must be in [0, 1), got {}",
+                spec.dropout
+            )));
+        }
         let modules = target_modules(&base, &spec.targets)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ INIT_SALT);
         let mut adapters = Vec::with_capacity(modules.len());
@@ -310,9 +193,8 @@ impl LoraModel {
             let values: Vec<f32> = (0..spec.rank * in_dim)
                 .map(|_| rng.random_range(-bound..bound))
                 .collect();
-            let a = Tensor::from_vec(values, (spec.rank, in_dim), weight.device())?
-                .to_dtype(weight.dtype())?;
-            let b = Tensor::zeros((out_dim, spec.rank), weight.dtype(), weight.device())?;
+            let a = Tensor::from_vec(values, (spec.rank, in_dim), weight.device())?;
+            let b = Tensor::zeros((out_dim, spec.rank), DType::F32, weight.device())?;
             adapters.push(Adapter {
                 module,
                 a: Var::from_tensor(&a)?,
@@ -320,11 +202,19 @@ impl LoraModel {
             });
         }
         Ok(Self {
-            base: Arc::new(base),
+            base: Arc::new(narrow_base(base, spec.base_dtype)?),
             adapters,
             scale: spec.scale(),
+            dropout: spec.dropout,
             config: config.clone(),
-            adapter_config: AdapterConfig::new(spec, base_name),
+            adapter_config: AdapterConfig::lora(
+                spec.rank,
+                spec.alpha,
+                spec.targets.clone(),
+                spec.dropout,
+                base_name.name,
+                base_name.revision,
+            ),
         })
     }
 
@@ -359,57 +249,22 @@ impl LoraModel {
                 )));
             }
         }
-        let path = dir.join(ADAPTER_WEIGHTS_FILE);
-        let device = base
-            .values()
-            .next()
-            .map_or(Device::Cpu, |t| t.device().clone());
-        let mut tensors = candle_core::safetensors::load(&path, &device).map_err(|e| {
-            Error::Invalid(format!(
-                "cannot read adapter weights `{}`: {e}",
-                path.display()
-            ))
-        })?;
-        let modules = target_modules(&base, &adapter_config.target_modules)?;
-        let rank = adapter_config.r;
-        let mut adapters = Vec::with_capacity(modules.len());
-        for (module, (out_dim, in_dim)) in modules {
-            let dtype = base[&format!("{module}.weight")].dtype();
-            let mut take = |which: &str, shape: (usize, usize)| -> Result<Var> {
-                let key = format!("{PEFT_PREFIX}{module}.lora_{which}.weight");
-                let tensor = tensors.remove(&key).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "`{}`: missing tensor `{key}` (targets {:?})",
-                        path.display(),
-                        adapter_config.target_modules
-                    ))
-                })?;
-                if tensor.dims() != [shape.0, shape.1] {
-                    return Err(Error::Invalid(format!(
-                        "`{}`: tensor `{key}` has shape {:?}, the base model and r = {rank} \
-                         imply [{}, {}]",
-                        path.display(),
-                        tensor.dims(),
-                        shape.0,
-                        shape.1
-                    )));
-                }
-                Ok(Var::from_tensor(&tensor.to_dtype(dtype)?)?)
-            };
-            let a = take("A", (rank, in_dim))?;
-            let b = take("B", (out_dim, rank))?;
-            adapters.push(Adapter { module, a, b });
-        }
-        if let Some(key) = tensors.keys().min() {
-            return Err(Error::Invalid(format!(
-                "`{}`: tensor `{key}` matches no targeted layer of the base model",
-                path.display()
-            )));
-        }
+        let adapters = retort_model::lora::read_adapter(dir, &adapter_config, &base)?
+            .into_iter()
+            .map(|(module, a, b)| {
+                Ok(Adapter {
+                    module,
+                    a: Var::from_tensor(&a)?,
+                    b: Var::from_tensor(&b)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (dropout, base_dtype) = spec.map_or((0.0, DType::F32), |s| (s.dropout, s.base_dtype));
         Ok(Self {
-            base: Arc::new(base),
+            base: Arc::new(narrow_base(base, base_dtype)?),
             adapters,
             scale: adapter_config.scale(),
+            dropout,
             config: config.clone(),
             adapter_config,
         })
@@ -455,28 +310,67 @@ impl LoraModel {
         &self.adapter_config
     }
 
-    /// The network with merged weights `W + scale * B @ A`, differentiable in every `A` and `B`.
+    /// The training network: each targeted layer computes `x · Wᵀ + scale · (drop(x) · Aᵀ) · Bᵀ`
+    /// with `W` frozen, differentiable in every `A` and `B` and in nothing else.
     pub fn build(&self) -> Result<CausalLm> {
-        self.build_from(self.merged(false)?)
+        // Masks are seeded from the adapters' current values: a resumed run draws the same ones
+        // as an uninterrupted run without a counter in the checkpoint.
+        let dropout_seed = match (self.dropout > 0.0, self.adapters.first()) {
+            (true, Some(first)) => values_seed(&first.a.as_detached_tensor())?,
+            _ => 0,
+        };
+        let adapters = self
+            .adapters
+            .iter()
+            .enumerate()
+            .map(|(i, adapter)| {
+                let dropout = (self.dropout > 0.0).then(|| {
+                    LoraDropout::new(
+                        self.dropout,
+                        dropout_seed ^ (i as u64).wrapping_mul(INIT_SALT),
+                    )
+                });
+                let layer = LoraAdapter::new(
+                    adapter.a.as_tensor().clone(),
+                    adapter.b.as_tensor().clone(),
+                    self.scale,
+                )
+                .with_dropout(dropout);
+                (adapter.module.clone(), layer)
+            })
+            .collect();
+        let vb = AdaptedBackend::var_builder(Arc::clone(&self.base), &self.device());
+        Ok(retort_model::lora::build_adapted(
+            &self.config,
+            vb,
+            adapters,
+        )?)
+    }
+
+    fn device(&self) -> Device {
+        self.base
+            .values()
+            .next()
+            .map_or(Device::Cpu, |t| t.device().clone())
     }
 
     /// The network with merged weights and no graph (inference).
     pub fn build_detached(&self) -> Result<CausalLm> {
-        self.build_from(self.merged(true)?)
+        self.build_from(self.merged()?)
     }
 
     /// Every weight of the merged model under its Hugging Face name (detached), sorted: what a
     /// full Hugging Face folder of the adapted model holds.
     pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let merged = self.merged(true)?;
+        let merged = self.merged()?;
         let mut out: Vec<(String, Tensor)> = self
             .base
             .iter()
             .map(|(name, tensor)| {
-                let tensor = merged.get(name).unwrap_or(tensor).clone();
-                (name.clone(), tensor)
+                let tensor = merged.get(name).unwrap_or(tensor).to_dtype(DType::F32)?;
+                Ok((name.clone(), tensor))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         out.sort_by(|x, y| x.0.cmp(&y.0));
         Ok(out)
     }
@@ -489,20 +383,20 @@ impl LoraModel {
             .collect()
     }
 
-    fn merged(&self, detached: bool) -> Result<HashMap<String, Tensor>> {
+    /// `W + scale · B · A` of every adapted layer, detached, in f32.
+    fn merged(&self) -> Result<HashMap<String, Tensor>> {
         let mut merged = HashMap::with_capacity(self.adapters.len());
         for adapter in &self.adapters {
             let name = adapter.weight_name();
-            let (a, b) = if detached {
-                (
-                    adapter.a.as_detached_tensor(),
-                    adapter.b.as_detached_tensor(),
-                )
-            } else {
-                (adapter.a.as_tensor().clone(), adapter.b.as_tensor().clone())
-            };
+            let (a, b) = (
+                adapter.a.as_detached_tensor(),
+                adapter.b.as_detached_tensor(),
+            );
             let delta = b.matmul(&a)?.affine(self.scale, 0.0)?;
-            merged.insert(name.clone(), (&self.base[&name] + delta)?);
+            merged.insert(
+                name.clone(),
+                (self.base[&name].to_dtype(DType::F32)? + delta)?,
+            );
         }
         Ok(merged)
     }
@@ -570,48 +464,33 @@ impl SimpleBackend for MergedBackend {
     }
 }
 
-/// The modules of `base` whose last path component is one of `targets`, with their weight's
-/// `(out, in)`, sorted. Only 2-D `*.weight` tensors other than the embeddings qualify; a target
-/// that matches nothing is an error listing the linear layers there are.
-fn target_modules(
-    base: &HashMap<String, Tensor>,
-    targets: &[String],
-) -> Result<BTreeMap<String, (usize, usize)>> {
-    if targets.is_empty() {
-        return Err(Error::Invalid(
-            "field `lora-targets`: name at least one module".into(),
-        ));
-    }
-    let mut linear = BTreeMap::new();
-    for (name, tensor) in base {
-        let Some(module) = name.strip_suffix(".weight") else {
-            continue;
-        };
-        let last = module.rsplit('.').next().unwrap_or(module);
-        if let (Ok((out_dim, in_dim)), false) = (tensor.dims2(), last == "embed_tokens") {
-            linear.insert(module.to_string(), (last.to_string(), (out_dim, in_dim)));
-        }
-    }
-    let mut chosen = BTreeMap::new();
-    for target in targets {
-        let before = chosen.len();
-        for (module, (last, dims)) in &linear {
-            if last == target {
-                chosen.insert(module.clone(), *dims);
-            }
-        }
-        if chosen.len() == before {
-            let mut kinds: Vec<&str> = linear.values().map(|(l, _)| l.as_str()).collect();
-            kinds.sort_unstable();
-            kinds.dedup();
-            return Err(Error::Invalid(format!(
-                "field `lora-targets`: `{target}` matches no linear layer of the model; it has \
-                 {}",
-                kinds.join(", ")
-            )));
-        }
-    }
-    Ok(chosen)
+/// `base` with the 2-D linear weights (not the embeddings) in `dtype`; norms, biases and
+/// embeddings stay as they are.
+fn narrow_base(base: HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    base.into_iter()
+        .map(|(name, tensor)| {
+            let linear = tensor.rank() == 2
+                && name.ends_with(".weight")
+                && !name.ends_with("embed_tokens.weight");
+            let tensor = if linear && tensor.dtype() != dtype {
+                tensor.to_dtype(dtype)?
+            } else {
+                tensor
+            };
+            Ok((name, tensor))
+        })
+        .collect()
+}
+
+/// A seed from the bits of `tensor`'s values (FNV-1a).
+fn values_seed(tensor: &Tensor) -> Result<u64> {
+    let values = tensor
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(values.iter().fold(0xcbf2_9ce4_8422_2325, |hash, v| {
+        (hash ^ u64::from(v.to_bits())).wrapping_mul(0x0100_0000_01b3)
+    }))
 }
 
 /// Every weight a trainable load of `model`'s folder yields, as plain (frozen) tensors.
@@ -645,45 +524,6 @@ pub fn write_adapter(dir: &Path, lora: &LoraModel, source_dir: &Path) -> Result<
         }
     }
     Ok(())
-}
-
-/// The base model spec an adapter folder names, when `dir` is a PEFT adapter folder (an
-/// `adapter_config.json` and no `config.json`), as `AutoPeftModelForCausalLM` reads it: an
-/// existing folder as is, otherwise a hub name (`hf:NAME[@REVISION]`).
-pub fn adapter_base(dir: &Path) -> Result<Option<String>> {
-    if !dir.join(ADAPTER_CONFIG_FILE).is_file() || dir.join("config.json").is_file() {
-        return Ok(None);
-    }
-    let config = AdapterConfig::read(dir)?;
-    let Some(name) = config.base_model_name_or_path else {
-        return Err(Error::Invalid(format!(
-            "`{}`: adapter_config.json has no base_model_name_or_path; load the base model and \
-             the adapter explicitly",
-            dir.join(ADAPTER_CONFIG_FILE).display()
-        )));
-    };
-    if Path::new(&name).is_dir() {
-        return Ok(Some(name));
-    }
-    Ok(Some(match config.revision {
-        Some(revision) => format!("hf:{name}@{revision}"),
-        None => format!("hf:{name}"),
-    }))
-}
-
-/// Loads the base model `base` (a folder or `hf:` spec) with the PEFT LoRA adapter in
-/// `adapter_dir` merged into its weights, ready for inference.
-pub fn load_with_adapter(
-    base: &str,
-    adapter_dir: &Path,
-    opts: &LoadOptions,
-) -> Result<LoadedModel> {
-    let dir = retort_model::load::resolve_dir(base, opts.hf_cache.as_deref())?;
-    let (mut model, varmap) = retort_model::load_trainable_with(&dir, opts)?;
-    let lora =
-        LoraModel::from_adapter_dir(frozen_weights(&varmap), &model.config, adapter_dir, None)?;
-    model.model = lora.build_detached()?;
-    Ok(model)
 }
 
 #[cfg(test)]

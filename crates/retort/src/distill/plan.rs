@@ -224,6 +224,8 @@ impl DistillOptions {
                 .lora_targets
                 .clone()
                 .unwrap_or_else(|| DEFAULT_TARGETS.map(String::from).to_vec()),
+            dropout: self.lora_dropout.unwrap_or(0.0),
+            base_dtype: self.lora_base_dtype.unwrap_or_default().dtype(),
         })
     }
 
@@ -384,10 +386,17 @@ impl DistillOptions {
                         format!("expected module names such as `q_proj`, got {targets:?}"),
                     ));
                 }
+                if let Some(p) = self.lora_dropout
+                    && !(0.0..1.0).contains(&p)
+                {
+                    return Err(bad("lora-dropout", format!("must be in [0, 1), got {p}")));
+                }
                 Ok(self.lora())
             }
             None => {
                 let set = [
+                    ("lora-dropout", self.lora_dropout.is_some()),
+                    ("lora-base-dtype", self.lora_base_dtype.is_some()),
                     ("lora-alpha", self.lora_alpha.is_some()),
                     ("lora-targets", self.lora_targets.is_some()),
                     ("merge-lora", self.merge_lora),

@@ -322,7 +322,7 @@ impl<'p> Run<'p> {
             .step()
             .map_err(|e| non_finite(step, &e.to_string(), self.last_checkpoint.as_deref()))?;
         if let Some(adapters) = &self.student.lora {
-            // The merged weights were computed from the adapters before the update.
+            // Rebuilt after each update: it draws the next step's dropout masks.
             self.student.model.model = adapters.build()?;
         }
         let seconds = step_start.elapsed().as_secs_f64();

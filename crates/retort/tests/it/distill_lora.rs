@@ -246,3 +246,100 @@ fn lora_options_are_checked() -> TestResult {
     );
     Ok(())
 }
+
+/// The largest `|a - b|` over all elements.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    (a - b)?.abs()?.flatten_all()?.max(0)?.to_vec0::<f32>()
+}
+
+/// Full fine-tuning and LoRA see the same loss at the merged weights, and LoRA's gradients are
+/// full fine-tuning's weight gradient projected: `dA = s·Bᵀ·dW`, `dB = s·dW·Aᵀ` (See: #18).
+#[test]
+fn lora_gradients_are_the_full_gradient_projected() -> TestResult {
+    use retort_model::train::{causal_lm_loss, named_vars};
+    let dir = fixture("qwen2-tiny");
+    let (student, varmap) = retort_model::load_trainable(std::path::Path::new(&dir))?;
+    let spec = lora::LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "o_proj".into(), "up_proj".into()],
+        dropout: 0.0,
+        base_dtype: candle_core::DType::F32,
+    };
+    let base = lora::BaseName::from_spec(&dir);
+    let adapters = lora::LoraModel::new(
+        lora::frozen_weights(&varmap),
+        &student.config,
+        &spec,
+        base,
+        3,
+    )?;
+    // B starts at zero, which would make every dA zero: give it values.
+    for (i, (name, var)) in adapters.vars().into_iter().enumerate() {
+        if name.ends_with("lora_B.weight") {
+            let values = Tensor::randn(0f32, 0.05, var.shape(), &Device::Cpu)?;
+            var.set(&values)?;
+        } else {
+            assert!(name.ends_with("lora_A.weight"), "{name} ({i})");
+        }
+    }
+    let ids = Tensor::new(
+        &[
+            [3u32, 17, 42, 5, 99, 7, 23, 11],
+            [8, 2, 64, 31, 12, 9, 4, 50],
+        ],
+        &Device::Cpu,
+    )?;
+
+    // LoRA: gradients of A and B only.
+    let model = adapters.build()?;
+    let (lora_loss, _) = causal_lm_loss(&model.forward(&ids, None, None)?, &ids)?;
+    let lora_grads = lora_loss.backward()?;
+
+    // Full fine-tuning at the merged weights: dW of every weight.
+    // (The full model's variables share storage with the LoRA base, so this comes after the
+    // LoRA backward.)
+    let merged: HashMap<String, Tensor> = adapters.merged_weights()?.into_iter().collect();
+    let full_vars: HashMap<String, candle_core::Var> = named_vars(&varmap).into_iter().collect();
+    for module in adapters.modules() {
+        let name = format!("{module}.weight");
+        full_vars[&name].set(&merged[&name])?;
+    }
+    let (full_loss, _) = causal_lm_loss(&student.model.forward(&ids, None, None)?, &ids)?;
+    let full_grads = full_loss.backward()?;
+    let (lora_value, full_value) = (lora_loss.to_vec0::<f32>()?, full_loss.to_vec0::<f32>()?);
+    eprintln!("loss: lora {lora_value} full {full_value}");
+    assert!((lora_value - full_value).abs() < 1e-5 * full_value.abs().max(1.0));
+
+    // No gradient reaches a base weight through the LoRA path.
+    for (name, tensor) in adapters.base_weights() {
+        assert!(lora_grads.get(tensor).is_none(), "`{name}` got a gradient");
+    }
+    let scale = adapters.scale();
+    let vars: HashMap<String, candle_core::Var> = adapters.vars().into_iter().collect();
+    for module in adapters.modules() {
+        let key = |which: &str| format!("base_model.model.{module}.lora_{which}.weight");
+        let (a, b) = (&vars[&key("A")], &vars[&key("B")]);
+        let dw = full_grads
+            .get(full_vars[&format!("{module}.weight")].as_tensor())
+            .ok_or("no dW")?;
+        let da_want = (b.as_tensor().t()?.matmul(dw)? * scale)?;
+        let db_want = (dw.matmul(&a.as_tensor().t()?)? * scale)?;
+        let da = lora_grads.get(a.as_tensor()).ok_or("no dA")?;
+        let db = lora_grads.get(b.as_tensor()).ok_or("no dB")?;
+        let (dda, ddb) = (max_abs_diff(da, &da_want)?, max_abs_diff(db, &db_want)?);
+        let size = |t: &Tensor| -> candle_core::Result<f32> {
+            t.abs()?.flatten_all()?.max(0)?.to_vec0::<f32>()
+        };
+        eprintln!("{module}: dA max_abs_diff {dda:e}, dB max_abs_diff {ddb:e}");
+        assert!(
+            dda <= 1e-4 * size(&da_want)?.max(1e-3),
+            "{module}: dA {dda}"
+        );
+        assert!(
+            ddb <= 1e-4 * size(&db_want)?.max(1e-3),
+            "{module}: dB {ddb}"
+        );
+    }
+    Ok(())
+}
