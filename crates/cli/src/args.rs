@@ -11,6 +11,7 @@ use retort::backend::open::BackendOptions;
 use retort::backend::openai::ApiKey;
 use retort::backend::openai::score::ScoreProtocol;
 use retort::backend::scorer::ScorerOptions;
+use retort::compute::{Compute, DeviceChoice, Precision};
 
 /// retort: reasoning distillation from teacher traces to a small student, in one binary.
 #[derive(Debug, Parser)]
@@ -63,6 +64,8 @@ pub enum Command {
     World(crate::commands::world::WorldArgs),
     /// Compare a teacher and a student before distilling: vocabulary, tokenizer, chat template, EOS, scores.
     Check(crate::commands::check::CheckArgs),
+    /// Check a device and dtype against the PyTorch fixtures and the CPU's training step.
+    DeviceCheck(crate::commands::device_check::DeviceCheckArgs),
     /// Print one JSON line of speed figures (tokens/s, pairs/s), shaped like the PyTorch reference.
     Bench(crate::commands::bench::BenchArgs),
 }
@@ -105,9 +108,40 @@ impl SamplingArgs {
     }
 }
 
+/// Where local models run and in which precision.
+#[derive(Debug, Args, Clone)]
+pub struct ComputeArgs {
+    /// Device of local models: `cpu`, `cuda` or `cuda:N` (a CUDA build: `scripts/cuda-build.sh`).
+    #[arg(
+        long,
+        env = "RETORT_DEVICE",
+        default_value = "cpu",
+        value_name = "DEVICE"
+    )]
+    pub device: DeviceChoice,
+    /// Precision of local models. Inference: `auto` is f32 on the CPU and the checkpoint's dtype
+    /// on CUDA; bf16/f16 on the CPU store the linear layers' weights in that type and compute in
+    /// f32. Training keeps f32 weights and optimizer state; bf16/f16 runs its matrix multiplies in
+    /// that type (autocast), and `auto` is f32 on the CPU and bf16 autocast on CUDA.
+    #[arg(long, value_enum, default_value_t = Precision::Auto)]
+    pub dtype: Precision,
+}
+
+impl ComputeArgs {
+    /// The library's compute settings.
+    pub fn compute(&self) -> Compute {
+        Compute {
+            device: self.device,
+            precision: self.dtype,
+        }
+    }
+}
+
 /// How to reach a model: batching for local models, concurrency and retries for servers.
 #[derive(Debug, Args, Clone)]
 pub struct BackendArgs {
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// Sequences in flight for a local model (0: auto, 256 within a 4 GiB key/value budget).
     #[arg(long, default_value_t = BackendOptions::default().batch_size)]
     pub batch_size: usize,
@@ -172,6 +206,7 @@ impl BackendArgs {
             chat_template_kwargs: self.chat_template_kwargs.clone().unwrap_or_default(),
             extra_body: self.extra_body.clone().unwrap_or_default(),
             api_key: self.api_key.clone().map(ApiKey::new),
+            compute: self.compute.compute(),
         }
     }
 }
@@ -180,6 +215,8 @@ impl BackendArgs {
 /// with a teacher or student (`select`, `trace`, `check`).
 #[derive(Debug, Clone, Args)]
 pub struct ServerScoreArgs {
+    #[command(flatten)]
+    pub compute: ComputeArgs,
     /// Scoring requests in flight at once to a server (all its replicas together).
     #[arg(long, default_value_t = BackendOptions::default().concurrency)]
     pub concurrency: usize,
@@ -201,6 +238,7 @@ impl ServerScoreArgs {
             backend: BackendOptions {
                 batch_size,
                 concurrency: self.concurrency,
+                compute: self.compute.compute(),
                 ..BackendOptions::default()
             },
             protocol: self.score_protocol,

@@ -37,6 +37,9 @@ fn read_jsonl(path: &Path) -> Vec<Value> {
 #[path = "cli/outputs.rs"]
 mod outputs;
 
+#[path = "cli/compute.rs"]
+mod compute;
+
 const MODELS: [&str; 3] = ["qwen2-tiny", "llama-tiny", "qwen3-tiny"];
 
 #[test]

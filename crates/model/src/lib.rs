@@ -7,6 +7,7 @@
 //! continuous-batching [`engine`] over a block key/value cache, batch-invariant). The forward is built from differentiable ops only, so the
 //! same model trains.
 
+pub mod autocast;
 pub mod chat_template;
 pub mod config;
 pub mod engine;

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::backend::SamplingParams;
 use crate::backend::open::open_local;
+use crate::compute::Compute;
 use crate::distill::config::{DistillOptions, Objective, OnPolicyLoss};
 use crate::error::{Error, Result};
 use crate::eval::{EvalOptions, EvalSummary};
@@ -240,8 +241,8 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
         write_problems(&eval_path, &held_out)
     })?;
 
-    let teacher = open_local(&options.teacher, options.generation_batch)?;
-    let base = open_local(&options.student, options.generation_batch)?;
+    let teacher = open_local(&options.teacher, options.generation_batch, Compute::cpu())?;
+    let base = open_local(&options.student, options.generation_batch, Compute::cpu())?;
 
     // The teacher samples traces at temperature 1, verified inline.
     let traces_path = out.join("traces.jsonl");
@@ -350,7 +351,11 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
     } else {
         sft_dir.clone()
     };
-    let distilled = open_local(&ModelSpec::folder(&distilled_dir), options.generation_batch)?;
+    let distilled = open_local(
+        &ModelSpec::folder(&distilled_dir),
+        options.generation_batch,
+        Compute::cpu(),
+    )?;
 
     // Held-out evaluation, greedy, per level.
     let mut summaries = BTreeMap::new();

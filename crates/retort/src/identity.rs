@@ -75,6 +75,16 @@ impl Identity {
         self
     }
 
+    /// Adds the device and dtype of the local models (`compute`), unless they are the default
+    /// (CPU, auto), so that outputs written with the defaults keep one identity.
+    pub fn with_compute(mut self, compute: crate::compute::Compute) -> Self {
+        if !compute.is_default() {
+            self.0
+                .insert("compute".to_string(), Value::from(compute.to_string()));
+        }
+        self
+    }
+
     /// Adds the model in `role`: for a local model its spec and the hashes of its weight and
     /// tokenizer files (the tokenizer files hold the chat template); for a server the served
     /// model's name, since its addresses may change between runs (replicas, a restarted server)

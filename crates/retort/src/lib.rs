@@ -4,7 +4,9 @@
 pub mod backend;
 pub mod bench;
 pub mod check;
+pub mod compute;
 pub mod demo;
+pub mod device_check;
 pub mod distill;
 pub mod error;
 pub mod eval;

@@ -124,6 +124,14 @@ pub struct DistillArgs {
     /// Replace an output folder that holds another run (never a model's own folder).
     #[arg(long)]
     pub overwrite: bool,
+    /// Device of the student and a local teacher: `cpu`, `cuda` or `cuda:N` (a CUDA build).
+    #[arg(long, env = "RETORT_DEVICE", value_name = "DEVICE")]
+    pub device: Option<retort::compute::DeviceChoice>,
+    /// Training precision: weights and AdamW state stay f32; `bf16`/`f16` run the matrix
+    /// multiplies of forward and backward in that type (autocast), the loss in f32. `auto`: f32
+    /// on the CPU, bf16 autocast on CUDA. A local teacher runs in the autocast dtype.
+    #[arg(long, value_enum)]
+    pub dtype: Option<retort::compute::Precision>,
     /// The offline teacher cache.
     #[command(flatten, next_help_heading = "Teacher cache")]
     pub cache: Box<CacheArgs>,
@@ -223,6 +231,7 @@ pub fn options(args: &DistillArgs) -> anyhow::Result<DistillOptions> {
     set!(weight_decay, seed, max_seq_len, redi_alpha);
     set!(lambda, max_new_tokens, sample_temperature);
     set!(objective, divergence, on_policy_loss, input_format);
+    set!(device, dtype);
     if let Some(dir) = &args.cache.teacher_cache {
         o.teacher_cache = Some(dir.clone());
     }

@@ -143,7 +143,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
                 .with_model("model", &args.model)?
                 .with("input", std::path::absolute(&args.input)?)
                 .with("format", options.format)
-                .with_fields(&options.sampling, &[]);
+                .with_fields(&options.sampling, &[])
+                .with_compute(args.backend.compute.compute());
             Some(Run::start(
                 beside,
                 identity,

@@ -136,7 +136,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         .with("reasoning", options.reasoning)
         .with("think_tags", &options.think_tags)
         .with("chat_template_kwargs", &args.backend.chat_template_kwargs)
-        .with("extra_body", &args.backend.extra_body);
+        .with("extra_body", &args.backend.extra_body)
+        .with_compute(args.backend.compute.compute());
     let settings = serde_json::json!({
         "sampling": options.sampling,
         "samples": options.samples,

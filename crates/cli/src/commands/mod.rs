@@ -7,6 +7,7 @@ use crate::args::{Cli, Command};
 pub mod bench;
 pub mod check;
 pub mod demo;
+pub mod device_check;
 pub mod distill;
 pub mod eval;
 pub mod generate;
@@ -34,5 +35,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report(args) => report::run(args),
         Command::Render(args) => render::run(args),
         Command::World(args) => world::run(args),
+        Command::DeviceCheck(args) => device_check::run(args),
     }
 }

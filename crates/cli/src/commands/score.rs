@@ -10,6 +10,7 @@ use retort::backend::open::open_local;
 use retort::identity::{Identity, RunStatus, SameRun};
 use retort::score::{ScoreOptions, score};
 
+use crate::args::ComputeArgs;
 use crate::run::Run;
 use crate::ui;
 
@@ -34,6 +35,8 @@ pub struct ScoreArgs {
     /// Replace an existing output made by another run instead of refusing.
     #[arg(long)]
     pub overwrite: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// Runs `retort score`.
@@ -42,7 +45,8 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
     let identity = Identity::new("score")
         .with_model("model", &args.model)?
         .with("input", std::path::absolute(&args.input)?)
-        .with("top_k", args.top_k);
+        .with("top_k", args.top_k)
+        .with_compute(args.compute.compute());
     let mut run = Run::start(
         &args.output,
         identity,
@@ -87,7 +91,7 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let backend = open_local(&args.model, args.batch_size)
+    let backend = open_local(&args.model, args.batch_size, args.compute.compute())
         .with_context(|| format!("cannot open model `{}`", args.model))?;
     let options = ScoreOptions {
         input: args.input.clone(),

@@ -143,7 +143,8 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
     };
     let mut identity = Identity::new("select")
         .with("input", std::path::absolute(&args.input)?)
-        .with_fields(&options, &["source"]);
+        .with_fields(&options, &["source"])
+        .with_compute(args.server.compute.compute());
     for (role, spec) in [("teacher", &args.teacher), ("student", &args.student)] {
         if let Some(spec) = spec {
             identity = identity.with_model(role, spec)?;

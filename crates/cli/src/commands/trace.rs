@@ -86,7 +86,8 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         .with("format", args.format)
         .with("likely", args.likely)
         .with("boost_margin", args.boost_margin)
-        .with("response_field", &args.response_field);
+        .with("response_field", &args.response_field)
+        .with_compute(args.server.compute.compute());
     let mut run = Run::start(
         &args.output,
         identity,

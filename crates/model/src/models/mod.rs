@@ -489,6 +489,9 @@ impl Linear {
 
 impl candle_core::Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(dtype) = crate::autocast::dtype().filter(|&d| d != xs.dtype()) {
+            return self.forward_autocast(xs, dtype);
+        }
         // A frozen base in another dtype (bf16) is widened per call, never kept wide.
         let base = if self.weight.dtype() != xs.dtype() && kernels::supported(xs) {
             let ys = kernels::linear_frozen(xs, &self.weight)?;
@@ -510,6 +513,34 @@ impl candle_core::Module for Linear {
 }
 
 impl Linear {
+    /// [`crate::autocast`]: the product in `dtype` (differentiable casts of input and weight),
+    /// cast back to the input's dtype; bias and adapter in the input's dtype.
+    fn forward_autocast(&self, xs: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        let in_dim = xs.dim(D::Minus1)?;
+        let rows = xs.elem_count() / in_dim.max(1);
+        let mut dims = xs.dims().to_vec();
+        let last = dims.len() - 1;
+        dims[last] = self.weight.dim(0)?;
+        let ys = xs
+            .reshape((rows, in_dim))?
+            .to_dtype(dtype)?
+            .matmul(&self.weight.to_dtype(dtype)?.t()?)?
+            .to_dtype(xs.dtype())?
+            .reshape(dims)?;
+        let ys = match &self.bias {
+            Some(bias) => ys.broadcast_add(&bias.to_dtype(xs.dtype())?)?,
+            None => ys,
+        };
+        match &self.lora {
+            Some(lora) => {
+                ys + lora
+                    .forward(xs)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            }
+            None => Ok(ys),
+        }
+    }
+
     /// `x · Wᵀ + b`, without the adapter.
     fn forward_base(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let in_dim = xs.dim(D::Minus1)?;

@@ -6,7 +6,7 @@
 
 use retort_model::engine::{self, EngineOptions, Request};
 use retort_model::generate::GenerationParams;
-use retort_model::load::{LoadOptions, LoadedModel, load};
+use retort_model::load::{LoadedModel, load};
 use retort_model::score::score_batch;
 use serde_json::json;
 
@@ -32,12 +32,20 @@ impl LocalBackend {
     /// A PEFT LoRA adapter folder (as `retort distill --lora-rank` writes) loads onto the base
     /// model its `adapter_config.json` names, merged for inference.
     pub fn load(dir: impl AsRef<std::path::Path>, batch_size: usize) -> Result<Self> {
+        Self::load_on(dir, batch_size, crate::compute::Compute::cpu())
+    }
+
+    /// [`LocalBackend::load`] on the device and in the dtype of `compute`.
+    pub fn load_on(
+        dir: impl AsRef<std::path::Path>,
+        batch_size: usize,
+        compute: crate::compute::Compute,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
+        let options = compute.load_options()?;
         let model = match crate::distill::lora::adapter_base(dir)? {
-            Some(base) => {
-                crate::distill::lora::load_with_adapter(&base, dir, &LoadOptions::default())?
-            }
-            None => load(&dir.to_string_lossy(), &LoadOptions::default())?,
+            Some(base) => crate::distill::lora::load_with_adapter(&base, dir, &options)?,
+            None => load(&dir.to_string_lossy(), &options)?,
         };
         Ok(Self::from_loaded(
             &dir.display().to_string(),

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use super::Backend;
 use super::local::LocalBackend;
 use super::openai::{ApiKey, OpenAiBackend, OpenAiOptions};
+use crate::compute::Compute;
 use crate::error::Result;
 use crate::model_spec::ModelSpec;
 
@@ -35,6 +36,8 @@ pub struct BackendOptions {
     pub chat_template_kwargs: Map<String, Value>,
     /// Extra top-level fields of every server request body (they override retort's own).
     pub extra_body: Map<String, Value>,
+    /// Device and dtype of a local model.
+    pub compute: Compute,
 }
 
 impl Default for BackendOptions {
@@ -50,6 +53,7 @@ impl Default for BackendOptions {
             dead_after: OpenAiOptions::default().dead_after,
             chat_template_kwargs: Map::new(),
             extra_body: Map::new(),
+            compute: Compute::default(),
         }
     }
 }
@@ -97,7 +101,7 @@ pub fn open_backend(spec: &ModelSpec, options: &BackendOptions) -> Result<Box<dy
             Ok(Box::new(backend))
         }
         local => {
-            let mut backend = open_local(local, options.batch_size)?;
+            let mut backend = open_local(local, options.batch_size, options.compute)?;
             backend.set_chat_template_kwargs(options.chat_template_kwargs.clone());
             Ok(Box::new(backend))
         }
@@ -105,9 +109,9 @@ pub fn open_backend(spec: &ModelSpec, options: &BackendOptions) -> Result<Box<dy
 }
 
 /// Opens a local model spec (a folder, `hf:`, `world:` or a PEFT adapter folder); a server spec
-/// is an error.
-pub fn open_local(spec: &ModelSpec, batch_size: usize) -> Result<LocalBackend> {
-    let mut backend = LocalBackend::load(&spec.local_dir()?, batch_size)?;
+/// is an error. It runs on the device and in the dtype of `compute`.
+pub fn open_local(spec: &ModelSpec, batch_size: usize, compute: Compute) -> Result<LocalBackend> {
+    let mut backend = LocalBackend::load_on(spec.local_dir()?, batch_size, compute)?;
     backend.set_name(&spec.to_string());
     Ok(backend)
 }

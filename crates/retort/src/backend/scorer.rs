@@ -296,6 +296,7 @@ pub fn open_scorer(spec: &ModelSpec, options: &ScorerOptions) -> Result<Box<dyn 
         local => Ok(Box::new(super::open::open_local(
             local,
             options.backend.batch_size,
+            options.backend.compute,
         )?)),
     }
 }

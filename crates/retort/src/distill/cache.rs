@@ -157,7 +157,7 @@ pub fn build_teacher_cache(
     let data_path = plan.data.as_path();
     let student = retort_model::load(
         &plan.student.local_dir()?.to_string_lossy(),
-        &retort_model::LoadOptions::default(),
+        &plan.compute.load_options()?,
     )?;
     // The cache's ids index the student's logits; a padded teacher's extra rows never occur.
     let vocab_size = student.config.vocab_size;
@@ -166,7 +166,13 @@ pub fn build_teacher_cache(
             "field `top-k`: must lie in 1..={vocab_size} (the vocabulary), got {top_k}"
         )));
     }
-    let teacher = open_live_teacher(&plan.teacher, &student, top_k, MissingMass::default())?;
+    let teacher = open_live_teacher(
+        &plan.teacher,
+        &student,
+        top_k,
+        MissingMass::default(),
+        plan.compute.precision,
+    )?;
     // A server gives log-probs at temperature 1: the cache says so, and training at another
     // temperature then needs `--missing-mass renormalize` (the trainer checks).
     let temperature = match &teacher {

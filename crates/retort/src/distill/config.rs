@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::compute::{DeviceChoice, Precision};
 use crate::distill::divergence::DivergenceKind;
 use crate::distill::lora::LoraBaseDtype;
 use crate::distill::teacher::MissingMass;
@@ -185,6 +186,14 @@ pub struct DistillOptions {
     /// The dtype LoRA holds the frozen base's linear weights in (`f32`, the default, or `bf16`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_base_dtype: Option<LoraBaseDtype>,
+    /// Where the student (and a local teacher) run; a run may resume on another device, so it is
+    /// never saved.
+    #[serde(skip)]
+    pub device: DeviceChoice,
+    /// Precision of training (f32 master weights; bf16/f16 autocast of the matrix multiplies)
+    /// and of a local teacher; see [`crate::compute`].
+    #[serde(skip_serializing_if = "Precision::is_auto")]
+    pub dtype: Precision,
     /// Test hook: make the loss of this (1-based) step non-finite. Never saved.
     #[doc(hidden)]
     #[serde(skip)]
@@ -239,6 +248,8 @@ impl Default for DistillOptions {
             merge_lora: false,
             lora_dropout: None,
             lora_base_dtype: None,
+            device: DeviceChoice::Cpu,
+            dtype: Precision::Auto,
             inject_non_finite_at_step: None,
             stop_after_step: None,
         }

@@ -145,6 +145,8 @@ pub struct DistillPlan {
     pub resume: bool,
     /// With LoRA, also write the merged model.
     pub merge_lora: bool,
+    /// Device and precision of the student and a local teacher.
+    pub compute: crate::compute::Compute,
     /// Test hooks.
     pub hooks: Hooks,
     /// The options as saved in `config.toml` and every `trainer_state.json` (`resume` and the
@@ -188,6 +190,8 @@ pub struct CachePlan {
     pub data_options: DataOptions,
     /// The temperature the log-probs are computed at.
     pub temperature: f64,
+    /// Device and precision of the teacher (and the student's tokenizer load).
+    pub compute: crate::compute::Compute,
 }
 
 fn missing(name: &str) -> Error {
@@ -259,6 +263,10 @@ impl DistillOptions {
             eval_data: self.eval_data.clone(),
             data_options: self.data_options(),
             temperature: self.kd_temperature()?,
+            compute: crate::compute::Compute {
+                device: self.device,
+                precision: self.dtype,
+            },
         })
     }
 
@@ -304,6 +312,10 @@ impl DistillOptions {
             checkpoint_every: self.checkpoint_every,
             resume: self.resume,
             merge_lora: self.merge_lora,
+            compute: crate::compute::Compute {
+                device: self.device,
+                precision: self.dtype,
+            },
             hooks: Hooks {
                 inject_non_finite_at_step: self.inject_non_finite_at_step,
                 stop_after_step: self.stop_after_step,

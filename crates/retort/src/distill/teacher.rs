@@ -197,15 +197,21 @@ impl TeacherSignal {
 
 /// Loads the teacher `spec` and checks that it shares the student's vocabulary and tokenizer
 /// (a padded vocabulary of the same tokenizer is accepted; see the module docs).
+///
+/// The teacher goes on the student's device, in `precision` (the teacher only runs forward: with
+/// autocast training that is the autocast dtype, see [`teacher_precision`]).
 pub fn load_teacher(
     spec: &crate::ModelSpec,
     student: &retort_model::LoadedModel,
+    precision: crate::compute::Precision,
 ) -> crate::Result<retort_model::LoadedModel> {
     let dir = spec.local_dir()?;
-    let teacher = retort_model::load(
-        &dir.to_string_lossy(),
-        &retort_model::LoadOptions::default(),
-    )?;
+    let options = retort_model::LoadOptions {
+        device: student.model.device().clone(),
+        dtype: precision.dtype(),
+        hf_cache: None,
+    };
+    let teacher = retort_model::load(&dir.to_string_lossy(), &options)?;
     check_shared_vocabulary(spec, &teacher.tokenizer, teacher.config.vocab_size, student)?;
     Ok(teacher)
 }
@@ -262,16 +268,33 @@ pub enum LiveTeacher {
     Remote(RemoteTeacher),
 }
 
-/// Opens the live teacher `spec` for `student`: a local model, or a server scored with the
-/// student's tokenizer unless the served name is a folder or cached `hf:` model of its own.
+/// The precision of a local teacher next to a student trained under `compute`: the autocast
+/// dtype when there is one, else the inference default of the device.
+pub fn teacher_precision(compute: crate::compute::Compute) -> crate::compute::Precision {
+    use crate::compute::Precision;
+    match compute.autocast() {
+        Some(candle_core::DType::BF16) => Precision::Bf16,
+        Some(candle_core::DType::F16) => Precision::F16,
+        Some(_) => Precision::F32,
+        None if compute.device.is_cpu() => Precision::F32,
+        None => compute.precision,
+    }
+}
+
+/// Opens the live teacher `spec` for `student`: a local model (on the student's device, in
+/// `precision`), or a server scored with the student's tokenizer unless the served name is a
+/// folder or cached `hf:` model of its own.
 pub fn open_live_teacher(
     spec: &crate::ModelSpec,
     student: &retort_model::LoadedModel,
     top_k: usize,
     missing_mass: MissingMass,
+    precision: crate::compute::Precision,
 ) -> crate::Result<LiveTeacher> {
     let Some(server) = spec.server() else {
-        return Ok(LiveTeacher::Local(Box::new(load_teacher(spec, student)?)));
+        return Ok(LiveTeacher::Local(Box::new(load_teacher(
+            spec, student, precision,
+        )?)));
     };
     let dir = crate::backend::scorer::server_tokenizer_dir(spec, Some(&student.dir))?;
     let scorer = crate::backend::openai::score::RemoteScorer::connect(

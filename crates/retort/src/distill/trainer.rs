@@ -23,8 +23,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
+use retort_model::LoadedModel;
+use retort_model::load::load_trainable_with;
 use retort_model::train::{AdamWConfig, LrSchedule, StepStats, TrainConfig, Trainer, named_vars};
-use retort_model::{LoadedModel, load_trainable};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -215,6 +216,7 @@ impl<'p> Run<'p> {
                     &student.model,
                     plan.saved.teacher_top_k(),
                     plan.saved.missing_mass,
+                    crate::distill::teacher::teacher_precision(plan.compute),
                 )?)
             }
             None => None,
@@ -401,7 +403,11 @@ impl<'p> Run<'p> {
                 }
             }
             terms.input_tokens += micro_batch.input_tokens;
-            let mut loss_terms = loss(&self.student.model.model, &micro_batch, &spec)?;
+            let mut loss_terms = {
+                // bf16/f16 training: the forward's matrix multiplies (and so the backward's).
+                let _autocast = retort_model::autocast::enter(self.plan.compute.autocast());
+                loss(&self.student.model.model, &micro_batch, &spec)?
+            };
             if self.plan.hooks.inject_non_finite_at_step == Some(step) {
                 loss_terms.sum = loss_terms.sum.affine(f64::NAN, 0.0)?;
             }
@@ -621,7 +627,7 @@ fn load_student(plan: &DistillPlan, resume: Option<&ResumePoint>) -> Result<Stud
         (Some(point), None) => point.dir.clone(),
         _ => plan.student.local_dir()?,
     };
-    let (mut model, varmap) = load_trainable(&dir)?;
+    let (mut model, varmap) = load_trainable_with(&dir, &plan.compute.load_options()?)?;
     let Some(spec) = &plan.lora else {
         return Ok(Student {
             model,
