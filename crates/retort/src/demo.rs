@@ -284,7 +284,7 @@ pub fn run_demo(options: &DemoOptions, events: &mut dyn FnMut(DemoEvent)) -> Res
             batch_size: 32,
         };
         let select_options = SelectOptions {
-            strategies: vec![Strategy::Correct, Strategy::TeacherGuided],
+            strategies: vec![Strategy::Correct, Strategy::TeacherGuidedMean],
             budget: options.budget,
             seed: options.seed,
             ..SelectOptions::default()

@@ -87,6 +87,10 @@ pub struct SelectArgs {
     /// `rsr`: ranks above this count as this.
     #[arg(long, default_value_t = 100)]
     pub rsr_rank_cap: u32,
+    /// `teacher-guided` (and `-proportion`, `-min`): a sentence is teacher-originated when
+    /// p_teacher - p_student exceeds this (geometric-mean token probabilities; the paper: 0.1).
+    #[arg(long, default_value_t = SelectOptions::default().teacher_guided_beta)]
+    pub teacher_guided_beta: f64,
     /// Field holding the response text.
     #[arg(long, default_value = "response")]
     pub response_field: String,
@@ -138,6 +142,7 @@ pub fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         max_pass_rate: args.max_pass_rate,
         ppl_highest: args.ppl_highest,
         rsr_rank_cap: args.rsr_rank_cap,
+        teacher_guided_beta: args.teacher_guided_beta,
         response_field: args.response_field.clone(),
         source: Some(args.input.clone()),
     };

@@ -9,7 +9,7 @@ use anyhow::Context;
 use retort::ModelSpec;
 use retort::backend::scorer::{TokenScorer, open_scorer};
 use retort::identity::{Identity, RunStatus, SameRun};
-use retort::provenance::{Category, Thresholds, TraceOptions, trace};
+use retort::provenance::{Category, Rule, Thresholds, TraceOptions, trace};
 use retort::records::InputFormat;
 
 use crate::args::ServerScoreArgs;
@@ -35,10 +35,24 @@ pub struct TraceArgs {
     /// Output JSONL: each record with `actions` (text, start, end, logprob, category) added.
     #[arg(long, short)]
     pub output: PathBuf,
-    /// A model finds an action likely when its mean token log-prob is at least this (ln 0.5).
+    /// Categorisation: `paper` compares each action's geometric-mean token probability between
+    /// the models (`--alpha`, `--beta`); `confident` asks each model alone whether the action is
+    /// likely (`--likely`, `--boost-margin`).
+    #[arg(long, value_enum, default_value_t = Rule::Paper)]
+    pub rule: Rule,
+    /// `paper`: an action is shared when every pairwise probability difference is at most this.
+    #[arg(long, default_value_t = Thresholds::default().alpha)]
+    pub alpha: f64,
+    /// `paper`: teacher-originated when p_teacher - p_base exceeds this (student-originated when
+    /// p_base - p_teacher does); the paper used 0.1 (also 0.05, 0.15).
+    #[arg(long, default_value_t = Thresholds::default().beta)]
+    pub beta: f64,
+    /// `confident`: a model finds an action likely when its mean token log-prob is at least this
+    /// (ln 0.5).
     #[arg(long, default_value_t = -std::f64::consts::LN_2, allow_negative_numbers = true)]
     pub likely: f64,
-    /// An action likely under both is boosted when distilled minus base exceeds this (nats/token).
+    /// `confident`: an action likely under both is boosted when distilled minus base exceeds this
+    /// (nats/token).
     #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
     pub boost_margin: f64,
     /// Field holding the response.
@@ -84,8 +98,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         .with_model("distilled", &args.distilled)?
         .with("input", std::path::absolute(&args.input)?)
         .with("format", args.format)
-        .with("likely", args.likely)
-        .with("boost_margin", args.boost_margin)
+        .with("thresholds", thresholds(&args))
         .with("response_field", &args.response_field)
         .with_compute(args.server.compute.compute());
     let mut run = Run::start(
@@ -116,10 +129,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     let mut options = TraceOptions::new(&args.input, &args.output);
     options.format = args.format;
     options.response_field = args.response_field.clone();
-    options.thresholds = Thresholds {
-        likely: args.likely,
-        boost_margin: args.boost_margin,
-    };
+    options.thresholds = thresholds(&args);
     options.batch_size = batch_size;
     let bar = ui::progress(Some(0), "trace");
     let summary = trace(
@@ -180,13 +190,30 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     rows.push(("mean log-prob distilled".into(), opt(lp.distilled, 3)));
     rows.push((
         "thresholds".into(),
-        format!(
-            "likely >= {:.3}, boost > {:.3}",
-            options.thresholds.likely, options.thresholds.boost_margin
-        ),
+        match options.thresholds.rule {
+            Rule::Paper => format!(
+                "paper: shared within {:.3}, teacher/student beyond {:.3}",
+                options.thresholds.alpha, options.thresholds.beta
+            ),
+            Rule::Confident => format!(
+                "confident: likely >= {:.3}, boost > {:.3}",
+                options.thresholds.likely, options.thresholds.boost_margin
+            ),
+        },
     ));
     rows.push(("output".into(), args.output.display().to_string()));
     let rows: Vec<(&str, String)> = rows.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     ui::table("trace", &rows);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The rule and thresholds the flags give.
+fn thresholds(args: &TraceArgs) -> Thresholds {
+    Thresholds {
+        rule: args.rule,
+        alpha: args.alpha,
+        beta: args.beta,
+        likely: args.likely,
+        boost_margin: args.boost_margin,
+    }
 }

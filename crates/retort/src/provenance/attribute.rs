@@ -14,12 +14,27 @@
 //! encode(action)` equals `encode(prefix + action)`), the value equals the mean of scoring the
 //! action's tokens after the prefix. An action with no token of its own has no log-prob (`null`).
 //!
-//! **Categories** ([`Thresholds`]): a model finds an action *likely* when its mean token log-prob
-//! is at least `likely` (default `ln 0.5`: a geometric-mean token probability of one half).
-//! - `teacher`: teacher likely, base student not (a teacher-originated action);
-//! - `student`: base likely, teacher not (student-originated);
+//! **Categories** ([`Thresholds`], two rules). An action's probability under a model is the
+//! geometric mean of its token probabilities, `p = exp(mean token log-prob)`.
+//!
+//! [`Rule::Paper`] (the default) is the rule of "Where Did This Sentence Come From? Tracing
+//! Provenance in LLM Reasoning Distillation" (2025) as a detailed summary of the paper gives it
+//! (the paper's own text was not available to us): it compares the probabilities *between*
+//! models, in this order, with `p_T`, `p_S`, `p_D` under the teacher, the base student and the
+//! distilled student:
+//! - `shared`: all three pairwise differences are at most `alpha` (default 0.1);
+//! - `teacher`: `p_T - p_S > beta` (default 0.1, the paper's; it also tried 0.05 and 0.15);
+//! - `student`: `p_S - p_T > beta`;
+//! - `boosted`: otherwise (both models give it a similar probability, and distillation moved
+//!   it away from them);
+//! - `unattributed`: only for an action without a value (no token of its own, or non-finite).
+//!
+//! [`Rule::Confident`] (retort's earlier rule) asks each model alone whether it finds an action
+//! *likely*: mean token log-prob at least `likely` (default `ln 0.5`):
+//! - `teacher`: teacher likely, base student not;
+//! - `student`: base likely, teacher not;
 //! - `boosted`: both likely, and the distilled student's log-prob exceeds the base's by more than
-//!   `boost_margin` nats per token (default 0.2, a 22% higher geometric-mean token probability);
+//!   `boost_margin` nats per token (default 0.2);
 //! - `shared`: both likely, not raised by distillation;
 //! - `unattributed`: neither likely, or a log-prob is missing.
 
@@ -67,22 +82,58 @@ impl Category {
     }
 }
 
-/// Classification thresholds, on mean token log-probs (nats per token).
+/// Which categorisation rule (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// The paper's: probability differences between the models (`alpha`, `beta`).
+    #[default]
+    Paper,
+    /// retort's earlier rule: each model's own confidence (`likely`, `boost_margin`).
+    Confident,
+}
+
+/// Classification rule and thresholds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Thresholds {
-    /// A model finds an action likely when its mean token log-prob is at least this
-    /// (default `ln 0.5` ≈ -0.693).
+    /// The rule.
+    pub rule: Rule,
+    /// [`Rule::Paper`]: `shared` when every pairwise probability difference is at most this
+    /// (default 0.1).
+    pub alpha: f64,
+    /// [`Rule::Paper`]: `teacher` when `p_T - p_S` exceeds this, `student` when `p_S - p_T`
+    /// does (default 0.1).
+    pub beta: f64,
+    /// [`Rule::Confident`]: a model finds an action likely when its mean token log-prob is at
+    /// least this (default `ln 0.5` ≈ -0.693).
     pub likely: f64,
-    /// An action likely under both is `boosted` when `distilled - base` exceeds this
-    /// (default 0.2).
+    /// [`Rule::Confident`]: an action likely under both is `boosted` when `distilled - base`
+    /// exceeds this (default 0.2).
     pub boost_margin: f64,
 }
 
 impl Default for Thresholds {
     fn default() -> Self {
         Self {
+            rule: Rule::Paper,
+            alpha: 0.1,
+            beta: 0.1,
             likely: 0.5f64.ln(),
             boost_margin: 0.2,
+        }
+    }
+}
+
+impl Thresholds {
+    /// [`Rule::Confident`] with `likely` and `boost_margin`.
+    pub fn confident(likely: f64, boost_margin: f64) -> Self {
+        Self {
+            rule: Rule::Confident,
+            likely,
+            boost_margin,
+            ..Self::default()
         }
     }
 }
@@ -100,6 +151,35 @@ pub struct ActionLogprobs {
 
 /// The category of an action with log-probs `lp` (see the module docs).
 pub fn classify(lp: &ActionLogprobs, thresholds: &Thresholds) -> Category {
+    match thresholds.rule {
+        Rule::Paper => classify_paper(lp, thresholds.alpha, thresholds.beta),
+        Rule::Confident => classify_confident(lp, thresholds),
+    }
+}
+
+/// [`Rule::Paper`] on geometric-mean token probabilities.
+fn classify_paper(lp: &ActionLogprobs, alpha: f64, beta: f64) -> Category {
+    let probability = |x: Option<f64>| x.map(f64::exp).filter(|p| p.is_finite());
+    let (Some(t), Some(s), Some(d)) = (
+        probability(lp.teacher),
+        probability(lp.base),
+        probability(lp.distilled),
+    ) else {
+        return Category::Unattributed;
+    };
+    if (t - s).abs() <= alpha && (t - d).abs() <= alpha && (s - d).abs() <= alpha {
+        Category::Shared
+    } else if t - s > beta {
+        Category::Teacher
+    } else if s - t > beta {
+        Category::Student
+    } else {
+        Category::Boosted
+    }
+}
+
+/// [`Rule::Confident`]: each model's own confidence.
+fn classify_confident(lp: &ActionLogprobs, thresholds: &Thresholds) -> Category {
     let (Some(teacher), Some(base)) = (lp.teacher, lp.base) else {
         return Category::Unattributed;
     };
@@ -239,12 +319,46 @@ mod tests {
         }
     }
 
+    fn p(teacher: f64, base: f64, distilled: f64) -> ActionLogprobs {
+        lp(teacher.ln(), base.ln(), distilled.ln())
+    }
+
+    #[test]
+    fn the_papers_rule_compares_probabilities_between_models_in_order() {
+        let t = Thresholds::default();
+        assert_eq!(t.rule, Rule::Paper);
+        assert_eq!(classify(&p(0.9, 0.85, 0.95), &t), Category::Shared);
+        assert_eq!(classify(&p(0.9, 0.5, 0.9), &t), Category::Teacher);
+        assert_eq!(classify(&p(0.3, 0.8, 0.7), &t), Category::Student);
+        // Teacher and base agree, distillation raised it: boosted.
+        assert_eq!(classify(&p(0.4, 0.35, 0.9), &t), Category::Boosted);
+        // Shared comes first: a pair within alpha is shared even when another rule would fire.
+        assert_eq!(classify(&p(0.5, 0.4, 0.45), &t), Category::Shared);
+        // Strict beta: a difference of exactly beta is not teacher-originated.
+        let exact = Thresholds {
+            alpha: 0.05,
+            beta: 0.25,
+            ..Thresholds::default()
+        };
+        assert_eq!(classify(&p(0.75, 0.5, 0.9), &exact), Category::Boosted);
+        assert_eq!(classify(&p(0.76, 0.5, 0.9), &exact), Category::Teacher);
+        // Unattributed only without a value.
+        let missing = ActionLogprobs {
+            distilled: None,
+            ..p(0.9, 0.9, 0.9)
+        };
+        assert_eq!(classify(&missing, &t), Category::Unattributed);
+        assert_eq!(
+            classify(&lp(f64::NAN, -0.1, -0.1), &t),
+            Category::Unattributed
+        );
+        // Improbable under every model: still a category (shared), not unattributed.
+        assert_eq!(classify(&p(0.01, 0.02, 0.01), &t), Category::Shared);
+    }
+
     #[test]
     fn categories_from_constructed_triples() {
-        let t = Thresholds {
-            likely: -1.0,
-            boost_margin: 0.2,
-        };
+        let t = Thresholds::confident(-1.0, 0.2);
         assert_eq!(classify(&lp(-0.1, -3.0, -0.5), &t), Category::Teacher);
         assert_eq!(classify(&lp(-3.0, -0.1, -0.1), &t), Category::Student);
         assert_eq!(classify(&lp(-0.5, -0.9, -0.8), &t), Category::Shared);
@@ -255,10 +369,7 @@ mod tests {
         assert_eq!(classify(&lp(-1.0, -1.0, -0.7), &t), Category::Boosted);
         assert_eq!(classify(&lp(-1.0, -1.0001, -0.7), &t), Category::Teacher);
         // Distilled equal to base is never boosted, even with a zero margin.
-        let zero = Thresholds {
-            likely: -1.0,
-            boost_margin: 0.0,
-        };
+        let zero = Thresholds::confident(-1.0, 0.0);
         assert_eq!(classify(&lp(-0.5, -0.5, -0.5), &zero), Category::Shared);
         // Missing or non-finite values.
         let missing = ActionLogprobs {
@@ -281,8 +392,11 @@ mod tests {
     }
 
     #[test]
-    fn default_thresholds() {
-        let t = Thresholds::default();
+    fn default_confident_thresholds() {
+        let t = Thresholds {
+            rule: Rule::Confident,
+            ..Thresholds::default()
+        };
         assert!((t.likely - (-std::f64::consts::LN_2)).abs() < 1e-12);
         assert_eq!(classify(&lp(-0.6, -0.8, -0.8), &t), Category::Teacher);
         assert_eq!(classify(&lp(-0.6, -0.6, -0.35), &t), Category::Boosted);

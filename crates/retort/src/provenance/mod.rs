@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-pub use attribute::{Action, ActionLogprobs, Category, Thresholds, classify};
+pub use attribute::{Action, ActionLogprobs, Category, Rule, Thresholds, classify};
 pub use segment::{Segment, segment};
 
 use crate::backend::scorer::TokenScorer;
@@ -152,8 +152,49 @@ pub struct TraceSummary {
     pub no_verdict: usize,
     /// Mean action log-prob per model.
     pub mean_logprob: MeanLogprobs,
+    /// Actions per category by relative position in their response, in [`POSITION_BUCKETS`]
+    /// equal buckets (an action's position: its index over the response's action count), for
+    /// correct and incorrect responses apart, as the paper plots them.
+    pub by_position: PositionCounts,
     /// The thresholds used.
     pub thresholds: Thresholds,
+}
+
+/// Buckets of relative position in [`TraceSummary::by_position`].
+pub const POSITION_BUCKETS: usize = 10;
+
+/// Category counts per position bucket (first bucket: the start of the responses).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PositionCounts {
+    /// Every traced response.
+    pub all: Vec<CategoryCounts>,
+    /// Responses whose `verdict.correct` is true.
+    pub correct: Vec<CategoryCounts>,
+    /// Responses whose `verdict.correct` is false.
+    pub incorrect: Vec<CategoryCounts>,
+}
+
+impl PositionCounts {
+    fn new() -> Self {
+        let empty = vec![CategoryCounts::default(); POSITION_BUCKETS];
+        Self {
+            all: empty.clone(),
+            correct: empty.clone(),
+            incorrect: empty,
+        }
+    }
+
+    fn add(&mut self, actions: &[Action], correct: Option<bool>) {
+        for (index, action) in actions.iter().enumerate() {
+            let bucket = index * POSITION_BUCKETS / actions.len();
+            self.all[bucket].add(action.category);
+            match correct {
+                Some(true) => self.correct[bucket].add(action.category),
+                Some(false) => self.incorrect[bucket].add(action.category),
+                None => {}
+            }
+        }
+    }
 }
 
 /// Accumulates a [`TraceSummary`] record by record.
@@ -168,6 +209,7 @@ impl SummaryBuilder {
         Self {
             summary: TraceSummary {
                 thresholds,
+                by_position: PositionCounts::new(),
                 ..TraceSummary::default()
             },
             sums: [(0.0, 0); 3],
@@ -178,6 +220,7 @@ impl SummaryBuilder {
         let s = &mut self.summary;
         s.records += 1;
         s.actions += actions.len();
+        s.by_position.add(actions, correct);
         let group = match correct {
             Some(true) => Some(&mut s.correct),
             Some(false) => Some(&mut s.incorrect),
@@ -253,10 +296,16 @@ pub fn trace(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<TraceSummary> {
     let t = options.thresholds;
-    if !t.likely.is_finite() || !t.boost_margin.is_finite() {
+    if ![t.likely, t.boost_margin, t.alpha, t.beta]
+        .iter()
+        .all(|v| v.is_finite())
+        || t.alpha < 0.0
+        || t.beta < 0.0
+    {
         return Err(Error::Invalid(format!(
-            "thresholds must be finite numbers, got `likely` {} and `boost_margin` {}",
-            t.likely, t.boost_margin
+            "thresholds must be finite numbers (alpha and beta at least 0), got `alpha` {}, \
+             `beta` {}, `likely` {} and `boost_margin` {}",
+            t.alpha, t.beta, t.likely, t.boost_margin
         )));
     }
     let mut pending = Vec::new();

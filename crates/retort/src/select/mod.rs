@@ -13,9 +13,13 @@
 //! | `difficulty` | filter | keeps problems whose student pass rate is in `[min_pass_rate, max_pass_rate]` | `too_easy`, `too_hard`, `no_pass_rate` |
 //! | `student-ppl` | score | student perplexity of the response; lowest first (or highest with `ppl_highest`) | `unscorable` |
 //! | `rsr` | score | Rank-Surprisal Ratio under the student; lowest first | `unscorable` |
-//! | `teacher-guided` | score | mean over sentences of teacher − student mean log-prob; highest first | `unscorable` |
+//! | `teacher-guided` | score | the paper's: sentences with `p_teacher − p_student > beta` (`teacher_guided_beta`, 0.1); most first, so `per_problem: 1` keeps each problem's response with the most | `unscorable` |
+//! | `teacher-guided-proportion` | score | that count over the response's sentences; highest first | `unscorable` |
+//! | `teacher-guided-min` | score | the same count; fewest first (the paper's worst arm) | `unscorable` |
+//! | `teacher-guided-mean` | score | mean over sentences of teacher − student mean log-prob; highest first | `unscorable` |
 //! | `random` | order | seeded shuffle | |
 //! | `shortest` | order | fewest tokens first | |
+//! | `longest` | order | most tokens first | |
 //!
 //! Difficulty input: the student's pass rate of a problem is the share of records with that `id`
 //! whose `verdict.correct` is true, counted over a file of student samples (`difficulty_from`, e.g.
@@ -44,8 +48,9 @@ use crate::model_spec::ModelSpec;
 
 pub use minhash::{NearDuplicates, choose_bands, normalise, shingles};
 pub use scoring::{
-    LocalScorer, ModelRole, ModelScorer, ScoreInput, Scorer, TokenScores, perplexity,
-    rank_surprisal_ratio, sentence_means, sentences, teacher_guided_score,
+    LocalScorer, ModelRole, ModelScorer, ScoreInput, Scorer, TeacherGuided, TokenScores,
+    perplexity, rank_surprisal_ratio, sentence_means, sentences, teacher_guided,
+    teacher_guided_score,
 };
 pub use strategies::{PassRate, pass_rates};
 
@@ -70,17 +75,25 @@ pub enum Strategy {
     StudentPpl,
     /// Order by Rank-Surprisal Ratio under the student, lowest first (needs `--student`).
     Rsr,
-    /// Order by how much the teacher prefers the trace's sentences over the student (needs both).
+    /// Most teacher-originated sentences first (`p_teacher - p_student > beta`; needs both models).
     TeacherGuided,
+    /// Highest share of teacher-originated sentences first.
+    TeacherGuidedProportion,
+    /// Fewest teacher-originated sentences first.
+    TeacherGuidedMin,
+    /// Highest mean teacher-minus-student sentence log-prob first.
+    TeacherGuidedMean,
     /// Seeded shuffle.
     Random,
     /// Fewest tokens first.
     Shortest,
+    /// Most tokens first.
+    Longest,
 }
 
 impl Strategy {
     /// Every strategy, in documentation order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 15] = [
         Self::Correct,
         Self::Finished,
         Self::Length,
@@ -90,8 +103,12 @@ impl Strategy {
         Self::StudentPpl,
         Self::Rsr,
         Self::TeacherGuided,
+        Self::TeacherGuidedProportion,
+        Self::TeacherGuidedMin,
+        Self::TeacherGuidedMean,
         Self::Random,
         Self::Shortest,
+        Self::Longest,
     ];
 
     /// The name used on the command line and in summaries.
@@ -106,14 +123,29 @@ impl Strategy {
             Self::StudentPpl => "student-ppl",
             Self::Rsr => "rsr",
             Self::TeacherGuided => "teacher-guided",
+            Self::TeacherGuidedProportion => "teacher-guided-proportion",
+            Self::TeacherGuidedMin => "teacher-guided-min",
+            Self::TeacherGuidedMean => "teacher-guided-mean",
             Self::Random => "random",
             Self::Shortest => "shortest",
+            Self::Longest => "longest",
         }
     }
 
     /// Whether the strategy computes a model score (and so annotates `selection`).
     pub fn is_scoring(self) -> bool {
-        matches!(self, Self::StudentPpl | Self::Rsr | Self::TeacherGuided)
+        self.is_teacher_guided() || matches!(self, Self::StudentPpl | Self::Rsr)
+    }
+
+    /// Whether the strategy scores with the teacher and the student.
+    pub fn is_teacher_guided(self) -> bool {
+        matches!(
+            self,
+            Self::TeacherGuided
+                | Self::TeacherGuidedProportion
+                | Self::TeacherGuidedMin
+                | Self::TeacherGuidedMean
+        )
     }
 }
 
@@ -186,6 +218,9 @@ pub struct SelectOptions {
     pub ppl_highest: bool,
     /// `rsr`: ranks above this count as this.
     pub rsr_rank_cap: u32,
+    /// `teacher-guided` (count, proportion, min): a sentence is teacher-originated when
+    /// `p_teacher - p_student` exceeds this (geometric-mean token probabilities).
+    pub teacher_guided_beta: f64,
     /// The field holding the response text.
     pub response_field: String,
     /// The input file, named in error messages.
@@ -212,6 +247,7 @@ impl Default for SelectOptions {
             max_pass_rate: 1.0,
             ppl_highest: false,
             rsr_rank_cap: 100,
+            teacher_guided_beta: 0.1,
             response_field: "response".into(),
             source: None,
         }
@@ -343,9 +379,10 @@ pub fn select(
             }
             Strategy::Random => strategies::random(items, options.seed),
             Strategy::Shortest => strategies::shortest(items, &mut cx)?,
-            Strategy::StudentPpl | Strategy::Rsr | Strategy::TeacherGuided => {
-                let scorer = scorer.ok_or_else(|| missing_scorer(strategy))?;
-                strategies::score_and_rank(items, &mut cx, scorer, strategy)?
+            Strategy::Longest => strategies::longest(items, &mut cx)?,
+            scoring => {
+                let scorer = scorer.ok_or_else(|| missing_scorer(scoring))?;
+                strategies::score_and_rank(items, &mut cx, scorer, scoring)?
             }
         };
         steps.push(StepSummary {
@@ -413,7 +450,7 @@ fn validate(options: &SelectOptions, scorer: Option<&dyn Scorer>) -> Result<()> 
     for &strategy in &options.strategies {
         let needs: &[ModelRole] = match strategy {
             Strategy::StudentPpl | Strategy::Rsr => &[ModelRole::Student],
-            Strategy::TeacherGuided => &[ModelRole::Teacher, ModelRole::Student],
+            s if s.is_teacher_guided() => &[ModelRole::Teacher, ModelRole::Student],
             _ => &[],
         };
         for &role in needs {

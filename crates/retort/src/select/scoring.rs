@@ -7,9 +7,14 @@
 //! - **Rank-Surprisal Ratio** (Yang et al., 2026): mean token rank over mean surprisal
 //!   (`-log p`) under the student, ranks counted from 1 and capped at `rank_cap` so one absurd
 //!   token cannot dominate; lower is better (tokens the student ranks high yet finds surprising);
-//! - **teacher-guided**: the response is cut into sentences; each sentence's mean token log-prob
-//!   under the teacher minus under the student, averaged over sentences. Higher means the teacher
-//!   prefers the trace more than the student does: what distillation can still teach. Each model
+//! - **teacher-guided** ([`TeacherGuided`]): the response is cut into sentences, and each
+//!   sentence's probability under a model is the geometric mean of its token probabilities,
+//!   `p = exp(mean token log-prob)`. The paper's score ("Where Did This Sentence Come From?",
+//!   2025, as a detailed summary gives it) counts the sentences with `p_teacher - p_student >
+//!   beta` (default 0.1): teacher-originated sentences, what distillation can still teach; the
+//!   selection keeps, per problem, the response with the most of them. Variants for its
+//!   ablation: that count over the number of sentences (`proportion`), the fewest (`min`), and
+//!   retort's earlier score, the mean over sentences of the log-prob gap (`mean`). Each model
 //!   scores the same text with its own tokenizer, so the two may differ in vocabulary. Sentences
 //!   are the provenance segmenter's actions, so selection and `retort trace` cut alike.
 
@@ -229,17 +234,56 @@ pub fn sentence_means(
         .collect()
 }
 
-/// The teacher-guided score of one response: the mean over sentences (scored by both models) of
-/// the sentence's mean teacher log-prob minus its mean student log-prob.
+/// How a teacher-guided score is formed from the sentences of a response (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TeacherGuided {
+    /// Sentences with `p_teacher - p_student > beta` (the paper's; most first).
+    Count,
+    /// That count over the sentences scored by both models.
+    Proportion,
+    /// Mean over sentences of teacher minus student mean token log-prob.
+    Mean,
+}
+
+/// The teacher-guided score of one response under `kind` (`beta` for the count and the
+/// proportion); `None` when no sentence is scored by both models.
+pub fn teacher_guided(
+    text: &str,
+    teacher: &TokenScores,
+    student: &TokenScores,
+    kind: TeacherGuided,
+    beta: f64,
+) -> Option<f64> {
+    let cuts = sentences(text);
+    let t = sentence_means(text, teacher, &cuts);
+    let s = sentence_means(text, student, &cuts);
+    let pairs: Vec<(f64, f64)> = t
+        .iter()
+        .zip(&s)
+        .filter_map(|(t, s)| Some(((*t)?, (*s)?)))
+        .collect();
+    if pairs.is_empty() {
+        return None;
+    }
+    let teacher_originated = pairs
+        .iter()
+        .filter(|(t, s)| t.exp() - s.exp() > beta)
+        .count() as f64;
+    match kind {
+        TeacherGuided::Count => Some(teacher_originated),
+        TeacherGuided::Proportion => Some(teacher_originated / pairs.len() as f64),
+        TeacherGuided::Mean => mean(pairs.iter().map(|(t, s)| t - s)),
+    }
+}
+
+/// [`TeacherGuided::Mean`]: the mean over sentences (scored by both models) of the sentence's
+/// mean teacher log-prob minus its mean student log-prob.
 pub fn teacher_guided_score(
     text: &str,
     teacher: &TokenScores,
     student: &TokenScores,
 ) -> Option<f64> {
-    let cuts = sentences(text);
-    let t = sentence_means(text, teacher, &cuts);
-    let s = sentence_means(text, student, &cuts);
-    mean(t.iter().zip(&s).filter_map(|(t, s)| Some((*t)? - (*s)?)))
+    teacher_guided(text, teacher, student, TeacherGuided::Mean, 0.0)
 }
 
 #[cfg(test)]
@@ -269,6 +313,14 @@ mod tests {
         };
         // Sentences "Ab." and " Cd.": teacher means -1, -1.5; student -2, -3 → diffs 1, 1.5.
         assert_eq!(teacher_guided_score(text, &teacher, &student), Some(1.25));
+        // Probabilities: teacher e^-1 = 0.368, e^-1.5 = 0.223; student 0.135, 0.050: gaps 0.233
+        // and 0.173.
+        let count = |beta| teacher_guided(text, &teacher, &student, TeacherGuided::Count, beta);
+        assert_eq!(count(0.1), Some(2.0));
+        assert_eq!(count(0.2), Some(1.0));
+        assert_eq!(count(0.3), Some(0.0));
+        let share = teacher_guided(text, &teacher, &student, TeacherGuided::Proportion, 0.2);
+        assert_eq!(share, Some(0.5));
         assert!((perplexity(&student).unwrap() - 2.5f64.exp()).abs() < 1e-12);
         assert_eq!(rank_surprisal_ratio(&student, 100), Some(2.0 / 2.5));
         assert_eq!(rank_surprisal_ratio(&student, 2), Some(1.5 / 2.5));

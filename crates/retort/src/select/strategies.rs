@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::minhash::{NearDuplicates, hash_run, normalise, word_hashes};
 use super::scoring::{
-    ModelRole, ScoreInput, Scorer, perplexity, rank_surprisal_ratio, teacher_guided_score,
+    ModelRole, ScoreInput, Scorer, TeacherGuided, perplexity, rank_surprisal_ratio, teacher_guided,
 };
 use super::{Context, DedupOn, Item, Strategy};
 use crate::backend::Prompt;
@@ -293,6 +293,16 @@ pub(crate) fn shortest(items: Vec<Item>, cx: &mut Context<'_>) -> Result<Vec<Ite
     Ok(keyed.into_iter().map(|(_, item)| item).collect())
 }
 
+/// `longest`: most tokens first (stable).
+pub(crate) fn longest(items: Vec<Item>, cx: &mut Context<'_>) -> Result<Vec<Item>> {
+    let mut keyed = Vec::with_capacity(items.len());
+    for item in items {
+        keyed.push((num_tokens(&item, cx)?, item));
+    }
+    keyed.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    Ok(keyed.into_iter().map(|(_, item)| item).collect())
+}
+
 /// The model-scored strategies: computes each item's score, drops the unscorable and sorts best
 /// first (stable, so ties keep the earlier order).
 pub(crate) fn score_and_rank(
@@ -333,13 +343,19 @@ pub(crate) fn score_and_rank(
                 .map(|s| rank_surprisal_ratio(s, cap))
                 .collect()
         }
-        Strategy::TeacherGuided => {
+        guided if guided.is_teacher_guided() => {
+            let kind = match guided {
+                Strategy::TeacherGuidedProportion => TeacherGuided::Proportion,
+                Strategy::TeacherGuidedMean => TeacherGuided::Mean,
+                _ => TeacherGuided::Count,
+            };
+            let beta = cx.options.teacher_guided_beta;
             let teacher = scorer.score(ModelRole::Teacher, &inputs, false)?;
             let student = scorer.score(ModelRole::Student, &inputs, false)?;
             responses
                 .iter()
                 .zip(teacher.iter().zip(&student))
-                .map(|(r, (t, s))| teacher_guided_score(r, t, s))
+                .map(|(r, (t, s))| teacher_guided(r, t, s, kind, beta))
                 .collect()
         }
         other => {
@@ -349,9 +365,11 @@ pub(crate) fn score_and_rank(
             )));
         }
     };
-    // Higher is better for teacher-guided (and for perplexity when asked); lower otherwise.
+    // Higher is better for teacher-guided but its `min` arm (and for perplexity when asked);
+    // lower otherwise.
     let descending = match strategy {
-        Strategy::TeacherGuided => true,
+        Strategy::TeacherGuidedMin => false,
+        guided if guided.is_teacher_guided() => true,
         Strategy::StudentPpl => cx.options.ppl_highest,
         _ => false,
     };

@@ -171,10 +171,7 @@ fn distilled_equal_to_base_boosts_nothing() {
         json!({"id": "b", "prompt": "Add 3 and 4.", "response": "3 + 4 = 7. The answer is 7.", "verdict": {"correct": false}}),
     ];
     // Everything is "likely" under both models, so each action is shared or boosted.
-    let lenient = Thresholds {
-        likely: -1e9,
-        boost_margin: 0.0,
-    };
+    let lenient = Thresholds::confident(-1e9, 0.0);
     let (out, summary) = run_trace(&teacher, &base, &base_again, &records, lenient);
     assert_eq!(summary.counts.boosted, 0);
     assert_eq!(summary.counts.shared, summary.actions);
@@ -183,16 +180,36 @@ fn distilled_equal_to_base_boosts_nothing() {
         assert!(actions(record).iter().all(|a| a["category"] == "shared"));
     }
     // The check can fail: a margin every difference clears makes every action boosted.
-    let eager = Thresholds {
-        likely: -1e9,
-        boost_margin: -1e9,
-    };
+    let eager = Thresholds::confident(-1e9, -1e9);
     let (_, summary) = run_trace(&teacher, &base, &other, &records, eager);
     assert_eq!(summary.counts.boosted, summary.actions);
     assert_eq!(summary.shares["boosted"], 1.0);
     assert_eq!(summary.correct.records + summary.incorrect.records, 2);
-    // The defaults on random models: nothing is likely (mean log-probs near ln(1/512)).
+    // The paper's rule on random models: every action is improbable under all three models
+    // (mean log-probs near ln(1/512)), so the probabilities agree within alpha: all shared.
     let (out, summary) = run_trace(&teacher, &base, &other, &records, Thresholds::default());
+    assert_eq!(summary.counts.shared, summary.actions);
+    let positioned: usize = summary.by_position.all.iter().map(|c| c.total()).sum();
+    assert_eq!(positioned, summary.actions);
+    let split: usize = summary
+        .by_position
+        .correct
+        .iter()
+        .chain(&summary.by_position.incorrect)
+        .map(|c| c.total())
+        .sum();
+    assert_eq!(split, summary.actions, "both records carry a verdict");
+    assert!(
+        out.iter()
+            .flat_map(actions)
+            .all(|a| a["category"] == "shared")
+    );
+    // The confident rule's defaults on random models: nothing is likely.
+    let confident = Thresholds {
+        rule: retort::provenance::Rule::Confident,
+        ..Thresholds::default()
+    };
+    let (out, summary) = run_trace(&teacher, &base, &other, &records, confident);
     assert_eq!(summary.counts.unattributed, summary.actions);
     assert!(
         out.iter()

@@ -568,15 +568,49 @@ fn model_scored_strategies_follow_direct_scores_on_the_fixture_models() {
             (id.clone(), mean(diffs))
         })
         .collect();
-    let mut opts = options(&[Strategy::TeacherGuided]);
+    let mut opts = options(&[Strategy::TeacherGuidedMean]);
     opts.budget = Some(3);
     let (kept, summary) =
-        select(records(input.clone()), &opts, Some(&scorer)).expect("teacher-guided");
+        select(records(input.clone()), &opts, Some(&scorer)).expect("teacher-guided-mean");
     assert_eq!(kept.len(), 3);
     assert_eq!(dropped(&summary, "budget"), 2);
-    assert_eq!(kept[0]["selection"]["strategy"], "teacher-guided");
-    check_ranking(&kept_scores(&kept), &guided, true, "teacher-guided");
-    println!("teacher-guided scores: {guided:?}");
+    assert_eq!(kept[0]["selection"]["strategy"], "teacher-guided-mean");
+    check_ranking(&kept_scores(&kept), &guided, true, "teacher-guided-mean");
+    println!("teacher-guided-mean scores: {guided:?}");
+
+    // The paper's count: sentences whose geometric-mean token probability is higher under the
+    // teacher by more than beta; with a beta every gap clears, the count is the sentence count.
+    let counts = |beta: f64| -> Vec<(String, f64)> {
+        direct_scores
+            .iter()
+            .map(|(id, s, t, text)| {
+                let n = sentences(text)
+                    .into_iter()
+                    .filter_map(|cut| {
+                        Some(
+                            sentence_mean(text, t, cut)?.exp() - sentence_mean(text, s, cut)?.exp(),
+                        )
+                    })
+                    .filter(|gap| *gap > beta)
+                    .count();
+                (id.clone(), n as f64)
+            })
+            .collect()
+    };
+    for beta in [-1.0, 0.0, 0.001] {
+        let mut opts = options(&[Strategy::TeacherGuided]);
+        opts.teacher_guided_beta = beta;
+        let (kept, _) = select(records(input.clone()), &opts, Some(&scorer)).expect("count");
+        assert_eq!(kept[0]["selection"]["strategy"], "teacher-guided");
+        let want = counts(beta);
+        check_ranking(&kept_scores(&kept), &want, true, "teacher-guided");
+        // The min arm keeps the same scores, fewest first.
+        let mut opts = options(&[Strategy::TeacherGuidedMin]);
+        opts.teacher_guided_beta = beta;
+        let (kept, _) = select(records(input.clone()), &opts, Some(&scorer)).expect("min");
+        check_ranking(&kept_scores(&kept), &want, false, "teacher-guided-min");
+        println!("teacher-guided counts at beta {beta}: {want:?}");
+    }
 
     // Two scoring strategies: the last decides the order; both values are recorded.
     let (kept, summary) = select(
