@@ -108,12 +108,31 @@ impl DeviceChoice {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device> {
-    Device::new_cuda(ordinal).map_err(|e| {
-        Error::Invalid(format!(
-            "--device cuda:{ordinal}: cannot open the GPU ({e}); is the NVIDIA driver loaded and \
-             are the CUDA libraries (libcublas, libcurand, libnvrtc) on LD_LIBRARY_PATH?"
-        ))
-    })
+    let hint = "is the NVIDIA driver (libcuda) installed, and are the CUDA libraries (libcublas, \
+                libcurand, libnvrtc) on LD_LIBRARY_PATH?";
+    // cudarc loads the CUDA libraries at run time and panics when one is missing: keep that
+    // panic's message out of the way and answer with an error that names the device.
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    std::panic::set_hook(previous);
+    match opened {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(e)) => Err(Error::Invalid(format!(
+            "--device cuda:{ordinal}: cannot open the GPU ({e}); {hint}"
+        ))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a CUDA library failed to load");
+            let why = why.split(" - searched for").next().unwrap_or(why);
+            Err(Error::Invalid(format!(
+                "--device cuda:{ordinal}: cannot open the GPU: {why}; {hint}"
+            )))
+        }
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
