@@ -464,7 +464,7 @@ fn forward_tile<T: Real>(
             mask.apply(p, i0, j0, cols);
         }
         for (r, row) in p.chunks_mut(cols).enumerate() {
-            let m_new = row_max(row).max(m[r]);
+            let m_new = num_traits::Float::max(row_max(row), m[r]);
             if m_new == T::neg_infinity() {
                 // Nothing attended yet: this tile adds nothing to the row.
                 row.fill(T::zero());
