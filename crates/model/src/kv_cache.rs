@@ -4,9 +4,9 @@
 //! with `slice_set`, so a decoding step copies only the new positions (no `cat` per token). The
 //! cache is explicit state owned by the caller: a fresh generation uses a fresh (or reset) cache.
 //!
-//! [`KvStore`] is the seam the attention layers call: [`KvCache`] appends and runs dense
-//! attention; the generation engine's block cache ([`crate::engine`]) attends each row over its
-//! own blocks.
+//! [`KvStore`] is the seam the attention layers call: [`KvCache`] appends and runs
+//! [`crate::models::attention`] over its views; the generation engine's block cache
+//! ([`crate::engine`]) attends each row over its own blocks.
 
 use candle_core::{DType, Device, Tensor};
 
