@@ -4,26 +4,28 @@
 //! with `slice_set`, so a decoding step copies only the new positions (no `cat` per token). The
 //! cache is explicit state owned by the caller: a fresh generation uses a fresh (or reset) cache.
 //!
-//! [`KvStore`] is the seam the attention layers call: [`KvCache`] appends and runs dense
-//! attention; the generation engine's block cache ([`crate::engine`]) attends each row over its
-//! own blocks.
+//! [`KvStore`] is the seam the attention layers call: [`KvCache`] appends and runs
+//! [`crate::models::attention`] over its views; the generation engine's block cache
+//! ([`crate::engine`]) attends each row over its own blocks.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::models::AttentionMask;
 
 /// Where an attention layer keeps its keys and values and how it attends over them.
 pub trait KvStore {
     /// Stores `k`, `v` (`[b, kv_heads, t, d]`, after RoPE) of `layer` and returns the attention of
-    /// `q` (`[b, heads, t, d]`) over everything stored for its rows, `[b, heads, t, d]`.
+    /// `q` (`[b, heads, t, d]`) over everything stored for its rows, `[b, heads, t, d]`; `mask`
+    /// says which of them each query may attend.
     fn attend(
         &mut self,
         layer: usize,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         scale: f64,
     ) -> Result<Tensor>;
 }
@@ -35,11 +37,11 @@ impl KvStore for KvCache {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         scale: f64,
     ) -> Result<Tensor> {
         let (k, v) = self.append(layer, k, v)?;
-        crate::models::attention(q, &k, &v, bias, scale)
+        crate::models::attention(q, &k, &v, mask, scale)
     }
 }
 

@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::kernels::{PagedShape, paged_attention};
 use crate::kv_cache::KvStore;
+use crate::models::AttentionMask;
 
 /// Positions per block.
 pub const BLOCK_SIZE: usize = 16;
@@ -140,7 +141,7 @@ impl KvStore for PagedStep<'_> {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _bias: Option<&Tensor>,
+        _mask: &AttentionMask,
         scale: f64,
     ) -> Result<Tensor> {
         let (rows, heads, t, d) = q.dims4()?;

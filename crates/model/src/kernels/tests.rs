@@ -6,6 +6,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::*;
 use crate::models::{Rope, apply_rope_plain, rms_norm_plain, scaled_softmax_plain, swiglu_plain};
 
+/// The tiled attention kernel against the dense attention.
+mod attention;
+
 type Kernel<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
 
 fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {

@@ -95,15 +95,8 @@ impl CausalLm {
             Some(p) => p.clone(),
             None => default_positions(b_sz, seq_len, 0, input_ids.device())?,
         };
-        let bias = attention_bias(
-            attention_mask,
-            b_sz,
-            seq_len,
-            0,
-            self.dtype(),
-            input_ids.device(),
-        )?;
-        self.hidden(input_ids, &position_ids, bias.as_ref(), None)
+        let mask = AttentionMask::causal(attention_mask, b_sz, seq_len)?;
+        self.hidden(input_ids, &position_ids, &mask, None)
     }
 
     /// Incremental forward with a KV cache: logits `[b, t, vocab]` in f32 for the new tokens.
@@ -143,16 +136,8 @@ impl CausalLm {
                 cache.max_len()
             )));
         }
-        let past = cache.len();
-        let bias = attention_bias(
-            attention_mask,
-            b_sz,
-            seq_len,
-            past,
-            self.dtype(),
-            input_ids.device(),
-        )?;
-        let hidden = self.hidden(input_ids, position_ids, bias.as_ref(), Some(cache))?;
+        let mask = AttentionMask::causal(attention_mask, b_sz, cache.len() + seq_len)?;
+        let hidden = self.hidden(input_ids, position_ids, &mask, Some(cache))?;
         cache.advance(seq_len);
         Ok(hidden)
     }
@@ -166,7 +151,11 @@ impl CausalLm {
         position_ids: &Tensor,
         store: &mut dyn KvStore,
     ) -> Result<Tensor> {
-        self.hidden(input_ids, position_ids, None, Some(store))
+        let mask = AttentionMask {
+            causal: true,
+            keys: None,
+        };
+        self.hidden(input_ids, position_ids, &mask, Some(store))
     }
 
     /// Projects hidden states to f32 logits with `lm_head` (the embedding when tied).
@@ -183,7 +172,7 @@ impl CausalLm {
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let (cos, sin) = match self {
@@ -196,9 +185,9 @@ impl CausalLm {
             sin: sin.to_dtype(self.dtype())?,
         };
         Ok(match self {
-            Self::Qwen2(m) => m.forward_hidden(input_ids, &rope, bias, cache)?,
-            Self::Qwen3(m) => m.forward_hidden(input_ids, &rope, bias, cache)?,
-            Self::Llama(m) => m.forward_hidden(input_ids, &rope, bias, cache)?,
+            Self::Qwen2(m) => m.forward_hidden(input_ids, &rope, mask, cache)?,
+            Self::Qwen3(m) => m.forward_hidden(input_ids, &rope, mask, cache)?,
+            Self::Llama(m) => m.forward_hidden(input_ids, &rope, mask, cache)?,
         })
     }
 }
@@ -263,6 +252,65 @@ pub fn attention_bias(
     // allowed 1 -> 0, allowed 0 -> mask value.
     let bias = ((allowed - 1.0)? * (-mask_value(dtype)))?;
     Ok(Some(bias.to_dtype(dtype)?))
+}
+
+/// Which keys each query of an attention call may attend: the mask's structure. [`attention`]
+/// hands it to the tiled kernel, or builds the dense bias from it for the plain path.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMask {
+    /// Query `i` of `t` sits at position `s - t + i` and attends only the keys at or before it.
+    pub causal: bool,
+    /// `[b, s]`: 1 for keys to attend, 0 for padding.
+    pub keys: Option<Tensor>,
+}
+
+impl AttentionMask {
+    /// Causal attention over `kv_len` keys per row, with the padding of `attention_mask`
+    /// (`[b, kv_len]`, 1 = attend, 0 = padding) when given.
+    pub fn causal(attention_mask: Option<&Tensor>, b_sz: usize, kv_len: usize) -> Result<Self> {
+        if let Some(mask) = attention_mask {
+            let dims = mask.dims2()?;
+            if dims != (b_sz, kv_len) {
+                return Err(Error::invalid(format!(
+                    "attention mask has shape {dims:?}, expected ({b_sz}, {kv_len})"
+                )));
+            }
+        }
+        Ok(Self {
+            causal: true,
+            keys: attention_mask.cloned(),
+        })
+    }
+
+    /// The additive bias `[b, 1, t, s]` of this mask (see [`attention_bias`]); `None` when
+    /// nothing is masked.
+    pub fn bias(
+        &self,
+        b_sz: usize,
+        seq_len: usize,
+        kv_len: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Option<Tensor>> {
+        if self.causal {
+            let past = kv_len.checked_sub(seq_len).ok_or_else(|| {
+                Error::invalid(format!(
+                    "causal attention of {seq_len} queries over {kv_len} keys"
+                ))
+            })?;
+            return attention_bias(self.keys.as_ref(), b_sz, seq_len, past, dtype, dev);
+        }
+        let Some(keys) = &self.keys else {
+            return Ok(None);
+        };
+        let allowed = keys.to_dtype(DType::F32)?.reshape((b_sz, 1, 1, kv_len))?;
+        let bias = ((allowed - 1.0)? * (-mask_value(dtype)))?;
+        Ok(Some(
+            bias.broadcast_as((b_sz, 1, seq_len, kv_len))?
+                .contiguous()?
+                .to_dtype(dtype)?,
+        ))
+    }
 }
 
 /// RoPE frequencies of one model; produces cos/sin for given positions.
@@ -379,11 +427,40 @@ pub fn apply_rope_plain(xs: &Tensor, rope: &Rope) -> Result<Tensor> {
     Ok((xs.broadcast_mul(&rope.cos)? + rotated.broadcast_mul(&rope.sin)?)?)
 }
 
-/// Scaled dot-product attention with GQA, without materialising repeated K/V.
+/// Scaled dot-product attention with GQA: `q` `[b, heads, t, d]`, `k`, `v` `[b, kv_heads, s, d]`
+/// (query head `j` uses key/value head `j / (heads / kv_heads)`), `[b, heads, t, d]`.
 ///
-/// `q`: `[b, heads, t, d]`; `k`, `v`: `[b, kv_heads, s, d]`; `bias`: `[b, 1, t, s]` additive.
-/// Query head `j` uses key/value head `j / (heads / kv_heads)`. Returns `[b, heads, t, d]`.
+/// On CPU in f32/f64 it runs [`kernels::flash_attention`] (tiled, no `[t, s]` matrix kept, the
+/// masked half not computed); elsewhere [`attention_dense`] with the bias built from `mask`.
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    // Every query count takes the kernel: at one query per row (decoding over a cache) it
+    // measured faster than the dense path too.
+    if kernels::supported(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        return Ok(kernels::flash_attention(
+            q,
+            k,
+            v,
+            mask.keys.as_ref(),
+            mask.causal,
+            scale,
+        )?);
+    }
+    let (b_sz, _, seq_len, _) = q.dims4()?;
+    let kv_len = k.dim(2)?;
+    let bias = mask.bias(b_sz, seq_len, kv_len, q.dtype(), q.device())?;
+    attention_dense(q, k, v, bias.as_ref(), scale)
+}
+
+/// [`attention`] with a dense additive `bias` `[b, 1, t, s]`, without materialising repeated
+/// K/V: scores, softmax (fused on CPU in f32/f64) and probabilities are whole `[b, heads, t, s]`
+/// tensors.
+pub fn attention_dense(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

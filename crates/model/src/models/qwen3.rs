@@ -8,7 +8,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
-use super::{Linear, Rope, RotaryEmbedding, apply_rope, attention, linear, rms_norm, swiglu};
+use super::{
+    AttentionMask, Linear, Rope, RotaryEmbedding, apply_rope, attention, linear, rms_norm, swiglu,
+};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::KvStore;
@@ -80,7 +82,7 @@ impl Attention {
         &self,
         xs: &Tensor,
         rope: &Rope,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: Option<(&mut dyn KvStore, usize)>,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
@@ -105,8 +107,8 @@ impl Attention {
         let k = apply_rope(&k, rope)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = match cache {
-            Some((cache, layer)) => cache.attend(layer, &q, &k, &v, bias, scale)?,
-            None => attention(&q, &k, &v, bias, scale)?,
+            Some((cache, layer)) => cache.attend(layer, &q, &k, &v, mask, scale)?,
+            None => attention(&q, &k, &v, mask, scale)?,
         };
         let out = out
             .transpose(1, 2)?
@@ -143,12 +145,12 @@ impl DecoderLayer {
         &self,
         xs: &Tensor,
         rope: &Rope,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         cache: Option<(&mut dyn KvStore, usize)>,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let h = rms_norm(xs, &self.input_layernorm, self.eps)?;
-        let xs = (xs + self.self_attn.forward(&h, rope, bias, cache)?)?;
+        let xs = (xs + self.self_attn.forward(&h, rope, mask, cache)?)?;
         let h = rms_norm(&xs, &self.post_attention_layernorm, self.eps)?;
         Ok((&xs + self.mlp.forward(&h)?)?)
     }
@@ -211,13 +213,13 @@ impl Model {
         &self,
         input_ids: &Tensor,
         rope: &Rope,
-        bias: Option<&Tensor>,
+        mask: &AttentionMask,
         mut cache: Option<&mut dyn KvStore>,
     ) -> Result<Tensor> {
         let mut xs = self.embed_tokens.forward(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| (c as &mut dyn KvStore, i));
-            xs = layer.forward(&xs, rope, bias, layer_cache)?;
+            xs = layer.forward(&xs, rope, mask, layer_cache)?;
         }
         rms_norm(&xs, &self.norm, self.cfg.rms_norm_eps)
     }
