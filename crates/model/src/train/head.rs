@@ -144,15 +144,20 @@ where
     E: From<Error>,
 {
     let mut total = 0f64;
-    crate::score::for_each_logits_chunk(model, hidden, chunk_rows, |start, logits| {
-        let loss = chunk_loss(start, logits)?;
-        total += loss
-            .sum_all()
-            .and_then(|l| l.to_dtype(DType::F64))
-            .and_then(|l| l.to_scalar::<f64>())
-            .map_err(Error::from)?;
-        Ok(())
-    })?;
+    crate::score::for_each_logits_chunk(
+        model,
+        hidden,
+        chunk_rows,
+        |start, logits| -> std::result::Result<(), E> {
+            let loss = chunk_loss(start, logits)?;
+            total += loss
+                .sum_all()
+                .and_then(|l| l.to_dtype(DType::F64))
+                .and_then(|l| l.to_scalar::<f64>())
+                .map_err(Error::from)?;
+            Ok(())
+        },
+    )?;
     Ok(total)
 }
 
@@ -386,19 +391,27 @@ mod tests {
     /// A chunk that fails hands back the caller's own error.
     #[test]
     fn a_failing_chunk_returns_its_error() -> Result<()> {
+        #[derive(Debug)]
+        enum Failure {
+            Model,
+            Chunk(usize),
+        }
+        impl From<Error> for Failure {
+            fn from(_: Error) -> Self {
+                Self::Model
+            }
+        }
         let (_, model) = tiny(false)?;
-        let hidden =
-            model.forward_hidden(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?, None, None)?;
-        let hidden = hidden.squeeze(0)?;
-        let result: std::result::Result<Tensor, String> =
-            head_loss(&model, &hidden, 2, |start, _| {
-                if start == 2 {
-                    Err("chunk two".to_string())
-                } else {
-                    Ok(Tensor::new(0f32, &Device::Cpu).map_err(|e| e.to_string())?)
-                }
-            });
-        assert_eq!(result.err().as_deref(), Some("chunk two"));
+        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu)?;
+        let hidden = model.forward_hidden(&ids, None, None)?.squeeze(0)?;
+        let result = head_loss(&model, &hidden, 2, |start, logits| {
+            if start == 2 {
+                Err(Failure::Chunk(start))
+            } else {
+                Ok(logits.sum_all().map_err(Error::from)?)
+            }
+        });
+        assert!(matches!(result, Err(Failure::Chunk(2))), "{result:?}");
         Ok(())
     }
 
