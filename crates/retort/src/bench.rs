@@ -1306,6 +1306,14 @@ mod tests {
             prompt_len: 3,
             new_tokens: 4,
             many: (2, 2, 4),
+            long: BenchConfig {
+                name: "long",
+                vocab: 300,
+                seq: 40,
+                batch: 1,
+                ..MINI
+            },
+            long_child: None,
         }
     }
 
@@ -1381,6 +1389,27 @@ mod tests {
         positive(&report["results"]["verify"], "verify", "pairs_per_s");
         assert_eq!(report["results"]["verify"]["threads"], 1);
         assert_eq!(lines.len(), 9, "{lines:?}");
+    }
+
+    /// The `long` figures (in this process here) report tokens/s and their peak memory under
+    /// `results.long`, and only run when asked for.
+    #[test]
+    fn long_figures_report_speed_and_peak_memory() {
+        let options = BenchOptions {
+            figures: Figure::parse_list(&["long".into()]).expect("valid"),
+            ..mini_options()
+        };
+        let report = run(&options, &mut |_| {}).expect("bench runs");
+        let long = &report["results"]["long"];
+        positive(&long["train"], "long.train", "tokens_per_s");
+        positive(&long["score"], "long.score", "tokens_per_s");
+        assert_eq!(long["train"]["tokens_per_step"], 40);
+        assert_eq!(report["configs"]["long"]["vocab"], 300);
+        if cfg!(target_os = "linux") {
+            positive(&long["train"], "long.train", "peak_rss_mib");
+            positive(&long["score"], "long.score", "peak_rss_mib");
+        }
+        assert!(!Figure::ALL.contains(&Figure::LongTrain));
     }
 
     #[test]

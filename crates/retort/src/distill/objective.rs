@@ -760,8 +760,8 @@ mod tests {
         Ok(worst)
     }
 
-    /// Every objective, through the LM head in chunks of 3 positions (8 targets: chunks of 3, 3
-    /// and 2), equals the whole-logits loss in value, terms and every parameter's gradient,
+    /// Every objective, through the LM head in chunks of 3 positions (11 targets: chunks of 3,
+    /// 3, 3 and 2), equals the whole-logits loss in value, terms and every parameter's gradient,
     /// untied and tied heads alike.
     #[test]
     fn chunked_loss_equals_unchunked_for_every_objective() -> Result<()> {
@@ -772,7 +772,7 @@ mod tests {
             // A padded teacher vocabulary: 56 rows, of which the first 48 are shared.
             let (_, teacher) = tiny(56, false, 2)?;
             let mut batch = MicroBatch::new(&refs, 0, &Device::Cpu)?;
-            assert_eq!(batch.tokens, 8);
+            assert_eq!(batch.tokens, 11);
             let teacher_logits = logits_at_targets(&teacher, &batch)?
                 .narrow(2, 0, 48)?
                 .detach();
@@ -811,9 +811,18 @@ mod tests {
                     negative_weight: 0.8,
                 },
             ];
-            for spec in &specs {
+            let names = [
+                "sft",
+                "kd fkl",
+                "kd jsd",
+                "kd cached",
+                "on-policy",
+                "on-policy scored",
+                "redi",
+            ];
+            for (name, spec) in names.iter().zip(&specs) {
                 let worst = compare(&varmap, &student, &batch, spec, 3)?;
-                println!("tied {tied}, {spec:?}: worst relative gradient diff {worst:.2e}");
+                println!("tied {tied}, {name}: worst relative gradient diff {worst:.2e}");
             }
         }
         Ok(())
