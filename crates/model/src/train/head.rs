@@ -58,7 +58,7 @@ fn head_loss_with(
     let rows = hidden.dims2()?.0;
     let weight = match model.lm_head_weight() {
         // A derived (tracked, non-leaf) weight would need its own graph: not chunked.
-        Some(w) if !(w.track_op() && !w.is_variable()) => w.clone(),
+        Some(w) if !w.track_op() || w.is_variable() => w.clone(),
         _ => return chunk_loss(0, &model.lm_head(hidden)?),
     };
     let track_hidden = hidden.track_op();

@@ -178,7 +178,7 @@ pub fn loss_chunked(
     chunk_rows: usize,
 ) -> Result<LossTerms> {
     if batch.tokens == 0 {
-        return Ok(LossTerms::empty(student.device())?);
+        return LossTerms::empty(student.device());
     }
     if student.lm_head_weight().is_none() {
         return loss_unchunked(student, batch, spec);
@@ -210,7 +210,7 @@ pub fn loss_value(
     spec: &LossSpec<'_>,
 ) -> Result<LossTerms> {
     if batch.tokens == 0 {
-        return Ok(LossTerms::empty(student.device())?);
+        return LossTerms::empty(student.device());
     }
     let context = Context::new(student, batch, spec)?;
     let hidden = hidden_at_targets(student, batch)?.detach();
@@ -236,7 +236,7 @@ pub fn loss_unchunked(
     spec: &LossSpec<'_>,
 ) -> Result<LossTerms> {
     if batch.tokens == 0 {
-        return Ok(LossTerms::empty(student.device())?);
+        return LossTerms::empty(student.device());
     }
     let context = Context::new(student, batch, spec)?;
     let logits = logits_at_targets(student, batch)?;
