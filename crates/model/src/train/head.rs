@@ -115,10 +115,10 @@ fn head_loss_with(
     let mut surrogate: Option<Tensor> = None;
     if track_hidden && !d_hidden.is_empty() {
         let d_hidden = Tensor::cat(&d_hidden, 0)?;
-        surrogate = Some(hidden.mul(&d_hidden)?.sum_all()?.to_dtype(loss_dtype)?);
+        surrogate = Some(dot(hidden, &d_hidden)?.to_dtype(loss_dtype)?);
     }
     if let Some(d_weight) = d_weight {
-        let term = weight.mul(&d_weight)?.sum_all()?.to_dtype(loss_dtype)?;
+        let term = dot(&weight, &d_weight)?.to_dtype(loss_dtype)?;
         surrogate = Some(match surrogate {
             Some(s) => (s + term)?,
             None => term,
@@ -129,6 +129,14 @@ fn head_loss_with(
         Some(s) => ((&s - s.detach())? + value)?,
         None => value,
     })
+}
+
+/// `Σ a·b` as a scalar whose gradient with respect to `a` is `b`. A `[1, n] × [n, 1]` matmul of
+/// flat views: the graph keeps only `a` and `b`, not an `a·b` product as large as the weight.
+fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let n = a.elem_count();
+    let b = b.to_dtype(a.dtype())?.contiguous()?.reshape((n, 1))?;
+    Ok(a.contiguous()?.reshape((1, n))?.matmul(&b)?.reshape(())?)
 }
 
 /// The value of [`head_loss`] without any gradient (evaluation): the sum of `chunk_loss` over
