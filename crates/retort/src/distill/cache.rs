@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use retort_model::score::{for_each_logits_chunk, head_chunk_rows};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -25,7 +26,6 @@ use crate::distill::data::{self, Example, TokenizerView};
 use crate::distill::objective::{MicroBatch, hidden_at_targets};
 use crate::distill::teacher::{LiveTeacher, MissingMass, TeacherSignal, open_live_teacher};
 use crate::error::{Error, Result};
-use retort_model::score::{for_each_logits_chunk, head_chunk_rows};
 
 /// File name of the cache header.
 pub const CACHE_FILE: &str = "cache.json";
