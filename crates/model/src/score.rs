@@ -1,11 +1,75 @@
 //! Scoring: per-token log-probabilities of completions given prompts ([`score_batch`]), the
 //! left-padded batch layout shared with generation ([`PaddedBatch`]), and the differentiable
 //! [`token_logprobs_from_logits`] used by training losses.
+//!
+//! The LM head runs on chunks of positions ([`for_each_logits_chunk`], [`head_chunk_rows`]), each
+//! reduced before the next, so a long sequence never holds its whole `[tokens, vocab]` logits.
 
 use candle_core::{D, DType, Device, IndexOp, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::CausalLm;
+
+/// Logits per chunk of positions through the LM head: 32 Mi (128 MiB in f32), about 220
+/// positions at a 151,936-entry vocabulary.
+pub const HEAD_CHUNK_ELEMENTS: usize = 1 << 25;
+
+/// Positions per chunk of the LM head for a vocabulary of `vocab` entries: at most
+/// [`HEAD_CHUNK_ELEMENTS`] logits at once, at least one position.
+pub fn head_chunk_rows(vocab: usize) -> usize {
+    (HEAD_CHUNK_ELEMENTS / vocab.max(1)).max(1)
+}
+
+/// Applies the LM head to `hidden` (`[n, hidden]`, read without gradient) `chunk_rows`
+/// positions at a time and hands each chunk's f32 logits `[len, vocab]` to `visit` with the
+/// index of its first position; the chunk is dropped before the next is computed.
+pub fn for_each_logits_chunk<E: From<Error>>(
+    model: &CausalLm,
+    hidden: &Tensor,
+    chunk_rows: usize,
+    mut visit: impl FnMut(usize, &Tensor) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let hidden = hidden.detach();
+    let rows = hidden.dim(0).map_err(Error::from)?;
+    let chunk_rows = chunk_rows.max(1);
+    let mut start = 0;
+    while start < rows {
+        let len = chunk_rows.min(rows - start);
+        let logits = hidden
+            .narrow(0, start, len)
+            .map_err(Error::from)
+            .and_then(|h| model.lm_head(&h))?;
+        visit(start, &logits)?;
+        start += len;
+    }
+    Ok(())
+}
+
+/// `log p(targets[i])` at each row of `hidden` (`[n, hidden]`, position `i` predicting
+/// `targets[i]`), through the LM head in chunks of `chunk_rows` positions.
+pub fn target_logprobs_chunked(
+    model: &CausalLm,
+    hidden: &Tensor,
+    targets: &[u32],
+    chunk_rows: usize,
+) -> Result<Vec<f32>> {
+    let rows = hidden.dim(0)?;
+    if rows != targets.len() {
+        return Err(Error::invalid(format!(
+            "{rows} hidden rows for {} targets",
+            targets.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(rows);
+    for_each_logits_chunk(model, hidden, chunk_rows, |start, logits| -> Result<()> {
+        let len = logits.dim(0)?;
+        let chunk = Tensor::from_slice(&targets[start..start + len], (1, len), logits.device())?;
+        let lp = token_logprobs_from_logits(&logits.unsqueeze(0)?, &chunk)?;
+        out.extend(lp.squeeze(0)?.to_vec1::<f32>()?);
+        Ok(())
+    })?;
+    Ok(out)
+}
 
 /// Left-padded sequences with their attention mask and position ids.
 #[derive(Debug, Clone)]
@@ -74,11 +138,23 @@ pub fn token_logprobs_from_logits(logits: &Tensor, targets: &Tensor) -> Result<T
 ///
 /// Rows are padded with `pad_id` (masked out) and use `position_ids = cumsum(mask) - 1`, so each
 /// row equals its unbatched score up to float rounding. Only the completion positions go
-/// through `lm_head`. Every prompt needs at least one token.
+/// through `lm_head`, [`head_chunk_rows`] positions at a time. Every prompt needs at least one
+/// token.
 pub fn score_batch(
     model: &CausalLm,
     items: &[(Vec<u32>, Vec<u32>)],
     pad_id: u32,
+) -> Result<Vec<Vec<f32>>> {
+    let chunk_rows = head_chunk_rows(model.config().vocab_size);
+    score_batch_chunked(model, items, pad_id, chunk_rows)
+}
+
+/// [`score_batch`] with `chunk_rows` positions per chunk of the LM head.
+pub fn score_batch_chunked(
+    model: &CausalLm,
+    items: &[(Vec<u32>, Vec<u32>)],
+    pad_id: u32,
+    chunk_rows: usize,
 ) -> Result<Vec<Vec<f32>>> {
     if items.is_empty() {
         return Ok(Vec::new());
@@ -113,11 +189,8 @@ pub fn score_batch(
         }
         // Position p predicts token p + 1.
         let start = batch.pad_lens[row] + prompt.len() - 1;
-        let h = hidden.i((row..row + 1, start..start + completion.len()))?;
-        let logits = model.lm_head(&h)?;
-        let targets = Tensor::from_slice(completion, (1, completion.len()), model.device())?;
-        let lp = token_logprobs_from_logits(&logits, &targets)?;
-        out.push(lp.squeeze(0)?.to_vec1::<f32>()?);
+        let h = hidden.i((row, start..start + completion.len()))?;
+        out.push(target_logprobs_chunked(model, &h, completion, chunk_rows)?);
     }
     Ok(out)
 }

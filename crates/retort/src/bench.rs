@@ -6,7 +6,7 @@
 //! ε 1e-6) with random f32 weights from a seeded ChaCha stream (candle's CPU `set_seed` fails):
 //! matrices `N(0, 0.02)`, norm weights 1, biases 0, as transformers initialises them. The
 //! figures run the product's own code paths:
-//! - `train`: [`CausalLm::forward`] + [`causal_lm_loss`] + [`Trainer`] (backward, AdamW, lr 1e-4,
+//! - `train`: [`CausalLm::forward_hidden`] + [`causal_lm_loss_chunked`] + [`Trainer`] (backward, AdamW, lr 1e-4,
 //!   no weight decay) on `[batch, seq]` random ids; `tokens = batch·seq` per step.
 //! - `lora`, `lora_bf16`: the `train` step through LoRA ([`LoraModel`]: rank 16, alpha 32, every
 //!   projection, as `torch_bench.py`'s PEFT figure) on the same weights, the frozen base held in
@@ -27,6 +27,14 @@
 //!   [`Trainer`] backward and AdamW) on `[batch, seq]` random ids whose first token is the prompt;
 //!   `tokens = batch·seq` of bench-small.
 //! - `verify`: [`retort_verify::verify`] on embedded answer pairs, one thread; `pairs_per_s`.
+//! - `long` (only with `--only long`, `long_train` or `long_score`; reported as
+//!   `results.long.{train,score}`): the [`LONG`] shape, one 8,192-token sequence with a
+//!   151,936-entry vocabulary. `train` is one SFT step through [`causal_lm_loss_chunked`] and
+//!   `score` is [`score_batch`], both running the LM head in chunks of positions. Each reports
+//!   `peak_rss_mib`: with [`BenchOptions::long_child`] (the CLI sets it) the figure runs in a
+//!   child process of the same binary and this is the child's `VmHWM`, the whole process's peak
+//!   as `torch_bench.py`'s `ru_maxrss` (run it with `--only train` or `--only score` alone to
+//!   compare per figure).
 //!
 //! Timing follows the reference: warmup iterations (2; 1 for generation), then at least
 //! [`BenchOptions::min_iters`] iterations and until [`BenchOptions::seconds`] have passed;
@@ -40,8 +48,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use retort_model::score::head_chunk_rows;
 use retort_model::train::{
-    AdamWConfig, LrSchedule, TrainConfig, Trainer, causal_lm_loss, named_vars,
+    AdamWConfig, LrSchedule, TrainConfig, Trainer, causal_lm_loss, causal_lm_loss_chunked,
+    named_vars,
 };
 use retort_model::{
     CausalLm, EngineOptions, GenerationParams, ModelConfig, Request, Tokenizer, generate,
@@ -117,6 +127,23 @@ pub const BENCH_SMALL: BenchConfig = BenchConfig {
 /// Both fixed configs, in report order.
 pub const CONFIGS: [BenchConfig; 2] = [BENCH_TINY, BENCH_SMALL];
 
+/// The `long` figures' shape (`torch_bench.py`'s `long`): one 8,192-token sequence through a
+/// bench-tiny-sized model with a Qwen-sized vocabulary.
+pub const LONG: BenchConfig = BenchConfig {
+    name: "long",
+    hidden: 256,
+    layers: 4,
+    heads: 4,
+    kv_heads: 2,
+    intermediate: 704,
+    vocab: 151_936,
+    seq: 8192,
+    batch: 1,
+};
+
+/// Set in the environment of the child process a `long` figure runs in.
+pub const LONG_CHILD_ENV: &str = "RETORT_BENCH_LONG_CHILD";
+
 impl BenchConfig {
     /// The Qwen2 [`ModelConfig`] of this shape with vocabulary `vocab`.
     pub fn model_config(&self, vocab: usize) -> Result<ModelConfig> {
@@ -165,10 +192,16 @@ pub enum Figure {
     Kd,
     /// Answer verification, one thread.
     Verify,
+    /// [`LONG`]: one SFT step (chunked LM-head loss) on one 8k-token sequence, with its peak
+    /// memory.
+    LongTrain,
+    /// [`LONG`]: scoring one 8k-token sequence (LM head in chunks), with its peak memory.
+    LongScore,
 }
 
 impl Figure {
-    /// Every figure, in report order.
+    /// The figures a plain `retort bench` runs, in report order (the `long` ones only on
+    /// request: minutes each).
     pub const ALL: [Self; 9] = [
         Self::Train,
         Self::Lora,
@@ -193,12 +226,15 @@ impl Figure {
             Self::GenerateMany => "generate_many",
             Self::Kd => "kd_small_to_tiny",
             Self::Verify => "verify",
+            Self::LongTrain => "train",
+            Self::LongScore => "score",
         }
     }
 
     /// Figures named in `--only` (`train`, `lora`, `lora_bf16`, `score`, `generate` (all three
     /// generation figures), `generate_b1`, `generate_b8`, `generate_many`, `kd`,
-    /// `kd_small_to_tiny`, `verify`); empty means all.
+    /// `kd_small_to_tiny`, `verify`, `long` (both long figures), `long_train`, `long_score`);
+    /// empty means [`Figure::ALL`].
     pub fn parse_list(names: &[String]) -> Result<Vec<Self>> {
         if names.is_empty() {
             return Ok(Self::ALL.to_vec());
@@ -216,11 +252,14 @@ impl Figure {
                 "generate_many" => &[Self::GenerateMany],
                 "kd" | "kd_small_to_tiny" => &[Self::Kd],
                 "verify" => &[Self::Verify],
+                "long" => &[Self::LongTrain, Self::LongScore],
+                "long_train" => &[Self::LongTrain],
+                "long_score" => &[Self::LongScore],
                 other => {
                     return Err(Error::Invalid(format!(
                         "unknown figure `{other}` in `--only`; expected `train`, `lora`, \
                          `lora_bf16`, `score`, `generate`, `generate_b1`, `generate_b8`, \
-                         `generate_many`, `kd` or `verify`"
+                         `generate_many`, `kd`, `verify`, `long`, `long_train` or `long_score`"
                     )));
                 }
             };
@@ -257,6 +296,11 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     /// `generate_many`: (prompts, samples per prompt, new tokens per sample).
     pub many: (usize, usize, usize),
+    /// The shape of the `long` figures.
+    pub long: BenchConfig,
+    /// The `retort` binary to run each `long` figure in, as a child process whose peak resident
+    /// memory is the figure's alone (`None`: in this process, after resetting its peak).
+    pub long_child: Option<std::path::PathBuf>,
 }
 
 impl Default for BenchOptions {
@@ -272,6 +316,8 @@ impl Default for BenchOptions {
             prompt_len: 16,
             new_tokens: 128,
             many: (16, 16, 200),
+            long: LONG,
+            long_child: None,
         }
     }
 }
@@ -563,12 +609,13 @@ fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
     let (varmap, model) = random_model(&cfg, 1)?;
     let mut trainer = trainer_for(&varmap)?;
     let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    // The loss phase includes the LM head's forward and backward (chunks of positions).
     let mut phases = Phases::new(&["forward", "loss", "backward", "optimizer"]);
     let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
         phases.start();
-        let logits = model.forward(&ids, None, None)?;
+        let hidden = model.forward_hidden(&ids, None, None)?;
         phases.end_phase();
-        let (loss_sum, n_tokens) = causal_lm_loss(&logits, &ids)?;
+        let (loss_sum, n_tokens) = causal_lm_loss_chunked(&model, &hidden, &ids, None)?;
         phases.end_phase();
         trainer.accumulate(&loss_sum, n_tokens)?;
         phases.end_phase();
@@ -682,6 +729,124 @@ fn bench_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
         &timing,
         json!({"tokens_per_call": tokens, "tokens_per_s": tokens as f64 / timing.median_s}),
     )
+}
+
+/// One SFT step on one [`LONG`] sequence: [`CausalLm::forward_hidden`] +
+/// [`causal_lm_loss_chunked`] (the LM head in chunks of positions, forward and backward) +
+/// [`Trainer`]; one warmup step and `min_iters.min(2)` timed ones at least.
+fn bench_long_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
+    let cfg = c.model_config(c.vocab)?;
+    let (varmap, model) = random_model(&cfg, 1)?;
+    let mut trainer = trainer_for(&varmap)?;
+    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    let mut phases = Phases::new(&["forward", "loss_and_head_backward", "backward", "optimizer"]);
+    let timing = time_it(o.warmup.min(1), o.min_iters.min(2), o.seconds, || {
+        phases.start();
+        let hidden = model.forward_hidden(&ids, None, None)?;
+        phases.end_phase();
+        let (loss_sum, n_tokens) = causal_lm_loss_chunked(&model, &hidden, &ids, None)?;
+        phases.end_phase();
+        trainer.accumulate(&loss_sum, n_tokens)?;
+        phases.end_phase();
+        trainer.step()?;
+        phases.end_phase();
+        Ok(())
+    })?;
+    let tokens = c.batch * c.seq;
+    entry(
+        &timing,
+        json!({
+            "tokens_per_step": tokens,
+            "tokens_per_s": tokens as f64 / timing.median_s,
+            "head_chunk_rows": head_chunk_rows(c.vocab),
+            "peak_rss_mib": peak_rss_mib(),
+            "phases_ms": phases.medians(timing.iters),
+        }),
+    )
+}
+
+/// Scoring one [`LONG`] sequence with [`score_batch`] (the LM head in chunks of positions).
+fn bench_long_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
+    let model = frozen_model(&c.model_config(c.vocab)?, 2)?;
+    let items: Vec<(Vec<u32>, Vec<u32>)> = random_ids(c.batch, c.seq, c.vocab, 12)
+        .into_iter()
+        .map(|row| (row[..1].to_vec(), row[1..].to_vec()))
+        .collect();
+    let timing = time_it(o.warmup.min(1), o.min_iters.min(2), o.seconds, || {
+        score_batch(&model, &items, 0)?;
+        Ok(())
+    })?;
+    let tokens = c.batch * c.seq;
+    entry(
+        &timing,
+        json!({
+            "tokens_per_call": tokens,
+            "tokens_per_s": tokens as f64 / timing.median_s,
+            "head_chunk_rows": head_chunk_rows(c.vocab),
+            "peak_rss_mib": peak_rss_mib(),
+        }),
+    )
+}
+
+/// Runs one `long` figure: in a child process of `exe` (`retort bench --only long_<figure>`
+/// with [`LONG_CHILD_ENV`] set), whose peak resident memory (`VmHWM` of the whole child: model,
+/// weights and the figure's iterations) is reported as `peak_rss_mib`, as `torch_bench.py`
+/// reports its process's `ru_maxrss`; or in this process after resetting its peak.
+fn run_long(figure: Figure, o: &BenchOptions) -> Result<Value> {
+    let Some(exe) = &o.long_child else {
+        reset_peak_rss();
+        let mut value = match figure {
+            Figure::LongTrain => bench_long_train(&o.long, o)?,
+            _ => bench_long_score(&o.long, o)?,
+        };
+        if let Value::Object(map) = &mut value {
+            map.insert(
+                "peak_rss_scope".into(),
+                json!("this process, peak reset before the figure"),
+            );
+        }
+        return Ok(value);
+    };
+    let name = format!("long_{}", figure.key());
+    let output = std::process::Command::new(exe)
+        .args([
+            "bench",
+            "--only",
+            &name,
+            "--seconds",
+            &o.seconds.to_string(),
+        ])
+        .env(LONG_CHILD_ENV, "1")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::Invalid(format!("bench: cannot run `{}`: {e}", exe.display())))?;
+    if !output.status.success() {
+        return Err(Error::Invalid(format!(
+            "bench: the child process of figure `{name}` failed ({})",
+            output.status
+        )));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let report: Value = text
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .ok_or_else(|| Error::Invalid(format!("bench: figure `{name}` printed no JSON report")))?;
+    let mut value = report
+        .pointer(&format!("/results/{}/{}", o.long.name, figure.key()))
+        .cloned()
+        .ok_or_else(|| Error::Invalid(format!("bench: figure `{name}` reported no result")))?;
+    if let Value::Object(map) = &mut value {
+        map.insert(
+            "peak_rss_mib".into(),
+            report.get("peak_rss_mib").cloned().unwrap_or(Value::Null),
+        );
+        map.insert(
+            "peak_rss_scope".into(),
+            json!("child process (VmHWM of the whole process)"),
+        );
+    }
+    Ok(value)
 }
 
 /// A tokenizer for [`generate`]'s final decode: a one-token WordLevel vocabulary (every other id
@@ -940,11 +1105,23 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
         report_line("", Figure::Verify.key(), &value);
         results.insert(Figure::Verify.key().into(), value);
     }
-    let configs: Map<String, Value> = options
+    let mut long = Map::new();
+    for figure in [Figure::LongTrain, Figure::LongScore] {
+        if wants(figure) {
+            let value = run_long(figure, options)?;
+            report_line(options.long.name, figure.key(), &value);
+            long.insert(figure.key().into(), value);
+        }
+    }
+    let mut configs: Map<String, Value> = options
         .configs
         .iter()
         .map(|c| (c.name.to_string(), json!(c)))
         .collect();
+    if !long.is_empty() {
+        results.insert(options.long.name.into(), Value::Object(long));
+        configs.insert(options.long.name.into(), json!(options.long));
+    }
     Ok(json!({
         "bench": "retort",
         "versions": {"retort": env!("CARGO_PKG_VERSION"), "candle": CANDLE_VERSION},
@@ -1129,6 +1306,14 @@ mod tests {
             prompt_len: 3,
             new_tokens: 4,
             many: (2, 2, 4),
+            long: BenchConfig {
+                name: "long",
+                vocab: 300,
+                seq: 40,
+                batch: 1,
+                ..MINI
+            },
+            long_child: None,
         }
     }
 
@@ -1204,6 +1389,27 @@ mod tests {
         positive(&report["results"]["verify"], "verify", "pairs_per_s");
         assert_eq!(report["results"]["verify"]["threads"], 1);
         assert_eq!(lines.len(), 9, "{lines:?}");
+    }
+
+    /// The `long` figures (in this process here) report tokens/s and their peak memory under
+    /// `results.long`, and only run when asked for.
+    #[test]
+    fn long_figures_report_speed_and_peak_memory() {
+        let options = BenchOptions {
+            figures: Figure::parse_list(&["long".into()]).expect("valid"),
+            ..mini_options()
+        };
+        let report = run(&options, &mut |_| {}).expect("bench runs");
+        let long = &report["results"]["long"];
+        positive(&long["train"], "long.train", "tokens_per_s");
+        positive(&long["score"], "long.score", "tokens_per_s");
+        assert_eq!(long["train"]["tokens_per_step"], 40);
+        assert_eq!(report["configs"]["long"]["vocab"], 300);
+        if cfg!(target_os = "linux") {
+            positive(&long["train"], "long.train", "peak_rss_mib");
+            positive(&long["score"], "long.score", "peak_rss_mib");
+        }
+        assert!(!Figure::ALL.contains(&Figure::LongTrain));
     }
 
     #[test]

@@ -4,13 +4,15 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use retort::bench::{BenchOptions, compare, run as run_bench};
+use retort::bench::{BenchOptions, LONG_CHILD_ENV, compare, run as run_bench};
 
 /// `retort bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Only these figures (comma separated: train, lora, lora_bf16, score, generate, generate_b1,
-    /// generate_b8, generate_many, kd, verify).
+    /// generate_b8, generate_many, kd, verify; and, never by default, long, long_train,
+    /// long_score: one 8k-token sequence with a 151,936-entry vocabulary, each run in a child
+    /// process that reports its peak memory).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Only these configs (bench-tiny, bench-small).
@@ -27,7 +29,12 @@ pub struct BenchArgs {
 
 /// Runs the selected figures and prints the report.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let options = BenchOptions::from_filters(&args.only, &args.config, args.seconds)?;
+    let mut options = BenchOptions::from_filters(&args.only, &args.config, args.seconds)?;
+    // The `long` figures run in a child process of this binary (their peak memory is their own),
+    // unless this is that child.
+    if std::env::var_os(LONG_CHILD_ENV).is_none() {
+        options.long_child = std::env::current_exe().ok();
+    }
     // Read the reference first: a bad path should fail before minutes of benchmarking.
     let reference = match &args.compare {
         Some(path) => {

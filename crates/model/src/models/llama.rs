@@ -221,4 +221,9 @@ impl Model {
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?)
     }
+
+    /// The `lm_head` layer (the embedding when tied).
+    pub fn lm_head_layer(&self) -> &Linear {
+        &self.lm_head
+    }
 }

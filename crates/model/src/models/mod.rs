@@ -168,6 +168,18 @@ impl CausalLm {
         Ok(logits.to_dtype(DType::F32)?)
     }
 
+    /// The `lm_head` weight `[vocab, hidden]` when the head is a plain projection (no bias, no
+    /// adapter), so that callers may apply it to chunks of positions themselves; the embedding
+    /// matrix when tied.
+    pub fn lm_head_weight(&self) -> Option<&Tensor> {
+        let layer = match self {
+            Self::Qwen2(m) => m.lm_head_layer(),
+            Self::Qwen3(m) => m.lm_head_layer(),
+            Self::Llama(m) => m.lm_head_layer(),
+        };
+        (layer.bias().is_none() && layer.adapter().is_none()).then(|| layer.weight())
+    }
+
     fn hidden(
         &self,
         input_ids: &Tensor,
@@ -561,6 +573,16 @@ impl Linear {
     /// The weight `[out, in]`.
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The LoRA adapter added to the output, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref()
     }
 }
 

@@ -18,12 +18,17 @@
 //! Every op here is differentiable in candle: [`log_softmax`] is built from `max` (detached),
 //! `exp`, `sum` and `log`, never the fused `softmax_last_dim`, which has no backward; on CPU in
 //! f32/f64 [`causal_lm_loss`] runs the fused [`crate::kernels::cross_entropy_sum`] instead.
+//!
+//! For long sequences, [`causal_lm_loss_chunked`] takes the final hidden states instead of the
+//! logits and runs the LM head in chunks of positions, forward and backward ([`head`]).
 
+pub mod head;
 pub mod optimizer;
 pub mod schedule;
 
 use candle_core::{DType, Tensor, Var};
 
+pub use head::{causal_lm_loss_chunked, head_loss, head_loss_value};
 pub use optimizer::{AdamW, AdamWConfig, Gradients, Param, decays};
 pub use schedule::{Decay, LrSchedule};
 

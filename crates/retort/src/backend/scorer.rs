@@ -18,7 +18,9 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{D, DType, IndexOp, Tensor};
-use retort_model::score::{PaddedBatch, token_logprobs_from_logits};
+use retort_model::score::{
+    PaddedBatch, for_each_logits_chunk, head_chunk_rows, token_logprobs_from_logits,
+};
 use retort_model::tokenizer::Tokenizer;
 use serde_json::json;
 
@@ -162,7 +164,8 @@ impl TokenScorer for LocalBackend {
     }
 }
 
-/// One left-padded forward pass over `requests`; the lm head runs on completion positions only.
+/// One left-padded forward pass over `requests`; the lm head runs on completion positions only,
+/// in chunks of positions (log-probs, ranks and top-k reduced per chunk).
 fn score_local_chunk(
     backend: &LocalBackend,
     requests: &[ScoreRequest],
@@ -194,42 +197,50 @@ fn score_local_chunk(
     let batch = PaddedBatch::left(&seqs, model.pad_id(), net.device())?;
     let mask = batch.has_padding().then_some(&batch.attention_mask);
     let hidden = net.forward_hidden(&batch.input_ids, mask, Some(&batch.position_ids))?;
+    let chunk_rows = head_chunk_rows(vocab);
     let mut scored = Vec::with_capacity(live.len());
     for (row, request) in live.iter().enumerate() {
         let n = request.completion_ids.len();
         // Position p predicts token p + 1.
         let start = batch.pad_lens[row] + request.prompt_ids.len() - 1;
-        let h = hidden.i((row..row + 1, start..start + n))?;
-        let logits = net.lm_head(&h)?.to_dtype(DType::F32)?;
-        let targets = Tensor::from_slice(&request.completion_ids, (1, n), net.device())?;
-        let logprobs = token_logprobs_from_logits(&logits, &targets)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        let ranks = if wants.ranks {
-            // Rank = 1 + the number of tokens with a strictly larger logit than the target.
-            let target_logits =
-                logits.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
-            let above = logits
-                .broadcast_gt(&target_logits)?
-                .to_dtype(DType::F32)?
-                .sum(D::Minus1)?;
-            above
-                .squeeze(0)?
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(|n| n as u32 + 1)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let top = if wants.top_k > 0 {
-            let rows = retort_model::train::log_softmax(&logits.squeeze(0)?)?
-                .to_device(&candle_core::Device::Cpu)?
-                .to_vec2::<f32>()?;
-            rows.iter().map(|row| top_k(row, wants.top_k)).collect()
-        } else {
-            Vec::new()
-        };
+        let h = hidden.i((row, start..start + n))?;
+        let mut logprobs = Vec::with_capacity(n);
+        let mut ranks = Vec::with_capacity(if wants.ranks { n } else { 0 });
+        let mut top = Vec::with_capacity(if wants.top_k > 0 { n } else { 0 });
+        for_each_logits_chunk(net, &h, chunk_rows, |first, logits| -> Result<()> {
+            let len = logits.dim(0)?;
+            let ids = &request.completion_ids[first..first + len];
+            let logits = logits.unsqueeze(0)?;
+            let targets = Tensor::from_slice(ids, (1, len), net.device())?;
+            logprobs.extend(
+                token_logprobs_from_logits(&logits, &targets)?
+                    .squeeze(0)?
+                    .to_vec1::<f32>()?,
+            );
+            if wants.ranks {
+                // Rank = 1 + the number of tokens with a strictly larger logit than the target.
+                let target_logits =
+                    logits.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
+                let above = logits
+                    .broadcast_gt(&target_logits)?
+                    .to_dtype(DType::F32)?
+                    .sum(D::Minus1)?;
+                ranks.extend(
+                    above
+                        .squeeze(0)?
+                        .to_vec1::<f32>()?
+                        .into_iter()
+                        .map(|n| n as u32 + 1),
+                );
+            }
+            if wants.top_k > 0 {
+                let rows = retort_model::train::log_softmax(&logits.squeeze(0)?)?
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_vec2::<f32>()?;
+                top.extend(rows.iter().map(|row| top_k(row, wants.top_k)));
+            }
+            Ok(())
+        })?;
         scored.push(SequenceScores {
             logprobs,
             ranks,

@@ -17,12 +17,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use retort_model::score::{for_each_logits_chunk, head_chunk_rows};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::distill::config::DistillOptions;
 use crate::distill::data::{self, Example, TokenizerView};
-use crate::distill::objective::{MicroBatch, logits_at_targets};
+use crate::distill::objective::{MicroBatch, hidden_at_targets};
 use crate::distill::teacher::{LiveTeacher, MissingMass, TeacherSignal, open_live_teacher};
 use crate::error::{Error, Result};
 
@@ -273,17 +274,25 @@ pub fn build_teacher_cache(
             match &teacher {
                 LiveTeacher::Local(model) => {
                     let batch = MicroBatch::new(&refs, pad_id, &device)?;
-                    let logits = logits_at_targets(&model.model, &batch)?
-                        .squeeze(0)?
-                        .affine(1.0 / plan.temperature, 0.0)?;
-                    // Padded vocabularies: only the student's rows can be cached.
-                    let logits = logits.narrow(1, 0, logits.dim(1)?.min(vocab_size))?;
-                    let values = retort_model::train::log_softmax(&logits)?
-                        .to_device(&Device::Cpu)?
-                        .to_vec2::<f32>()?;
-                    for row in &values {
-                        top_k_row(row, top_k, &mut indices, &mut logprobs);
-                    }
+                    let hidden = hidden_at_targets(&model.model, &batch)?.detach();
+                    let chunk_rows = head_chunk_rows(model.model.config().vocab_size);
+                    for_each_logits_chunk(
+                        &model.model,
+                        &hidden,
+                        chunk_rows,
+                        |_, logits| -> Result<()> {
+                            let logits = logits.affine(1.0 / plan.temperature, 0.0)?;
+                            // Padded vocabularies: only the student's rows can be cached.
+                            let logits = logits.narrow(1, 0, logits.dim(1)?.min(vocab_size))?;
+                            let values = retort_model::train::log_softmax(&logits)?
+                                .to_device(&Device::Cpu)?
+                                .to_vec2::<f32>()?;
+                            for row in &values {
+                                top_k_row(row, top_k, &mut indices, &mut logprobs);
+                            }
+                            Ok(())
+                        },
+                    )?;
                 }
                 LiveTeacher::Remote(remote) => {
                     let TeacherSignal::Sparse {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::distill::cache::TeacherCache;
 use crate::distill::data::Example;
-use crate::distill::objective::{LossSpec, MicroBatch, loss};
+use crate::distill::objective::{LossSpec, MicroBatch, loss_value};
 use crate::distill::teacher::MissingMass;
 use crate::error::Result;
 
@@ -71,7 +71,7 @@ pub fn held_out_loss(
                 _ => {}
             }
         }
-        let terms = loss(model, &batch, spec)?;
+        let terms = loss_value(model, &batch, spec)?;
         total += scalar(&terms.sum)?;
         sft += terms.sft_sum;
         if let Some(value) = terms.kd_sum {

@@ -4,7 +4,10 @@
 //! [`MicroBatch`] lays examples out right-padded (causal attention never lets a real token see
 //! the padding after it, so no mask is needed) and lists the flat positions whose next token is a
 //! completion token. Only those positions go through `lm_head`: the `[b, t, vocab]` logits are
-//! never built for prompt or padding positions, for the student or the teacher.
+//! never built for prompt or padding positions, for the student or the teacher. Even at those
+//! positions the head runs in chunks ([`loss`], [`retort_model::train::head_loss`]): every
+//! objective reduces one chunk's logits (and a dense teacher's) and back-propagates them before
+//! the next, so the memory of a long trace is bounded by the chunk, not by its length.
 //!
 //! [`LossSpec`] is the closed set of objectives: `sft` (cross-entropy), `kd`
 //! (`(1 - w) * sft + w * divergence(teacher, student)` per token, dense teacher logits computed
@@ -12,7 +15,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use retort_model::CausalLm;
-use retort_model::train::gather_logprobs;
+use retort_model::score::head_chunk_rows;
+use retort_model::train::{gather_logprobs, head_loss, head_loss_value};
 
 use crate::distill::data::Example;
 use crate::distill::divergence::{Divergence, per_token};
@@ -139,141 +143,343 @@ pub struct LossTerms {
     pub kd_sum: Option<f64>,
 }
 
-/// Logits `[1, n, vocab]` at the micro-batch's target positions.
-pub fn logits_at_targets(model: &CausalLm, batch: &MicroBatch) -> Result<Tensor> {
+/// Final hidden states `[n, hidden]` at the micro-batch's target positions.
+pub fn hidden_at_targets(model: &CausalLm, batch: &MicroBatch) -> Result<Tensor> {
     let hidden = model.forward_hidden(&batch.input_ids, None, None)?;
     let (b, t, h) = hidden.dims3()?;
-    let selected = hidden
+    Ok(hidden
         .reshape((b * t, h))?
-        .index_select(&batch.positions, 0)?
-        .unsqueeze(0)?;
+        .index_select(&batch.positions, 0)?)
+}
+
+/// Logits `[1, n, vocab]` at the micro-batch's target positions (all at once).
+pub fn logits_at_targets(model: &CausalLm, batch: &MicroBatch) -> Result<Tensor> {
+    let selected = hidden_at_targets(model, batch)?.unsqueeze(0)?;
     Ok(model.lm_head(&selected)?)
 }
 
-/// The loss of `student` on `batch` under `spec`.
+/// The loss of `student` on `batch` under `spec`, through the LM head in chunks of
+/// [`head_chunk_rows`] positions (forward and backward; see [`loss_chunked`]).
 pub fn loss(student: &CausalLm, batch: &MicroBatch, spec: &LossSpec<'_>) -> Result<LossTerms> {
+    let rows = head_chunk_rows(student.config().vocab_size);
+    loss_chunked(student, batch, spec, rows)
+}
+
+/// [`loss`] with `chunk_rows` positions per chunk of the LM head.
+///
+/// Neither the student's nor a dense teacher's `[n, vocab]` logits exist whole: each chunk of
+/// positions is reduced to its terms and back-propagated to the selected hidden states and the
+/// head weight on the spot ([`head_loss`]). A head with a LoRA adapter takes
+/// [`loss_unchunked`].
+pub fn loss_chunked(
+    student: &CausalLm,
+    batch: &MicroBatch,
+    spec: &LossSpec<'_>,
+    chunk_rows: usize,
+) -> Result<LossTerms> {
     if batch.tokens == 0 {
-        let zero = Tensor::zeros((), DType::F32, student.device())?;
-        return Ok(LossTerms {
-            sum: zero,
+        return LossTerms::empty(student.device());
+    }
+    if student.lm_head_weight().is_none() {
+        return loss_unchunked(student, batch, spec);
+    }
+    let context = Context::new(student, batch, spec)?;
+    let hidden = hidden_at_targets(student, batch)?;
+    let (mut sft_sum, mut kd_sum) = (0.0, None);
+    let sum = head_loss(
+        student,
+        &hidden,
+        chunk_rows,
+        |start, logits| -> Result<Tensor> {
+            let terms = context.chunk(&logits.unsqueeze(0)?, start)?;
+            sft_sum += terms.sft;
+            if let Some(kd) = terms.kd {
+                *kd_sum.get_or_insert(0.0) += kd;
+            }
+            Ok(terms.sum)
+        },
+    )?;
+    Ok(context.terms(sum, sft_sum, kd_sum))
+}
+
+/// The value of every term of [`loss`], without a gradient (held-out evaluation), through the
+/// LM head in chunks of positions. `sum` carries no graph.
+pub fn loss_value(
+    student: &CausalLm,
+    batch: &MicroBatch,
+    spec: &LossSpec<'_>,
+) -> Result<LossTerms> {
+    if batch.tokens == 0 {
+        return LossTerms::empty(student.device());
+    }
+    let context = Context::new(student, batch, spec)?;
+    let hidden = hidden_at_targets(student, batch)?.detach();
+    let (mut sft_sum, mut kd_sum) = (0.0, None);
+    let rows = head_chunk_rows(student.config().vocab_size);
+    let total = head_loss_value(student, &hidden, rows, |start, logits| -> Result<Tensor> {
+        let terms = context.chunk(&logits.unsqueeze(0)?, start)?;
+        sft_sum += terms.sft;
+        if let Some(kd) = terms.kd {
+            *kd_sum.get_or_insert(0.0) += kd;
+        }
+        Ok(terms.sum)
+    })?;
+    let sum = Tensor::new(total as f32, student.device())?;
+    Ok(context.terms(sum, sft_sum, kd_sum))
+}
+
+/// [`loss`] from the whole `[1, n, vocab]` logits at once, with the ordinary autograd graph (the
+/// reference of the chunked path).
+pub fn loss_unchunked(
+    student: &CausalLm,
+    batch: &MicroBatch,
+    spec: &LossSpec<'_>,
+) -> Result<LossTerms> {
+    if batch.tokens == 0 {
+        return LossTerms::empty(student.device());
+    }
+    let context = Context::new(student, batch, spec)?;
+    let logits = logits_at_targets(student, batch)?;
+    let terms = context.chunk(&logits, 0)?;
+    Ok(context.terms(terms.sum, terms.sft, terms.kd))
+}
+
+impl LossTerms {
+    fn empty(device: &Device) -> Result<Self> {
+        Ok(Self {
+            sum: Tensor::zeros((), DType::F32, device)?,
             tokens: 0,
             target_tokens: 0,
             sft_sum: 0.0,
             kd_sum: None,
-        });
+        })
     }
-    let logits = logits_at_targets(student, batch)?;
-    let scalar =
-        |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    match *spec {
-        LossSpec::Sft => {
-            let sft = gather_logprobs(&logits, &batch.targets)?.neg()?;
-            let sum = sft.sum_all()?;
-            let sft_sum = scalar(&sum)?;
-            Ok(LossTerms {
-                sum,
-                tokens: batch.tokens,
-                target_tokens: batch.tokens,
-                sft_sum,
-                kd_sum: None,
-            })
-        }
-        LossSpec::Kd {
-            teacher,
-            divergence,
-            temperature,
-            kd_weight,
-        } => {
-            let teacher_logits = logits_at_targets(teacher, batch)?.detach();
-            // Padded vocabularies: the first min(V) logits (ids past the tokenizer never occur).
-            let (tv, sv) = (teacher_logits.dim(2)?, logits.dim(2)?);
-            let shared = tv.min(sv);
-            let teacher_logits = if tv > shared {
-                teacher_logits.narrow(2, 0, shared)?
-            } else {
-                teacher_logits
-            };
-            let logits = if sv > shared {
-                logits.narrow(2, 0, shared)?
-            } else {
-                logits
-            };
-            let signal = TeacherSignal::dense(teacher_logits);
-            kd_terms(&logits, batch, &signal, divergence, temperature, kd_weight)
-        }
-        LossSpec::KdCached {
-            divergence,
-            temperature,
-            kd_weight,
-        } => {
-            let signal = batch.teacher.as_ref().ok_or_else(|| {
-                crate::error::Error::Invalid(
+}
+
+/// One chunk's differentiable loss sum and its terms as numbers.
+struct ChunkTerms {
+    sum: Tensor,
+    sft: f64,
+    kd: Option<f64>,
+}
+
+/// What every chunk of one micro-batch's loss shares: the spec, the batch, the teacher's
+/// hidden states at the targets (a local teacher) and REDI's per-token weights.
+struct Context<'s, 'b> {
+    spec: LossSpec<'s>,
+    batch: &'b MicroBatch,
+    /// `[n, hidden]`, detached.
+    teacher_hidden: Option<Tensor>,
+    /// `[1, n]`: REDI's signed, length-normalised weight of each target.
+    redi_weights: Option<Tensor>,
+    /// What the sum is normalised by.
+    tokens: usize,
+}
+
+impl<'s, 'b> Context<'s, 'b> {
+    fn new(student: &CausalLm, batch: &'b MicroBatch, spec: &LossSpec<'s>) -> Result<Self> {
+        let mut context = Self {
+            spec: *spec,
+            batch,
+            teacher_hidden: None,
+            redi_weights: None,
+            tokens: batch.tokens,
+        };
+        match *spec {
+            LossSpec::Kd { teacher, .. } | LossSpec::OnPolicyReward { teacher } => {
+                context.teacher_hidden = Some(hidden_at_targets(teacher, batch)?.detach());
+            }
+            LossSpec::KdCached { .. } if batch.teacher.is_none() => {
+                return Err(crate::error::Error::Invalid(
                     "kd from a teacher cache: the micro-batch carries no cached signal".into(),
-                )
-            })?;
-            kd_terms(&logits, batch, signal, divergence, temperature, kd_weight)
-        }
-        LossSpec::OnPolicyReward { .. } | LossSpec::OnPolicyRewardScored => {
-            let student_logprobs = gather_logprobs(&logits, &batch.targets)?;
-            let teacher_logprobs = match *spec {
-                LossSpec::OnPolicyReward { teacher } => {
-                    let teacher_logits = logits_at_targets(teacher, batch)?.detach();
-                    gather_logprobs(&teacher_logits, &batch.targets)?
+                ));
+            }
+            LossSpec::OnPolicyRewardScored if batch.teacher_target_logprobs.is_none() => {
+                return Err(crate::error::Error::Invalid(
+                    "on-policy with a served teacher: the micro-batch carries no teacher \
+                     log-probs"
+                        .into(),
+                ));
+            }
+            LossSpec::Redi { negative_weight } => {
+                let rows = batch.row_correct.len();
+                let mut lengths = vec![0usize; rows];
+                for &row in &batch.target_rows {
+                    lengths[row] += 1;
                 }
-                _ => batch
-                    .teacher_target_logprobs
-                    .as_ref()
-                    .ok_or_else(|| {
-                        crate::error::Error::Invalid(
-                            "on-policy with a served teacher: the micro-batch carries no teacher \
-                             log-probs"
-                                .into(),
-                        )
-                    })?
-                    .to_dtype(student_logprobs.dtype())?
-                    .detach(),
-            };
-            let (per_token, reverse_kl) = reverse_kl_reward(&student_logprobs, &teacher_logprobs)?;
-            Ok(LossTerms {
-                sum: per_token.sum_all()?,
-                tokens: batch.tokens,
-                target_tokens: batch.tokens,
-                sft_sum: -scalar(&student_logprobs)?,
-                kd_sum: Some(scalar(&reverse_kl)?),
-            })
+                let mut weights = Vec::with_capacity(batch.tokens);
+                for &row in &batch.target_rows {
+                    let sign = match batch.row_correct[row] {
+                        Some(true) => 1.0,
+                        Some(false) => -negative_weight,
+                        None => {
+                            return Err(crate::error::Error::Invalid(
+                                "redi: every record needs `verdict.correct`".into(),
+                            ));
+                        }
+                    };
+                    weights.push((sign / lengths[row] as f64) as f32);
+                }
+                context.redi_weights = Some(Tensor::from_vec(
+                    weights,
+                    (1, batch.tokens),
+                    student.device(),
+                )?);
+                context.tokens = lengths.iter().filter(|&&n| n > 0).count();
+            }
+            _ => {}
         }
-        LossSpec::Redi { negative_weight } => {
-            let logprobs = gather_logprobs(&logits, &batch.targets)?;
-            let rows = batch.row_correct.len();
-            let mut lengths = vec![0usize; rows];
-            for &row in &batch.target_rows {
-                lengths[row] += 1;
-            }
-            let mut weights = Vec::with_capacity(batch.tokens);
-            for &row in &batch.target_rows {
-                let sign = match batch.row_correct[row] {
-                    Some(true) => 1.0,
-                    Some(false) => -negative_weight,
-                    None => {
-                        return Err(crate::error::Error::Invalid(
-                            "redi: every record needs `verdict.correct`".into(),
-                        ));
-                    }
-                };
-                weights.push((sign / lengths[row] as f64) as f32);
-            }
-            let weights = Tensor::from_vec(weights, (1, batch.tokens), student.device())?;
-            let sum = logprobs.mul(&weights)?.sum_all()?.neg()?;
-            let sft_sum = -scalar(&logprobs)?;
-            Ok(LossTerms {
-                sum,
-                tokens: lengths.iter().filter(|&&n| n > 0).count(),
-                target_tokens: batch.tokens,
-                sft_sum,
-                kd_sum: None,
-            })
+        Ok(context)
+    }
+
+    fn terms(&self, sum: Tensor, sft_sum: f64, kd_sum: Option<f64>) -> LossTerms {
+        LossTerms {
+            sum,
+            tokens: self.tokens,
+            target_tokens: self.batch.tokens,
+            sft_sum,
+            kd_sum,
         }
     }
+
+    /// The terms of targets `start..start + len` from the student's logits `[1, len, vocab]`.
+    fn chunk(&self, logits: &Tensor, start: usize) -> Result<ChunkTerms> {
+        let len = logits.dim(1)?;
+        let batch = self.batch;
+        let targets = batch.targets.narrow(1, start, len)?;
+        let teacher_logits = |teacher: &CausalLm| -> Result<Tensor> {
+            let hidden = self
+                .teacher_hidden
+                .as_ref()
+                .expect("a local teacher's hidden states are computed in Context::new");
+            Ok(teacher
+                .lm_head(&hidden.narrow(0, start, len)?)?
+                .detach()
+                .unsqueeze(0)?)
+        };
+        match self.spec {
+            LossSpec::Sft => {
+                let sum = gather_logprobs(logits, &targets)?.neg()?.sum_all()?;
+                let sft = scalar(&sum)?;
+                Ok(ChunkTerms { sum, sft, kd: None })
+            }
+            LossSpec::Kd {
+                teacher,
+                divergence,
+                temperature,
+                kd_weight,
+            } => {
+                let teacher_logits = teacher_logits(teacher)?;
+                // Padded vocabularies: the first min(V) logits (ids past the tokenizer never occur).
+                let (tv, sv) = (teacher_logits.dim(2)?, logits.dim(2)?);
+                let shared = tv.min(sv);
+                let teacher_logits = if tv > shared {
+                    teacher_logits.narrow(2, 0, shared)?
+                } else {
+                    teacher_logits
+                };
+                let logits = if sv > shared {
+                    logits.narrow(2, 0, shared)?
+                } else {
+                    logits.clone()
+                };
+                let signal = TeacherSignal::dense(teacher_logits);
+                kd_terms(
+                    &logits,
+                    &targets,
+                    &signal,
+                    divergence,
+                    temperature,
+                    kd_weight,
+                )
+            }
+            LossSpec::KdCached {
+                divergence,
+                temperature,
+                kd_weight,
+            } => {
+                let signal = batch.teacher.as_ref().ok_or_else(|| {
+                    crate::error::Error::Invalid(
+                        "kd from a teacher cache: the micro-batch carries no cached signal".into(),
+                    )
+                })?;
+                let signal = narrow_signal(signal, start, len)?;
+                kd_terms(
+                    logits,
+                    &targets,
+                    &signal,
+                    divergence,
+                    temperature,
+                    kd_weight,
+                )
+            }
+            LossSpec::OnPolicyReward { .. } | LossSpec::OnPolicyRewardScored => {
+                let student_logprobs = gather_logprobs(logits, &targets)?;
+                let teacher_logprobs = match self.spec {
+                    LossSpec::OnPolicyReward { teacher } => {
+                        gather_logprobs(&teacher_logits(teacher)?, &targets)?
+                    }
+                    _ => batch
+                        .teacher_target_logprobs
+                        .as_ref()
+                        .ok_or_else(|| {
+                            crate::error::Error::Invalid(
+                                "on-policy with a served teacher: the micro-batch carries no \
+                                 teacher log-probs"
+                                    .into(),
+                            )
+                        })?
+                        .narrow(1, start, len)?
+                        .to_dtype(student_logprobs.dtype())?
+                        .detach(),
+                };
+                let (per_token, reverse_kl) =
+                    reverse_kl_reward(&student_logprobs, &teacher_logprobs)?;
+                Ok(ChunkTerms {
+                    sum: per_token.sum_all()?,
+                    sft: -scalar(&student_logprobs)?,
+                    kd: Some(scalar(&reverse_kl)?),
+                })
+            }
+            LossSpec::Redi { .. } => {
+                let weights = self
+                    .redi_weights
+                    .as_ref()
+                    .expect("REDI weights are computed in Context::new")
+                    .narrow(1, start, len)?;
+                let logprobs = gather_logprobs(logits, &targets)?;
+                let sum = logprobs.mul(&weights)?.sum_all()?.neg()?;
+                Ok(ChunkTerms {
+                    sum,
+                    sft: -scalar(&logprobs)?,
+                    kd: None,
+                })
+            }
+        }
+    }
+}
+
+/// The sum of a tensor as `f64`.
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Positions `start..start + len` of a `[1, n, ·]` teacher signal.
+fn narrow_signal(signal: &TeacherSignal, start: usize, len: usize) -> Result<TeacherSignal> {
+    Ok(match signal {
+        TeacherSignal::Dense { logits } => TeacherSignal::dense(logits.narrow(1, start, len)?),
+        TeacherSignal::Sparse {
+            indices,
+            logprobs,
+            temperature,
+            missing_mass,
+        } => TeacherSignal::Sparse {
+            indices: indices.narrow(1, start, len)?,
+            logprobs: logprobs.narrow(1, start, len)?,
+            temperature: *temperature,
+            missing_mass: *missing_mass,
+        },
+    })
 }
 
 /// The per-token policy-gradient loss of the reverse-KL reward and the per-token reverse KL
@@ -292,35 +498,31 @@ pub fn reverse_kl_reward(
     Ok((loss, advantage.neg()?))
 }
 
-/// `(1 - w) * sft + w * divergence(signal, student)` summed over the targets.
+/// `(1 - w) * sft + w * divergence(signal, student)` summed over the targets `[1, n]`.
 fn kd_terms(
     logits: &Tensor,
-    batch: &MicroBatch,
+    targets: &Tensor,
     signal: &TeacherSignal,
     divergence: Divergence,
     temperature: f64,
     kd_weight: f64,
-) -> Result<LossTerms> {
-    let scalar =
-        |t: &Tensor| -> Result<f64> { Ok(t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+) -> Result<ChunkTerms> {
     let kd = per_token(logits, signal, divergence, temperature)?;
     let kd_sum = scalar(&kd)?;
     let (sum, sft_sum) = if kd_weight >= 1.0 {
         // The SFT term has no weight: report it without keeping a graph for it.
-        let sft = gather_logprobs(&logits.detach(), &batch.targets)?.neg()?;
+        let sft = gather_logprobs(&logits.detach(), targets)?.neg()?;
         (kd.sum_all()?, scalar(&sft)?)
     } else {
-        let sft = gather_logprobs(logits, &batch.targets)?.neg()?;
+        let sft = gather_logprobs(logits, targets)?.neg()?;
         let sft_sum = scalar(&sft)?;
         let mixed = (sft.affine(1.0 - kd_weight, 0.0)? + kd.affine(kd_weight, 0.0)?)?;
         (mixed.sum_all()?, sft_sum)
     };
-    Ok(LossTerms {
+    Ok(ChunkTerms {
         sum,
-        tokens: batch.tokens,
-        target_tokens: batch.tokens,
-        sft_sum,
-        kd_sum: Some(kd_sum),
+        sft: sft_sum,
+        kd: Some(kd_sum),
     })
 }
 
@@ -445,6 +647,205 @@ mod tests {
         assert!(diff < 1e-12, "{a:?} vs {b:?}");
         let estimate = reverse_kl.mul(&weights)?.sum_all()?.to_scalar::<f64>()?;
         assert!((estimate - exact_kl.to_scalar::<f64>()?).abs() < 1e-12);
+        Ok(())
+    }
+
+    /// A tiny Qwen2 with random weights (std 0.4, so the logits and gradients are far from 0).
+    fn tiny(vocab: usize, tied: bool, seed: u64) -> Result<(candle_nn::VarMap, CausalLm)> {
+        let shape = crate::bench::BenchConfig {
+            name: "objective-test",
+            hidden: 16,
+            layers: 2,
+            heads: 2,
+            kv_heads: 1,
+            intermediate: 24,
+            vocab,
+            seq: 8,
+            batch: 2,
+        };
+        let mut cfg = shape.model_config(vocab)?;
+        cfg.tie_word_embeddings = tied;
+        let varmap = candle_nn::VarMap::new();
+        let model = CausalLm::new(
+            &cfg,
+            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )?;
+        let (source, _) = crate::bench::random_model(&shape.model_config(vocab)?, seed)?;
+        let source: std::collections::HashMap<String, Tensor> =
+            retort_model::train::named_vars(&source)
+                .into_iter()
+                .map(|(name, var)| (name, var.as_detached_tensor()))
+                .collect();
+        for (name, var) in retort_model::train::named_vars(&varmap) {
+            let value = &source[&name];
+            let value = if var.rank() >= 2 {
+                value.affine(20.0, 0.0)?
+            } else {
+                value.clone()
+            };
+            var.set(&value)?;
+        }
+        Ok((varmap, model))
+    }
+
+    fn examples() -> Vec<Example> {
+        let example = |ids: Vec<u32>, prompt_len, correct| Example {
+            ids,
+            prompt_len,
+            line: 1,
+            key: "k".into(),
+            correct,
+        };
+        vec![
+            example(vec![3, 17, 5, 9, 22, 40, 1, 8], 3, Some(true)),
+            example(vec![7, 2, 31, 11, 6], 1, Some(false)),
+            example(vec![12, 19, 4, 25], 2, Some(true)),
+        ]
+    }
+
+    /// Loss value, terms and every parameter's gradient of `loss_chunked` against
+    /// `loss_unchunked`: relative max difference.
+    fn compare(
+        varmap: &candle_nn::VarMap,
+        student: &CausalLm,
+        batch: &MicroBatch,
+        spec: &LossSpec<'_>,
+        chunk_rows: usize,
+    ) -> Result<f64> {
+        let reference = loss_unchunked(student, batch, spec)?;
+        let chunked = loss_chunked(student, batch, spec, chunk_rows)?;
+        let value = |t: &Tensor| -> f64 { scalar(t).expect("a scalar") };
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+        assert!(
+            close(value(&chunked.sum), value(&reference.sum)),
+            "sum {} vs {}",
+            value(&chunked.sum),
+            value(&reference.sum)
+        );
+        assert!(close(chunked.sft_sum, reference.sft_sum));
+        assert_eq!(chunked.kd_sum.is_some(), reference.kd_sum.is_some());
+        if let (Some(a), Some(b)) = (chunked.kd_sum, reference.kd_sum) {
+            assert!(close(a, b), "kd {a} vs {b}");
+        }
+        assert_eq!(
+            (chunked.tokens, chunked.target_tokens),
+            (reference.tokens, reference.target_tokens)
+        );
+        let want = reference.sum.backward()?;
+        let got = chunked.sum.backward()?;
+        let mut worst = 0f64;
+        for (name, var) in retort_model::train::named_vars(varmap) {
+            let flat = |store: &candle_core::backprop::GradStore| -> Vec<f64> {
+                store
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {name}"))
+                    .flatten_all()
+                    .and_then(|t| t.to_dtype(DType::F64))
+                    .and_then(|t| t.to_vec1::<f64>())
+                    .expect("a gradient")
+            };
+            let (a, b) = (flat(&got), flat(&want));
+            let scale = b.iter().fold(0f64, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{name}: zero reference gradient");
+            let diff = a
+                .iter()
+                .zip(&b)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale,
+                "{name}: max diff {diff:.3e}, scale {scale:.3e}"
+            );
+            worst = worst.max(diff / scale);
+        }
+        Ok(worst)
+    }
+
+    /// Every objective, through the LM head in chunks of 3 positions (11 targets: chunks of 3,
+    /// 3, 3 and 2), equals the whole-logits loss in value, terms and every parameter's gradient,
+    /// untied and tied heads alike.
+    #[test]
+    fn chunked_loss_equals_unchunked_for_every_objective() -> Result<()> {
+        let examples = examples();
+        let refs: Vec<&Example> = examples.iter().collect();
+        for tied in [false, true] {
+            let (varmap, student) = tiny(48, tied, 1)?;
+            // A padded teacher vocabulary: 56 rows, of which the first 48 are shared.
+            let (_, teacher) = tiny(56, false, 2)?;
+            let mut batch = MicroBatch::new(&refs, 0, &Device::Cpu)?;
+            assert_eq!(batch.tokens, 11);
+            let teacher_logits = logits_at_targets(&teacher, &batch)?
+                .narrow(2, 0, 48)?
+                .detach();
+            batch.teacher = Some(crate::distill::divergence::tests::top_k(
+                &teacher_logits,
+                6,
+                crate::distill::teacher::MissingMass::Tail,
+            ));
+            batch.teacher_target_logprobs = Some(
+                gather_logprobs(&teacher_logits, &batch.targets)?
+                    .affine(1.0, -0.1)?
+                    .detach(),
+            );
+            let specs = [
+                LossSpec::Sft,
+                LossSpec::Kd {
+                    teacher: &teacher,
+                    divergence: Divergence::ForwardKl,
+                    temperature: 2.0,
+                    kd_weight: 0.5,
+                },
+                LossSpec::Kd {
+                    teacher: &teacher,
+                    divergence: Divergence::Jsd { beta: 0.3 },
+                    temperature: 1.0,
+                    kd_weight: 1.0,
+                },
+                LossSpec::KdCached {
+                    divergence: Divergence::ReverseKl,
+                    temperature: 1.5,
+                    kd_weight: 0.7,
+                },
+                LossSpec::OnPolicyReward { teacher: &teacher },
+                LossSpec::OnPolicyRewardScored,
+                LossSpec::Redi {
+                    negative_weight: 0.8,
+                },
+            ];
+            let names = [
+                "sft",
+                "kd fkl",
+                "kd jsd",
+                "kd cached",
+                "on-policy",
+                "on-policy scored",
+                "redi",
+            ];
+            for (name, spec) in names.iter().zip(&specs) {
+                let worst = compare(&varmap, &student, &batch, spec, 3)?;
+                println!("tied {tied}, {name}: worst relative gradient diff {worst:.2e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The held-out value equals the training loss's value.
+    #[test]
+    fn loss_value_equals_loss() -> Result<()> {
+        let examples = examples();
+        let refs: Vec<&Example> = examples.iter().collect();
+        let (_, student) = tiny(48, false, 3)?;
+        let batch = MicroBatch::new(&refs, 0, &Device::Cpu)?;
+        let spec = LossSpec::Redi {
+            negative_weight: 0.8,
+        };
+        let (a, b) = (
+            loss(&student, &batch, &spec)?,
+            loss_value(&student, &batch, &spec)?,
+        );
+        assert!((scalar(&a.sum)? - scalar(&b.sum)?).abs() < 1e-4);
+        assert!(!b.sum.track_op());
+        assert_eq!(a.tokens, b.tokens);
+        assert!((a.sft_sum - b.sft_sum).abs() < 1e-4);
         Ok(())
     }
 

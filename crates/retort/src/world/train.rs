@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use retort_model::train::{
-    AdamWConfig, LrSchedule, StepStats, TrainConfig, Trainer, causal_lm_loss, named_vars,
+    AdamWConfig, LrSchedule, StepStats, TrainConfig, Trainer, causal_lm_loss_chunked, named_vars,
 };
 use retort_model::{CausalLm, ModelConfig, Tokenizer};
 use serde::Serialize;
@@ -321,8 +321,8 @@ pub fn train_lm(
     let mut losses = Vec::with_capacity(plan.len());
     for batch in &plan {
         let (input_ids, labels, real) = collate(examples, batch, pad_id)?;
-        let logits = model.forward(&input_ids, None, None)?;
-        let (loss_sum, n_tokens) = causal_lm_loss(&logits, &labels)?;
+        let hidden = model.forward_hidden(&input_ids, None, None)?;
+        let (loss_sum, n_tokens) = causal_lm_loss_chunked(model, &hidden, &labels, None)?;
         trainer.accumulate(&loss_sum, n_tokens)?;
         let stats = trainer.step()?;
         tokens += real;
