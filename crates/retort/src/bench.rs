@@ -21,6 +21,11 @@
 //!   200 new tokens (no EOS), temperature 0.8; `tokens` = tokens generated. It also reports the
 //!   peak key/value cache (`peak_kv_bytes`) and the same run without batch-invariant
 //!   projections (`tokens_per_s_not_invariant`), so the cost of invariance reads side by side.
+//! - Inference dtypes ([`BenchOptions::dtypes`], `--dtype f32,bf16`): `score` and the three
+//!   generation figures run once per dtype on the same weights, the linear weights stored in that
+//!   dtype and widened as read (weight-only bf16, [`WeightStorage`]); f32 under the plain key,
+//!   others under `<figure>_<dtype>` (`generate_b1_bf16`) with `vs_f32`, their tokens/s over the
+//!   f32 entry's of the same run. Each such entry names its `weight_dtype`.
 //! - `kd_small_to_tiny`: the distillation trainer's KD step ([`objective::loss`] with
 //!   [`LossSpec::Kd`]: frozen bench-small teacher and bench-tiny-shaped student, both projected
 //!   to the teacher's vocabulary only at the target positions, forward KL summed per token; then
@@ -40,6 +45,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use retort_model::models::WeightStorage;
 use retort_model::train::{
     AdamWConfig, LrSchedule, TrainConfig, Trainer, causal_lm_loss, named_vars,
 };
@@ -257,6 +263,9 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     /// `generate_many`: (prompts, samples per prompt, new tokens per sample).
     pub many: (usize, usize, usize),
+    /// Storage dtypes of the linear weights for `score` and the generation figures, each run in
+    /// turn (f32, bf16 or f16; compute stays f32).
+    pub dtypes: Vec<DType>,
 }
 
 impl Default for BenchOptions {
@@ -272,6 +281,7 @@ impl Default for BenchOptions {
             prompt_len: 16,
             new_tokens: 128,
             many: (16, 16, 200),
+            dtypes: vec![DType::F32],
         }
     }
 }
@@ -452,15 +462,64 @@ pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<(VarMap, CausalLm)> 
 
 /// A model with the same random weights as [`random_model`], held as plain (frozen) tensors.
 pub fn frozen_model(cfg: &ModelConfig, seed: u64) -> Result<CausalLm> {
+    frozen_model_as(cfg, seed, DType::F32)
+}
+
+/// [`frozen_model`] with the linear weights stored in `dtype` (compute stays f32).
+pub fn frozen_model_as(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<CausalLm> {
     let (varmap, _) = random_model(cfg, seed)?;
     let tensors: HashMap<String, Tensor> = named_vars(&varmap)
         .into_iter()
         .map(|(name, var)| (name, var.as_detached_tensor()))
         .collect();
+    let _narrow = (dtype != DType::F32).then(|| WeightStorage::enter(dtype));
     Ok(CausalLm::new(
         cfg,
         VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
     )?)
+}
+
+/// The storage dtypes named in `--dtype` (`f32`, `bf16`, `f16`, in order, without repeats).
+pub fn parse_dtypes(names: &[String]) -> Result<Vec<DType>> {
+    let mut out = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        let dtype = match name {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown dtype `{other}` in `--dtype`; expected `f32`, `bf16` or `f16`"
+                )));
+            }
+        };
+        if !out.contains(&dtype) {
+            out.push(dtype);
+        }
+    }
+    if out.is_empty() {
+        out.push(DType::F32);
+    }
+    Ok(out)
+}
+
+/// `float32`, `bfloat16`, `float16`: a dtype as PyTorch names it.
+fn torch_name(dtype: DType) -> String {
+    match dtype {
+        DType::F32 => "float32".into(),
+        DType::BF16 => "bfloat16".into(),
+        DType::F16 => "float16".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// The results key of an inference figure in `dtype`: the figure's own for f32,
+/// `<figure>_<dtype>` otherwise.
+fn dtype_key(figure: Figure, dtype: DType) -> String {
+    match dtype {
+        DType::F32 => figure.key().to_string(),
+        other => format!("{}_{}", figure.key(), other.as_str()),
+    }
 }
 
 /// `n` draws of `N(0, std²)` (Box-Muller).
@@ -666,8 +725,8 @@ fn reset_peak_rss() {
     let _ = fs_err::write("/proc/self/clear_refs", "5");
 }
 
-fn bench_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
-    let model = frozen_model(&c.model_config(c.vocab)?, 2)?;
+fn bench_score(c: &BenchConfig, o: &BenchOptions, dtype: DType) -> Result<Value> {
+    let model = frozen_model_as(&c.model_config(c.vocab)?, 2, dtype)?;
     // Prompt = the first token, completion = the rest: every position 0..seq-1 predicts the next.
     let items: Vec<(Vec<u32>, Vec<u32>)> = random_ids(c.batch, c.seq, c.vocab, 12)
         .into_iter()
@@ -705,8 +764,8 @@ fn placeholder_tokenizer() -> Result<Tokenizer> {
     loaded
 }
 
-fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions) -> Result<Value> {
-    let model = frozen_model(&c.model_config(c.vocab)?, 3)?;
+fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions, dtype: DType) -> Result<Value> {
+    let model = frozen_model_as(&c.model_config(c.vocab)?, 3, dtype)?;
     let tokenizer = placeholder_tokenizer()?;
     let prompts = random_ids(batch, o.prompt_len, c.vocab, 13);
     let params = GenerationParams {
@@ -737,8 +796,8 @@ fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions) -> Result<Val
     )
 }
 
-fn bench_generate_many(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
-    let model = frozen_model(&c.model_config(c.vocab)?, 3)?;
+fn bench_generate_many(c: &BenchConfig, o: &BenchOptions, dtype: DType) -> Result<Value> {
+    let model = frozen_model_as(&c.model_config(c.vocab)?, 3, dtype)?;
     let tokenizer = placeholder_tokenizer()?;
     let (prompts, samples, new_tokens) = o.many;
     let prompts = random_ids(prompts, o.prompt_len, c.vocab, 17);
@@ -897,7 +956,15 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
         } else {
             format!("{name} {figure}")
         };
-        progress(&format!("{label}: {:.1} ms median, {rate}", median * 1e3));
+        let versus = value
+            .get("vs_f32")
+            .and_then(Value::as_f64)
+            .map(|r| format!(" ({r:.2}x f32)"))
+            .unwrap_or_default();
+        progress(&format!(
+            "{label}: {:.1} ms median, {rate}{versus}",
+            median * 1e3
+        ));
     };
     for c in &options.configs {
         let mut figures = Map::new();
@@ -913,18 +980,44 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
             if !wants(figure) {
                 continue;
             }
-            reset_peak_rss();
-            let value = match figure {
-                Figure::Train => bench_train(c, options)?,
-                Figure::Lora => bench_lora(c, options, DType::F32)?,
-                Figure::LoraBf16 => bench_lora(c, options, DType::BF16)?,
-                Figure::Score => bench_score(c, options)?,
-                Figure::GenerateB1 => bench_generate(c, 1, options)?,
-                Figure::GenerateMany => bench_generate_many(c, options)?,
-                _ => bench_generate(c, 8, options)?,
+            let inference = matches!(
+                figure,
+                Figure::Score | Figure::GenerateB1 | Figure::GenerateB8 | Figure::GenerateMany
+            );
+            let dtypes = match inference {
+                true => options.dtypes.as_slice(),
+                false => &[DType::F32],
             };
-            report_line(c.name, figure.key(), &value);
-            figures.insert(figure.key().into(), value);
+            for &dtype in dtypes {
+                reset_peak_rss();
+                let mut value = match figure {
+                    Figure::Train => bench_train(c, options)?,
+                    Figure::Lora => bench_lora(c, options, DType::F32)?,
+                    Figure::LoraBf16 => bench_lora(c, options, DType::BF16)?,
+                    Figure::Score => bench_score(c, options, dtype)?,
+                    Figure::GenerateB1 => bench_generate(c, 1, options, dtype)?,
+                    Figure::GenerateMany => bench_generate_many(c, options, dtype)?,
+                    _ => bench_generate(c, 8, options, dtype)?,
+                };
+                let key = dtype_key(figure, dtype);
+                if inference {
+                    let rate = |v: &Value| v.get("tokens_per_s").and_then(Value::as_f64);
+                    let base = figures.get(figure.key()).and_then(rate);
+                    let vs_f32 = match (dtype, base, rate(&value)) {
+                        (DType::F32, ..) => None,
+                        (_, Some(base), Some(ours)) if base > 0.0 => Some(ours / base),
+                        _ => None,
+                    };
+                    if let Some(map) = value.as_object_mut() {
+                        map.insert("weight_dtype".into(), torch_name(dtype).into());
+                        if let Some(ratio) = vs_f32 {
+                            map.insert("vs_f32".into(), ratio.into());
+                        }
+                    }
+                }
+                report_line(c.name, &key, &value);
+                figures.insert(key, value);
+            }
         }
         if !figures.is_empty() {
             results.insert(c.name.into(), Value::Object(figures));
@@ -952,6 +1045,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
         "rayon_threads": rayon::current_num_threads(),
         "cpu_capability": cpu_capability(),
         "dtype": "float32",
+        "inference_weight_dtypes": options.dtypes.iter().map(|&d| torch_name(d)).collect::<Vec<_>>(),
         "configs": configs,
         "results": results,
         "total_wall_s": start.elapsed().as_secs_f64(),
@@ -1129,6 +1223,7 @@ mod tests {
             prompt_len: 3,
             new_tokens: 4,
             many: (2, 2, 4),
+            dtypes: vec![DType::F32],
         }
     }
 
@@ -1207,6 +1302,29 @@ mod tests {
     }
 
     #[test]
+    fn inference_figures_run_side_by_side_in_bf16() {
+        let options = BenchOptions {
+            figures: vec![Figure::Train, Figure::Score, Figure::GenerateB1],
+            dtypes: vec![DType::F32, DType::BF16],
+            ..mini_options()
+        };
+        let mut lines = Vec::new();
+        let report = run(&options, &mut |l| lines.push(l.to_string())).expect("bench runs");
+        let mini = &report["results"]["bench-mini"];
+        for figure in ["score", "generate_b1"] {
+            positive(&mini[figure], figure, "tokens_per_s");
+            assert_eq!(mini[figure]["weight_dtype"], "float32");
+            let narrow = format!("{figure}_bf16");
+            positive(&mini[&narrow], &narrow, "tokens_per_s");
+            positive(&mini[&narrow], &narrow, "vs_f32");
+            assert_eq!(mini[&narrow]["weight_dtype"], "bfloat16");
+        }
+        assert!(mini.get("train_bf16").is_none(), "training runs once");
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert!(lines[4].contains("x f32)"), "{}", lines[4]);
+    }
+
+    #[test]
     fn filters_select_figures_and_configs() {
         let o = BenchOptions::from_filters(
             &["generate".into(), "kd".into()],
@@ -1227,6 +1345,9 @@ mod tests {
         assert!(BenchOptions::from_filters(&["fast".into()], &[], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &["bench-huge".into()], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &[], f64::NAN).is_err());
+        let dtypes = parse_dtypes(&["bf16".into(), "f32".into(), "bf16".into()]).expect("valid");
+        assert_eq!(dtypes, vec![DType::BF16, DType::F32]);
+        assert!(parse_dtypes(&["f8".into()]).is_err());
         let all = BenchOptions::from_filters(&[], &[], 1.0).expect("defaults");
         assert_eq!(all.figures.len(), 9);
         assert_eq!(all.configs, CONFIGS.to_vec());

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use retort::bench::{BenchOptions, compare, run as run_bench};
+use retort::bench::{BenchOptions, compare, parse_dtypes, run as run_bench};
 
 /// `retort bench`.
 #[derive(Debug, clap::Args)]
@@ -19,6 +19,11 @@ pub struct BenchArgs {
     /// Seconds per figure (longer is steadier).
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
+    /// Storage dtypes of the linear weights for `score` and the generation figures (f32, bf16,
+    /// f16), each run in turn on the same weights, compute in f32: `--dtype f32,bf16` puts
+    /// `generate_b1_bf16` beside `generate_b1`, with its `vs_f32` ratio.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub dtype: Vec<String>,
     /// A reference run to compare with (`torch_bench.py`'s JSON output from the same machine):
     /// prints each figure's ratio and adds them to the JSON as `compare`.
     #[arg(long, value_name = "JSON")]
@@ -27,7 +32,8 @@ pub struct BenchArgs {
 
 /// Runs the selected figures and prints the report.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    let options = BenchOptions::from_filters(&args.only, &args.config, args.seconds)?;
+    let mut options = BenchOptions::from_filters(&args.only, &args.config, args.seconds)?;
+    options.dtypes = parse_dtypes(&args.dtype)?;
     // Read the reference first: a bad path should fail before minutes of benchmarking.
     let reference = match &args.compare {
         Some(path) => {

@@ -219,4 +219,9 @@ impl Model {
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?)
     }
+
+    /// The `lm_head` weight `[vocab, hidden]`, as stored (bf16 under weight-only bf16).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
 }
