@@ -18,11 +18,12 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fix
 const MODELS: [&str; 3] = ["qwen2-tiny", "qwen3-tiny", "llama-tiny"];
 
 /// Largest |logit difference| allowed between a bf16-weight model and its f32 model on the
-/// fixtures' prompts. Measured: BF16_MEASURED; bf16 keeps 8 significant bits, so each weight moves
-/// by up to 2^-9 of itself and the logits by a few thousandths.
-const BF16_TOL: f32 = 0.05;
-/// As [`BF16_TOL`] for f16 weights (11 significant bits). Measured: F16_MEASURED.
-const F16_TOL: f32 = 0.01;
+/// fixtures' prompts (logits up to ~8.8 in magnitude). Measured 0.118 (qwen2-tiny), 0.080
+/// (qwen3-tiny), 0.108 (llama-tiny): bf16 keeps 8 significant bits, so each weight moves by up to
+/// 2^-9 of itself; the bound leaves 2x margin.
+const BF16_TOL: f32 = 0.25;
+/// As [`BF16_TOL`] for f16 weights (11 significant bits). Measured 0.023, 0.011, 0.017; 2x margin.
+const F16_TOL: f32 = 0.05;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(FIXTURES).join(name)
@@ -107,15 +108,19 @@ fn half_weight_logits_are_within_tolerance_of_f32() {
             assert_eq!(m.model.dtype(), DType::F32, "{name}: computes in f32");
             assert_eq!(m.model.weight_dtype(), dtype, "{name}: stores {dtype:?}");
             assert!(retort_model::engine::supports(&m.model));
-            let mut worst = 0f32;
+            let (mut worst, mut largest) = (0f32, 0f32);
             for ids in prompts(name) {
-                worst = worst.max(max_abs_diff(&logits(&m, &ids), &logits(&f32_model, &ids)));
+                let reference = logits(&f32_model, &ids);
+                largest = reference.iter().fold(largest, |a, v| a.max(v.abs()));
+                worst = worst.max(max_abs_diff(&logits(&m, &ids), &reference));
                 let step = cached_logits(&m, &ids);
                 let full = logits(&m, &ids);
                 let d = max_abs_diff(&step, &full[full.len() - step.len()..]);
                 assert!(d < 1e-4, "{name} {dtype:?}: cached decode vs forward {d}");
             }
-            println!("{name} {dtype:?} weights vs f32: logits max_abs_diff {worst:.3e}");
+            println!(
+                "{name} {dtype:?} weights vs f32: logits max_abs_diff {worst:.3e} (largest |logit| {largest:.2})"
+            );
             assert!(worst < tol, "{name} {dtype:?}: {worst} >= {tol}");
             assert!(
                 worst > 0.0,
