@@ -142,11 +142,11 @@ fn reduce8(s8: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
 }
 
-/// Sixteen lanes with AVX-512 for `R` rows of `x` and `C` rows of `w` (`R, C <= 4`), same
+/// Sixteen lanes with AVX-512 for `R` rows of `x` and `C` rows of `w` (`R <= 4`, `C <= 8`), same
 /// operations as [`dot_fixed`] (the weight widened exactly as it is loaded).
 /// `out[r * out_stride + c]` receives row `r` times weight row `c`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,avx512bw")]
 #[allow(unsafe_code)]
 fn tile_avx512<W: Weight, const R: usize, const C: usize>(
     x: &[f32],
@@ -171,6 +171,9 @@ fn tile_avx512<W: Weight, const R: usize, const C: usize>(
             let mut wv = [_mm512_setzero_ps(); C];
             for (c, v) in wv.iter_mut().enumerate() {
                 *v = load16(pw.add(c * in_dim + k));
+                // The next tile's rows, ahead of use: short rows give the hardware prefetcher
+                // little to train on.
+                _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add((c + C) * in_dim + k).cast());
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let xv = _mm512_loadu_ps(px.add(r * in_dim + k));
@@ -255,14 +258,17 @@ pub(super) fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+        *DETECTED.get_or_init(|| {
+            std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-/// `mr` rows of `x` (at most [`MR`]) times `nr` rows of `w` (at most [`NR`]), f32 results, the
-/// weight f32 or widened: AVX-512, else AVX2 + FMA, else portable; all give the same bits.
+/// `mr` rows of `x` (at most [`MR`]) times `nr` rows of `w` (at most [`NR`], `2 * NR` for one or
+/// two rows), f32 results, the weight f32 or widened: AVX-512, else AVX2 + FMA, else portable;
+/// all give the same bits.
 #[allow(unsafe_code)]
 fn tile_wide<W: Weight>(
     x: &[f32],
@@ -282,6 +288,14 @@ fn tile_wide<W: Weight>(
             };
         }
         match (mr, nr) {
+            (1, 8) => call!(1, 8),
+            (1, 7) => call!(1, 7),
+            (1, 6) => call!(1, 6),
+            (1, 5) => call!(1, 5),
+            (2, 8) => call!(2, 8),
+            (2, 7) => call!(2, 7),
+            (2, 6) => call!(2, 6),
+            (2, 5) => call!(2, 5),
             (4, 4) => call!(4, 4),
             (4, 3) => call!(4, 3),
             (4, 2) => call!(4, 2),
@@ -406,10 +420,13 @@ fn run<T: num_traits::Float + Send + Sync, W: Sync>(
         let hi = out_dim.min(lo + BLOCK);
         let width = hi - lo;
         let mut part = vec![T::zero(); rows * width];
+        // One or two rows (decoding) take eight weight rows per tile: more independent
+        // accumulators and more weight streams in flight.
+        let nr_max = if rows <= 2 { 2 * NR } else { NR };
         for r0 in (0..rows).step_by(MR) {
             let mr = MR.min(rows - r0);
-            for c0 in (lo..hi).step_by(NR) {
-                let nr = NR.min(hi - c0);
+            for c0 in (lo..hi).step_by(nr_max) {
+                let nr = nr_max.min(hi - c0);
                 tile(
                     &x[r0 * in_dim..(r0 + mr) * in_dim],
                     &w[c0 * in_dim..(c0 + nr) * in_dim],
@@ -518,20 +535,20 @@ mod tests {
     fn every_path_gives_the_portable_bits() {
         fn check<W: Weight>(narrow: fn(f32) -> W) {
             let in_dim = 100;
-            let w: Vec<W> = values(4 * in_dim, 5).into_iter().map(narrow).collect();
+            let w: Vec<W> = values(8 * in_dim, 5).into_iter().map(narrow).collect();
             let x = values(4 * in_dim, 6);
-            for (mr, nr) in [(4, 4), (3, 2), (1, 1), (2, 3), (1, 4)] {
-                let mut want = vec![0f32; 16];
-                tile_portable(&x, &w, in_dim, mr, nr, &mut want, 4, W::widen);
-                let mut got = vec![0f32; 16];
-                tile_wide(&x, &w, in_dim, mr, nr, &mut got, 4);
+            for (mr, nr) in [(4, 4), (3, 2), (1, 1), (2, 3), (1, 4), (1, 8), (2, 5)] {
+                let mut want = vec![0f32; 32];
+                tile_portable(&x, &w, in_dim, mr, nr, &mut want, 8, W::widen);
+                let mut got = vec![0f32; 32];
+                tile_wide(&x, &w, in_dim, mr, nr, &mut got, 8);
                 assert_eq!(got, want, "dispatched path, {mr}x{nr}");
                 #[cfg(target_arch = "x86_64")]
                 if crate::kernels::widen::has_avx2_f16c() {
-                    let mut avx2 = vec![0f32; 16];
+                    let mut avx2 = vec![0f32; 32];
                     for r in 0..mr {
                         for c in 0..nr {
-                            let o = &mut avx2[r * 4 + c..];
+                            let o = &mut avx2[r * 8 + c..];
                             // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
                             #[allow(unsafe_code)]
                             unsafe {
@@ -540,7 +557,7 @@ mod tests {
                                     &w[c * in_dim..],
                                     in_dim,
                                     o,
-                                    4,
+                                    8,
                                 );
                             }
                         }
