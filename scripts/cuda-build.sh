@@ -33,6 +33,9 @@ export LIBRARY_PATH=$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 nvcc --version | tail -2
-echo "== cargo build --release --features cuda (compute capability $CUDA_COMPUTE_CAP)"
-cargo build --release --locked -p retort-cli --features cuda "$@"
-echo "built: $CARGO_TARGET_DIR/release/retort"
+# CARGO_SUBCOMMAND=check only type-checks (still compiling candle's kernels with nvcc).
+sub=${CARGO_SUBCOMMAND:-build}
+echo "== cargo $sub --release --features cuda (compute capability $CUDA_COMPUTE_CAP)"
+cargo "$sub" --release --locked -p retort-cli --features cuda "$@"
+[ "$sub" = build ] && echo "built: $CARGO_TARGET_DIR/release/retort"
+true

@@ -3,8 +3,9 @@
 //! A folder holds `config.json`, `model.safetensors` (or shards listed in
 //! `model.safetensors.index.json`), `tokenizer.json`, and optionally `tokenizer_config.json`,
 //! `chat_template.jinja` and `generation_config.json`. Weights are memory-mapped and cast to the
-//! compute dtype (f32 on CPU). Pickled `pytorch_model.bin` checkpoints are refused: unpickling can
-//! run code.
+//! compute dtype (f32 on CPU); on the CPU, bf16 or f16 keeps the linear weights in that dtype
+//! and computes in f32 (weight-only low precision, [`LoadOptions::dtype`]). Pickled
+//! `pytorch_model.bin` checkpoints are refused: unpickling can run code.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use serde_json::Value;
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{Error, Result};
 use crate::hub::{self, HfSpec};
-use crate::models::CausalLm;
+use crate::models::{CausalLm, WeightStorage};
 use crate::tokenizer::Tokenizer;
 
 /// How to load a model.
@@ -27,7 +28,13 @@ use crate::tokenizer::Tokenizer;
 pub struct LoadOptions {
     /// Where the weights go.
     pub device: Device,
-    /// Compute dtype; default f32 on CPU, the checkpoint's dtype elsewhere.
+    /// The model's dtype; default f32 on the CPU, the checkpoint's dtype elsewhere. On the CPU,
+    /// bf16 and f16 are weight-only: the linear weights (projections and `lm_head`) are stored in
+    /// that dtype and widened as the kernels read them, while activations, embeddings, norms,
+    /// attention and sums stay f32 (CPU arithmetic in bf16 is slow and f16 diverges, DESIGN.md
+    /// §7); a tied `lm_head` keeps its own narrow copy beside the f32 embedding. Elsewhere the
+    /// whole model runs in the dtype. [`crate::CausalLm::dtype`] is the compute dtype and
+    /// [`crate::CausalLm::weight_dtype`] the storage one.
     pub dtype: Option<DType>,
     /// Hugging Face hub cache for `hf:` specs; default from the environment.
     pub hf_cache: Option<PathBuf>,
@@ -84,13 +91,16 @@ impl LoadedModel {
 pub fn load(spec_or_dir: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     let dir = resolve_dir(spec_or_dir, opts.hf_cache.as_deref())?;
     let config = read_config(&dir)?;
-    let dtype = compute_dtype(&config, opts);
+    let (dtype, storage) = dtypes(&config, opts);
     let weights = WeightFiles::open(&dir)?;
     let backend = FileBackend::new(weights, None);
     let used = Arc::clone(&backend.used);
     let all = backend.names();
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, opts.device.clone());
-    let model = build(&config, vb, &dir)?;
+    let model = {
+        let _narrow = (storage != dtype).then(|| WeightStorage::enter(storage));
+        build(&config, vb, &dir)?
+    };
     report_unused(&used, &all, &dir);
     finish(model, config, dir)
 }
@@ -148,18 +158,22 @@ fn read_config(dir: &Path) -> Result<ModelConfig> {
     ModelConfig::from_file(&path)
 }
 
-fn compute_dtype(config: &ModelConfig, opts: &LoadOptions) -> DType {
-    if let Some(d) = opts.dtype {
-        return d;
-    }
-    if opts.device.is_cpu() {
-        // bf16/f16 on CPU were slower than f32 and f16 diverged (DESIGN.md §7).
-        return DType::F32;
-    }
-    match config.torch_dtype.as_deref() {
-        Some("bfloat16") => DType::BF16,
-        Some("float16") => DType::F16,
-        _ => DType::F32,
+/// The compute dtype and the storage dtype of the linear weights for a load.
+fn dtypes(config: &ModelConfig, opts: &LoadOptions) -> (DType, DType) {
+    match opts.dtype {
+        // Weight-only on the CPU: bf16/f16 arithmetic there was slower than f32 and f16
+        // diverged (DESIGN.md §7), while decoding is bound by the bytes of the weights.
+        Some(d) if opts.device.is_cpu() && crate::kernels::is_half(d) => (DType::F32, d),
+        Some(d) => (d, d),
+        None if opts.device.is_cpu() => (DType::F32, DType::F32),
+        None => {
+            let d = match config.torch_dtype.as_deref() {
+                Some("bfloat16") => DType::BF16,
+                Some("float16") => DType::F16,
+                _ => DType::F32,
+            };
+            (d, d)
+        }
     }
 }
 

@@ -21,6 +21,11 @@
 //!   200 new tokens (no EOS), temperature 0.8; `tokens` = tokens generated. It also reports the
 //!   peak key/value cache (`peak_kv_bytes`) and the same run without batch-invariant
 //!   projections (`tokens_per_s_not_invariant`), so the cost of invariance reads side by side.
+//! - Inference dtypes ([`BenchOptions::dtypes`], `--dtype f32,bf16`): `score` and the three
+//!   generation figures run once per dtype on the same weights, the linear weights stored in that
+//!   dtype and widened as read (weight-only bf16, [`WeightStorage`]); f32 under the plain key,
+//!   others under `<figure>_<dtype>` (`generate_b1_bf16`) with `vs_f32`, their tokens/s over the
+//!   f32 entry's of the same run. Each such entry names its `weight_dtype`.
 //! - `kd_small_to_tiny`: the distillation trainer's KD step ([`objective::loss`] with
 //!   [`LossSpec::Kd`]: frozen bench-small teacher and bench-tiny-shaped student, both projected
 //!   to the teacher's vocabulary only at the target positions, forward KL summed per token; then
@@ -48,6 +53,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use retort_model::models::WeightStorage;
 use retort_model::score::head_chunk_rows;
 use retort_model::train::{
     AdamWConfig, LrSchedule, TrainConfig, Trainer, causal_lm_loss, causal_lm_loss_chunked,
@@ -126,6 +132,20 @@ pub const BENCH_SMALL: BenchConfig = BenchConfig {
 
 /// Both fixed configs, in report order.
 pub const CONFIGS: [BenchConfig; 2] = [BENCH_TINY, BENCH_SMALL];
+
+/// A Qwen2.5-0.5B-shaped model (random weights), sized for a GPU; run only when named
+/// (`--config bench-0.5b`), as `torch_bench.py`'s config of that name.
+pub const BENCH_05B: BenchConfig = BenchConfig {
+    name: "bench-0.5b",
+    hidden: 896,
+    layers: 24,
+    heads: 14,
+    kv_heads: 2,
+    intermediate: 4864,
+    vocab: 151_936,
+    seq: 1024,
+    batch: 8,
+};
 
 /// The `long` figures' shape (`torch_bench.py`'s `long`): one 8,192-token sequence through a
 /// bench-tiny-sized model with a Qwen-sized vocabulary.
@@ -301,6 +321,13 @@ pub struct BenchOptions {
     /// The `retort` binary to run each `long` figure in, as a child process whose peak resident
     /// memory is the figure's alone (`None`: in this process, after resetting its peak).
     pub long_child: Option<std::path::PathBuf>,
+    /// Storage dtypes of the linear weights for `score` and the generation figures, each run in
+    /// turn (f32, bf16 or f16; compute stays f32).
+    pub dtypes: Vec<DType>,
+    /// Where the models run (`cpu` or `cuda:N`).
+    pub device: crate::compute::DeviceChoice,
+    /// Training figures on a GPU: the matrix multiplies in this dtype (autocast), f32 weights.
+    pub train_autocast: Option<DType>,
 }
 
 impl Default for BenchOptions {
@@ -318,7 +345,26 @@ impl Default for BenchOptions {
             many: (16, 16, 200),
             long: LONG,
             long_child: None,
+            dtypes: vec![DType::F32],
+            device: crate::compute::DeviceChoice::Cpu,
+            train_autocast: None,
         }
+    }
+}
+
+impl BenchOptions {
+    /// Sets the inference dtypes; one non-f32 dtype alone also makes training autocast in it.
+    pub fn set_dtypes(&mut self, dtypes: Vec<DType>) {
+        self.train_autocast = match dtypes.as_slice() {
+            [only] if *only != DType::F32 => Some(*only),
+            _ => None,
+        };
+        self.dtypes = dtypes;
+    }
+
+    /// The device of [`BenchOptions::device`], opened.
+    fn device(&self) -> Result<Device> {
+        self.device.device()
     }
 }
 
@@ -332,9 +378,11 @@ impl BenchOptions {
         }
         let mut chosen = Vec::new();
         for name in configs.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
-            let config = CONFIGS.iter().find(|c| c.name == name).ok_or_else(|| {
+            let known = [BENCH_TINY, BENCH_SMALL, BENCH_05B];
+            let config = known.iter().find(|c| c.name == name).ok_or_else(|| {
                 Error::Invalid(format!(
-                    "unknown config `{name}` in `--config`; expected `bench-tiny` or `bench-small`"
+                    "unknown config `{name}` in `--config`; expected `bench-tiny`, `bench-small` \
+                     or `bench-0.5b`"
                 ))
             })?;
             if !chosen.contains(config) {
@@ -475,12 +523,18 @@ fn cpu_capability() -> &'static str {
 /// Random weights for `cfg` in a fresh [`VarMap`] and the model reading them: matrices
 /// `N(0, 0.02)`, rank-1 weights (norms) 1, biases 0, drawn in name order from ChaCha8 `seed`.
 pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<(VarMap, CausalLm)> {
+    random_model_on(cfg, seed, &Device::Cpu)
+}
+
+/// [`random_model`] on `device` (the same values: drawn on the CPU, then moved).
+pub fn random_model_on(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(VarMap, CausalLm)> {
     let varmap = VarMap::new();
     // The default VarMap init is the constant 0; every variable is overwritten below.
-    let model = CausalLm::new(
-        cfg,
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
+    let model = CausalLm::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     for (name, var) in named_vars(&varmap) {
         let n = var.elem_count();
@@ -491,22 +545,88 @@ pub fn random_model(cfg: &ModelConfig, seed: u64) -> Result<(VarMap, CausalLm)> 
         } else {
             vec![1.0; n]
         };
-        var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
+        var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?.to_device(device)?)?;
     }
     Ok((varmap, model))
 }
 
 /// A model with the same random weights as [`random_model`], held as plain (frozen) tensors.
 pub fn frozen_model(cfg: &ModelConfig, seed: u64) -> Result<CausalLm> {
-    let (varmap, _) = random_model(cfg, seed)?;
+    frozen_model_as(cfg, seed, DType::F32)
+}
+
+/// [`frozen_model`] with the linear weights stored in `dtype` (compute stays f32).
+pub fn frozen_model_as(cfg: &ModelConfig, seed: u64, dtype: DType) -> Result<CausalLm> {
+    frozen_model_on(cfg, seed, dtype, &Device::Cpu)
+}
+
+/// [`frozen_model_as`] on `device`: on the CPU the linear weights are stored in `dtype` and the
+/// compute stays f32; elsewhere the whole model is in `dtype`.
+pub fn frozen_model_on(
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<CausalLm> {
+    let (varmap, _) = random_model_on(cfg, seed, device)?;
     let tensors: HashMap<String, Tensor> = named_vars(&varmap)
         .into_iter()
         .map(|(name, var)| (name, var.as_detached_tensor()))
         .collect();
+    if !device.is_cpu() {
+        return Ok(CausalLm::new(
+            cfg,
+            VarBuilder::from_tensors(tensors, dtype, device),
+        )?);
+    }
+    let _narrow = (dtype != DType::F32).then(|| WeightStorage::enter(dtype));
     Ok(CausalLm::new(
         cfg,
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
+        VarBuilder::from_tensors(tensors, DType::F32, device),
     )?)
+}
+
+/// The storage dtypes named in `--dtype` (`f32`, `bf16`, `f16`, in order, without repeats).
+pub fn parse_dtypes(names: &[String]) -> Result<Vec<DType>> {
+    let mut out = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        let dtype = match name {
+            "f32" | "float32" => DType::F32,
+            "bf16" | "bfloat16" => DType::BF16,
+            "f16" | "float16" => DType::F16,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "unknown dtype `{other}` in `--dtype`; expected `f32`, `bf16` or `f16`"
+                )));
+            }
+        };
+        if !out.contains(&dtype) {
+            out.push(dtype);
+        }
+    }
+    if out.is_empty() {
+        out.push(DType::F32);
+    }
+    Ok(out)
+}
+
+/// `float32`, `bfloat16`, `float16`: a dtype as PyTorch names it.
+fn torch_name(dtype: DType) -> String {
+    match dtype {
+        DType::F32 => "float32".into(),
+        DType::BF16 => "bfloat16".into(),
+        DType::F16 => "float16".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// The results key of an inference figure in `dtype`: the figure's own for f32,
+/// `<figure>_<dtype>` otherwise.
+fn dtype_key(figure: Figure, dtype: DType) -> String {
+    match dtype {
+        DType::F32 => figure.key().to_string(),
+        other => format!("{}_{}", figure.key(), other.as_str()),
+    }
 }
 
 /// `n` draws of `N(0, std²)` (Box-Muller).
@@ -533,10 +653,10 @@ fn random_ids(batch: usize, seq: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>
         .collect()
 }
 
-fn ids_tensor(rows: &[Vec<u32>]) -> Result<Tensor> {
+fn ids_tensor(rows: &[Vec<u32>], device: &Device) -> Result<Tensor> {
     let (b, s) = (rows.len(), rows.first().map_or(0, Vec::len));
     let flat: Vec<u32> = rows.iter().flatten().copied().collect();
-    Ok(Tensor::from_vec(flat, (b, s), &Device::Cpu)?)
+    Ok(Tensor::from_vec(flat, (b, s), device)?)
 }
 
 fn trainer_for(varmap: &VarMap) -> Result<Trainer> {
@@ -606,16 +726,18 @@ fn entry(timing: &Timing, extra: Value) -> Result<Value> {
 
 fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
     let cfg = c.model_config(c.vocab)?;
-    let (varmap, model) = random_model(&cfg, 1)?;
+    let (varmap, model) = random_model_on(&cfg, 1, &o.device()?)?;
     let mut trainer = trainer_for(&varmap)?;
-    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11), &o.device()?)?;
     // The loss phase includes the LM head's forward and backward (chunks of positions).
     let mut phases = Phases::new(&["forward", "loss", "backward", "optimizer"]);
     let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
         phases.start();
+        let autocast = retort_model::autocast::enter(o.train_autocast);
         let hidden = model.forward_hidden(&ids, None, None)?;
         phases.end_phase();
         let (loss_sum, n_tokens) = causal_lm_loss_chunked(&model, &hidden, &ids, None)?;
+        drop(autocast);
         phases.end_phase();
         trainer.accumulate(&loss_sum, n_tokens)?;
         phases.end_phase();
@@ -647,7 +769,7 @@ fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
 /// base held in `base_dtype`: the same weights, batch and phases as [`bench_train`].
 fn bench_lora(c: &BenchConfig, o: &BenchOptions, base_dtype: DType) -> Result<Value> {
     let cfg = c.model_config(c.vocab)?;
-    let (varmap, _) = random_model(&cfg, 1)?;
+    let (varmap, _) = random_model_on(&cfg, 1, &o.device()?)?;
     let spec = LoraSpec {
         rank: 16,
         alpha: 32.0,
@@ -665,7 +787,7 @@ fn bench_lora(c: &BenchConfig, o: &BenchOptions, base_dtype: DType) -> Result<Va
     // serves every step.
     let model = lora.build()?;
     let mut trainer = trainer_for(&lora.varmap())?;
-    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11), &o.device()?)?;
     let mut phases = Phases::new(&["forward", "loss", "backward", "optimizer"]);
     let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
         phases.start();
@@ -713,8 +835,8 @@ fn reset_peak_rss() {
     let _ = fs_err::write("/proc/self/clear_refs", "5");
 }
 
-fn bench_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
-    let model = frozen_model(&c.model_config(c.vocab)?, 2)?;
+fn bench_score(c: &BenchConfig, o: &BenchOptions, dtype: DType) -> Result<Value> {
+    let model = frozen_model_on(&c.model_config(c.vocab)?, 2, dtype, &o.device()?)?;
     // Prompt = the first token, completion = the rest: every position 0..seq-1 predicts the next.
     let items: Vec<(Vec<u32>, Vec<u32>)> = random_ids(c.batch, c.seq, c.vocab, 12)
         .into_iter()
@@ -736,9 +858,9 @@ fn bench_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
 /// [`Trainer`]; one warmup step and `min_iters.min(2)` timed ones at least.
 fn bench_long_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
     let cfg = c.model_config(c.vocab)?;
-    let (varmap, model) = random_model(&cfg, 1)?;
+    let (varmap, model) = random_model_on(&cfg, 1, &o.device()?)?;
     let mut trainer = trainer_for(&varmap)?;
-    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11))?;
+    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11), &o.device()?)?;
     let mut phases = Phases::new(&["forward", "loss_and_head_backward", "backward", "optimizer"]);
     let timing = time_it(o.warmup.min(1), o.min_iters.min(2), o.seconds, || {
         phases.start();
@@ -767,7 +889,7 @@ fn bench_long_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
 
 /// Scoring one [`LONG`] sequence with [`score_batch`] (the LM head in chunks of positions).
 fn bench_long_score(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
-    let model = frozen_model(&c.model_config(c.vocab)?, 2)?;
+    let model = frozen_model_on(&c.model_config(c.vocab)?, 2, DType::F32, &o.device()?)?;
     let items: Vec<(Vec<u32>, Vec<u32>)> = random_ids(c.batch, c.seq, c.vocab, 12)
         .into_iter()
         .map(|row| (row[..1].to_vec(), row[1..].to_vec()))
@@ -870,8 +992,8 @@ fn placeholder_tokenizer() -> Result<Tokenizer> {
     loaded
 }
 
-fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions) -> Result<Value> {
-    let model = frozen_model(&c.model_config(c.vocab)?, 3)?;
+fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions, dtype: DType) -> Result<Value> {
+    let model = frozen_model_on(&c.model_config(c.vocab)?, 3, dtype, &o.device()?)?;
     let tokenizer = placeholder_tokenizer()?;
     let prompts = random_ids(batch, o.prompt_len, c.vocab, 13);
     let params = GenerationParams {
@@ -902,8 +1024,8 @@ fn bench_generate(c: &BenchConfig, batch: usize, o: &BenchOptions) -> Result<Val
     )
 }
 
-fn bench_generate_many(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
-    let model = frozen_model(&c.model_config(c.vocab)?, 3)?;
+fn bench_generate_many(c: &BenchConfig, o: &BenchOptions, dtype: DType) -> Result<Value> {
+    let model = frozen_model_on(&c.model_config(c.vocab)?, 3, dtype, &o.device()?)?;
     let tokenizer = placeholder_tokenizer()?;
     let (prompts, samples, new_tokens) = o.many;
     let prompts = random_ids(prompts, o.prompt_len, c.vocab, 17);
@@ -954,8 +1076,9 @@ fn bench_generate_many(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
 
 fn bench_kd(o: &BenchOptions) -> Result<Value> {
     let (tc, sc) = (&o.kd_teacher, &o.kd_student);
-    let teacher = frozen_model(&tc.model_config(tc.vocab)?, 4)?;
-    let (varmap, student) = random_model(&sc.model_config(tc.vocab)?, 5)?;
+    let device = o.device()?;
+    let teacher = frozen_model_on(&tc.model_config(tc.vocab)?, 4, DType::F32, &device)?;
+    let (varmap, student) = random_model_on(&sc.model_config(tc.vocab)?, 5, &device)?;
     let mut trainer = trainer_for(&varmap)?;
     let (b, s) = (tc.batch, tc.seq);
     let examples: Vec<Example> = random_ids(b, s, tc.vocab, 14)
@@ -970,7 +1093,7 @@ fn bench_kd(o: &BenchOptions) -> Result<Value> {
         })
         .collect();
     let rows: Vec<&Example> = examples.iter().collect();
-    let batch = MicroBatch::new(&rows, 0, &Device::Cpu)?;
+    let batch = MicroBatch::new(&rows, 0, &device)?;
     let spec = LossSpec::Kd {
         teacher: &teacher,
         divergence: Divergence::ForwardKl,
@@ -1062,7 +1185,15 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
         } else {
             format!("{name} {figure}")
         };
-        progress(&format!("{label}: {:.1} ms median, {rate}", median * 1e3));
+        let versus = value
+            .get("vs_f32")
+            .and_then(Value::as_f64)
+            .map(|r| format!(" ({r:.2}x f32)"))
+            .unwrap_or_default();
+        progress(&format!(
+            "{label}: {:.1} ms median, {rate}{versus}",
+            median * 1e3
+        ));
     };
     for c in &options.configs {
         let mut figures = Map::new();
@@ -1078,18 +1209,44 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
             if !wants(figure) {
                 continue;
             }
-            reset_peak_rss();
-            let value = match figure {
-                Figure::Train => bench_train(c, options)?,
-                Figure::Lora => bench_lora(c, options, DType::F32)?,
-                Figure::LoraBf16 => bench_lora(c, options, DType::BF16)?,
-                Figure::Score => bench_score(c, options)?,
-                Figure::GenerateB1 => bench_generate(c, 1, options)?,
-                Figure::GenerateMany => bench_generate_many(c, options)?,
-                _ => bench_generate(c, 8, options)?,
+            let inference = matches!(
+                figure,
+                Figure::Score | Figure::GenerateB1 | Figure::GenerateB8 | Figure::GenerateMany
+            );
+            let dtypes = match inference {
+                true => options.dtypes.as_slice(),
+                false => &[DType::F32],
             };
-            report_line(c.name, figure.key(), &value);
-            figures.insert(figure.key().into(), value);
+            for &dtype in dtypes {
+                reset_peak_rss();
+                let mut value = match figure {
+                    Figure::Train => bench_train(c, options)?,
+                    Figure::Lora => bench_lora(c, options, DType::F32)?,
+                    Figure::LoraBf16 => bench_lora(c, options, DType::BF16)?,
+                    Figure::Score => bench_score(c, options, dtype)?,
+                    Figure::GenerateB1 => bench_generate(c, 1, options, dtype)?,
+                    Figure::GenerateMany => bench_generate_many(c, options, dtype)?,
+                    _ => bench_generate(c, 8, options, dtype)?,
+                };
+                let key = dtype_key(figure, dtype);
+                if inference {
+                    let rate = |v: &Value| v.get("tokens_per_s").and_then(Value::as_f64);
+                    let base = figures.get(figure.key()).and_then(rate);
+                    let vs_f32 = match (dtype, base, rate(&value)) {
+                        (DType::F32, ..) => None,
+                        (_, Some(base), Some(ours)) if base > 0.0 => Some(ours / base),
+                        _ => None,
+                    };
+                    if let Some(map) = value.as_object_mut() {
+                        map.insert("weight_dtype".into(), torch_name(dtype).into());
+                        if let Some(ratio) = vs_f32 {
+                            map.insert("vs_f32".into(), ratio.into());
+                        }
+                    }
+                }
+                report_line(c.name, &key, &value);
+                figures.insert(key, value);
+            }
         }
         if !figures.is_empty() {
             results.insert(c.name.into(), Value::Object(figures));
@@ -1129,6 +1286,7 @@ pub fn run(options: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<Val
         "rayon_threads": rayon::current_num_threads(),
         "cpu_capability": cpu_capability(),
         "dtype": "float32",
+        "inference_weight_dtypes": options.dtypes.iter().map(|&d| torch_name(d)).collect::<Vec<_>>(),
         "configs": configs,
         "results": results,
         "total_wall_s": start.elapsed().as_secs_f64(),
@@ -1314,6 +1472,9 @@ mod tests {
                 ..MINI
             },
             long_child: None,
+            dtypes: vec![DType::F32],
+            device: crate::compute::DeviceChoice::Cpu,
+            train_autocast: None,
         }
     }
 
@@ -1413,6 +1574,29 @@ mod tests {
     }
 
     #[test]
+    fn inference_figures_run_side_by_side_in_bf16() {
+        let options = BenchOptions {
+            figures: vec![Figure::Train, Figure::Score, Figure::GenerateB1],
+            dtypes: vec![DType::F32, DType::BF16],
+            ..mini_options()
+        };
+        let mut lines = Vec::new();
+        let report = run(&options, &mut |l| lines.push(l.to_string())).expect("bench runs");
+        let mini = &report["results"]["bench-mini"];
+        for figure in ["score", "generate_b1"] {
+            positive(&mini[figure], figure, "tokens_per_s");
+            assert_eq!(mini[figure]["weight_dtype"], "float32");
+            let narrow = format!("{figure}_bf16");
+            positive(&mini[&narrow], &narrow, "tokens_per_s");
+            positive(&mini[&narrow], &narrow, "vs_f32");
+            assert_eq!(mini[&narrow]["weight_dtype"], "bfloat16");
+        }
+        assert!(mini.get("train_bf16").is_none(), "training runs once");
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert!(lines[4].contains("x f32)"), "{}", lines[4]);
+    }
+
+    #[test]
     fn filters_select_figures_and_configs() {
         let o = BenchOptions::from_filters(
             &["generate".into(), "kd".into()],
@@ -1433,6 +1617,9 @@ mod tests {
         assert!(BenchOptions::from_filters(&["fast".into()], &[], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &["bench-huge".into()], 1.0).is_err());
         assert!(BenchOptions::from_filters(&[], &[], f64::NAN).is_err());
+        let dtypes = parse_dtypes(&["bf16".into(), "f32".into(), "bf16".into()]).expect("valid");
+        assert_eq!(dtypes, vec![DType::BF16, DType::F32]);
+        assert!(parse_dtypes(&["f8".into()]).is_err());
         let all = BenchOptions::from_filters(&[], &[], 1.0).expect("defaults");
         assert_eq!(all.figures.len(), 9);
         assert_eq!(all.configs, CONFIGS.to_vec());

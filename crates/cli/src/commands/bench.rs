@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use retort::bench::{BenchOptions, LONG_CHILD_ENV, compare, run as run_bench};
+use retort::bench::{BenchOptions, LONG_CHILD_ENV, compare, parse_dtypes, run as run_bench};
 
 /// `retort bench`.
 #[derive(Debug, clap::Args)]
@@ -15,12 +15,27 @@ pub struct BenchArgs {
     /// process that reports its peak memory).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Only these configs (bench-tiny, bench-small).
+    /// Only these configs (bench-tiny, bench-small; bench-0.5b, a Qwen2.5-0.5B shape for a GPU,
+    /// only when named).
     #[arg(long, value_delimiter = ',')]
     pub config: Vec<String>,
     /// Seconds per figure (longer is steadier).
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
+    /// Dtypes of `score` and the generation figures (f32, bf16, f16), each run in turn on the
+    /// same weights: on the CPU the linear weights' storage (compute in f32), on a GPU the whole
+    /// model. `--dtype f32,bf16` puts `generate_b1_bf16` beside `generate_b1`, with its `vs_f32`
+    /// ratio. One non-f32 dtype alone also makes the training figure autocast in it.
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub dtype: Vec<String>,
+    /// Where the models run: `cpu`, `cuda` or `cuda:N` (a CUDA build).
+    #[arg(
+        long,
+        env = "RETORT_DEVICE",
+        default_value = "cpu",
+        value_name = "DEVICE"
+    )]
+    pub device: retort::compute::DeviceChoice,
     /// A reference run to compare with (`torch_bench.py`'s JSON output from the same machine):
     /// prints each figure's ratio and adds them to the JSON as `compare`.
     #[arg(long, value_name = "JSON")]
@@ -35,6 +50,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if std::env::var_os(LONG_CHILD_ENV).is_none() {
         options.long_child = std::env::current_exe().ok();
     }
+    options.set_dtypes(parse_dtypes(&args.dtype)?);
+    options.device = args.device;
     // Read the reference first: a bad path should fail before minutes of benchmarking.
     let reference = match &args.compare {
         Some(path) => {

@@ -16,9 +16,9 @@
 //! change traces. One assumption: the MLP width is a multiple of 8 (the fused activation's
 //! vector body then never splits a row), true of every released Qwen and Llama.
 //!
-//! The engine runs f32 models on the CPU; [`supports`] says so, and [`crate::generate`] falls
-//! back to its static batch elsewhere (issue 15 adds a device attention kernel over the same
-//! block tables).
+//! The engine runs f32 models on the CPU, their linear weights in f32, bf16 or f16; [`supports`]
+//! says so, and [`crate::generate`] falls back to its static batch elsewhere (issue 15 adds a
+//! device attention kernel over the same block tables).
 
 mod block_cache;
 mod scheduler;
@@ -110,9 +110,12 @@ impl EngineStats {
     }
 }
 
-/// Whether the engine runs `model` (f32 on the CPU).
+/// Whether the engine runs `model`: f32 on the CPU, its linear weights in f32 or stored in
+/// bf16/f16 (widened exactly by [`crate::kernels::linear_fixed`], so invariance holds the same).
 pub fn supports(model: &CausalLm) -> bool {
-    model.device().is_cpu() && model.dtype() == DType::F32
+    model.device().is_cpu()
+        && model.dtype() == DType::F32
+        && matches!(model.weight_dtype(), DType::F32 | DType::BF16 | DType::F16)
 }
 
 /// Generates every request; `sink(i, generated)` receives request `i` the step it ends.

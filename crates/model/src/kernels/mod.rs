@@ -1,4 +1,5 @@
-//! Fused CPU kernels with hand-written backward passes, for f32 and f64.
+//! Fused CPU kernels with hand-written backward passes, for f32 and f64; the projections also
+//! read bf16/f16 weights with f32 activations, widened as they are read (`widen.rs`).
 //!
 //! Each kernel replaces a chain of small candle ops (one allocation and one pass over memory
 //! each, forward and backward) by one pass. They run as candle custom ops, so autograd calls
@@ -19,6 +20,7 @@ mod rms_norm;
 mod rope;
 mod softmax;
 mod swiglu;
+mod widen;
 
 pub use adamw::{AdamWStep, adamw_update, sum_squares};
 pub use cross_entropy::cross_entropy_sum;
@@ -32,6 +34,7 @@ pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::scaled_softmax;
 pub use swiglu::swiglu;
+pub use widen::is_half;
 
 use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 
@@ -73,6 +76,14 @@ impl Real for f64 {
 /// Whether the fused kernels handle `t`: a CPU tensor of f32 or f64.
 pub fn supported(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether the projection kernels ([`linear_rows`], [`linear_fixed`]) take `x` with the weight
+/// `w` as stored: both CPU f32 or both f64, or `x` f32 and `w` bf16 or f16 (widened as read).
+pub fn supported_projection(x: &Tensor, w: &Tensor) -> bool {
+    supported(x)
+        && w.device().is_cpu()
+        && (w.dtype() == x.dtype() || (x.dtype() == DType::F32 && is_half(w.dtype())))
 }
 
 /// Tensors at least this large are split across the rayon pool.

@@ -292,6 +292,100 @@ fn linear_rows_matches_matmul_and_finite_differences() {
     assert!(linear_rows(&x, &random(&[3, 4], 2, DType::F32)).is_err());
 }
 
+/// `linear_rows` and `linear_fixed` with a bf16/f16 weight against the same kernel on the widened
+/// f32 weight (bit for bit: widening is exact and the arithmetic is the f32 kernel's), and against
+/// candle's matmul.
+#[test]
+fn projections_widen_half_weights_exactly() {
+    for dtype in [DType::BF16, DType::F16] {
+        // 45 inputs: 16-wide steps, an 8-wide step and a tail; 100: lanes and a tail of 4.
+        for in_dim in [45, 100] {
+            let w = random(&[130, in_dim], 2, dtype);
+            let wide = w.to_dtype(DType::F32).unwrap();
+            for rows in [1, 3, 8, 16, 37] {
+                let x = random(&[rows, in_dim], 1, DType::F32);
+                let reference = x.matmul(&wide.t().unwrap()).unwrap();
+                let fixed = |a: &[Tensor]| linear_fixed(&a[0], &a[1]);
+                let few = |a: &[Tensor]| linear_rows(&a[0], &a[1]);
+                let mut kernels: Vec<(&str, Kernel<'_>)> = vec![("linear_fixed", &fixed)];
+                if rows <= LINEAR_ROWS_MAX {
+                    kernels.push(("linear_rows", &few));
+                }
+                for (name, kernel) in kernels {
+                    let narrow = kernel(&[x.clone(), w.clone()]).unwrap();
+                    let widened = kernel(&[x.clone(), wide.clone()]).unwrap();
+                    assert_eq!(narrow.dtype(), DType::F32);
+                    assert_eq!(
+                        max_abs_diff(&narrow, &widened),
+                        0.0,
+                        "{name} {dtype:?} {rows}x{in_dim}: not the widened weight's bits"
+                    );
+                    let d = max_abs_diff(&narrow, &reference);
+                    assert!(
+                        d < 1e-5,
+                        "{name} {dtype:?} {rows}x{in_dim}: {d} from matmul"
+                    );
+                }
+            }
+        }
+    }
+    // A half weight takes f32 inputs only.
+    let x = random(&[2, 8], 1, DType::F64);
+    let w = random(&[3, 8], 2, DType::BF16);
+    assert!(!supported_projection(&x, &w));
+    assert!(linear_rows(&x, &w).is_err());
+    assert!(linear_fixed(&x, &w).is_err());
+}
+
+/// The input gradient of `linear_rows` with a frozen bf16 weight, against autograd through the
+/// widened weight and against central differences (f32: the map is linear in `x`, so a large
+/// step is exact up to rounding).
+#[test]
+fn linear_rows_with_a_half_weight_has_the_input_gradient() {
+    let w = random(&[130, 45], 2, DType::BF16);
+    let wide = w.to_dtype(DType::F32).unwrap();
+    let x = random(&[4, 45], 1, DType::F32);
+    let weights = random(&[4, 130], 97, DType::F32);
+    let narrow_kernel: Kernel<'_> = &|a| linear_rows(&a[0], &w);
+    let (out, grads) = value_and_grads(narrow_kernel, std::slice::from_ref(&x), 1, &weights);
+    let (out_ref, grads_ref) = value_and_grads(
+        &|a| a[0].matmul(&wide.t()?),
+        std::slice::from_ref(&x),
+        1,
+        &weights,
+    );
+    assert!(max_abs_diff(&out, &out_ref) < 1e-5);
+    let d = max_abs_diff(&grads[0], &grads_ref[0]);
+    eprintln!("linear_rows bf16: dx max_abs_diff {d:e}");
+    assert!(d < 1e-5, "{d}");
+    let loss_at = |x: &Tensor| -> f64 {
+        let y = linear_rows(x, &w).unwrap().to_dtype(DType::F64).unwrap();
+        let weights = weights.to_dtype(DType::F64).unwrap();
+        (y * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_vec0::<f64>()
+            .unwrap()
+    };
+    let dir = random(&[4, 45], 1000, DType::F32);
+    let eps = 0.5;
+    let numeric = (loss_at(&(&x + (&dir * eps).unwrap()).unwrap())
+        - loss_at(&(&x - (&dir * eps).unwrap()).unwrap()))
+        / (2.0 * eps);
+    let analytic = (&grads[0].to_dtype(DType::F64).unwrap() * dir.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_vec0::<f64>()
+        .unwrap();
+    let rel = (numeric - analytic).abs() / numeric.abs().max(1e-8);
+    assert!(
+        rel < 1e-4,
+        "numeric {numeric} vs analytic {analytic} (rel {rel})"
+    );
+}
+
 #[test]
 fn adamw_update_matches_plain_ops() {
     for dtype in [DType::F32, DType::F64] {

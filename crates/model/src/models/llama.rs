@@ -226,4 +226,9 @@ impl Model {
     pub fn lm_head_layer(&self) -> &Linear {
         &self.lm_head
     }
+
+    /// The `lm_head` weight `[vocab, hidden]`, as stored (bf16 under weight-only bf16).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.weight()
+    }
 }

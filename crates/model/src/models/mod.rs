@@ -54,9 +54,20 @@ impl CausalLm {
         self.embed_weight().device()
     }
 
-    /// The compute dtype (that of the weights).
+    /// The compute dtype: that of the activations, embeddings and norms (and of the linear
+    /// weights unless they are stored narrower, see [`CausalLm::weight_dtype`]).
     pub fn dtype(&self) -> DType {
         self.embed_weight().dtype()
+    }
+
+    /// The storage dtype of the linear weights (projections and `lm_head`): the compute dtype,
+    /// or bf16/f16 under weight-only low precision on the CPU ([`WeightStorage`]).
+    pub fn weight_dtype(&self) -> DType {
+        match self {
+            Self::Qwen2(m) => m.lm_head_weight().dtype(),
+            Self::Qwen3(m) => m.lm_head_weight().dtype(),
+            Self::Llama(m) => m.lm_head_weight().dtype(),
+        }
     }
 
     /// The input embedding matrix `[vocab, hidden]`.
@@ -531,9 +542,16 @@ pub fn swiglu_plain(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok((gate.silu()? * up)?)
 }
 
-/// A linear layer `[.., in] -> [.., out]` with optional bias, weights in HF layout `[out, in]`.
+/// A linear layer `[.., in] -> [.., out]` with optional bias, weights in HF layout `[out, in]`
+/// (stored in the [`WeightStorage`] dtype while one is entered).
 pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let weight = match WeightStorage::current() {
+        // Read straight into the storage dtype: no transient copy in the compute dtype.
+        Some(dtype) => {
+            vb.get_with_hints_dtype((out_dim, in_dim), "weight", Default::default(), dtype)?
+        }
+        None => vb.get((out_dim, in_dim), "weight")?,
+    };
     let bias = if bias {
         Some(vb.get(out_dim, "bias")?)
     } else {
@@ -542,11 +560,45 @@ pub fn linear(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Resu
     Ok(Linear::new(weight, bias).with_adapter(crate::lora::scoped_adapter(&vb.prefix())))
 }
 
+thread_local! {
+    static STORAGE: std::cell::Cell<Option<DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// While alive, the [`Linear`] layers built on this thread store their weights in one dtype
+/// (bf16 or f16 on the CPU: weight-only low precision) while their inputs, outputs and biases
+/// stay in the compute dtype. [`crate::load()`] enters it for a CPU load in bf16 or f16.
+#[derive(Debug)]
+pub struct WeightStorage {
+    previous: Option<DType>,
+}
+
+impl WeightStorage {
+    /// Enters the scope (nested scopes restore the outer state on drop).
+    pub fn enter(dtype: DType) -> Self {
+        Self {
+            previous: STORAGE.with(|s| s.replace(Some(dtype))),
+        }
+    }
+
+    /// The storage dtype of the scope active on this thread, if any.
+    pub fn current() -> Option<DType> {
+        STORAGE.with(std::cell::Cell::get)
+    }
+}
+
+impl Drop for WeightStorage {
+    fn drop(&mut self) {
+        STORAGE.with(|s| s.set(self.previous));
+    }
+}
+
 /// `y = x · Wᵀ + b` with `W` `[out, in]`. On CPU in f32/f64: [`kernels::linear`] (one GEMM,
 /// bias fused, hand-written backward), or [`kernels::linear_rows`] for the few rows of a
-/// decoding step (no weight packing); elsewhere candle's matmul. With a [`LoraAdapter`] (see
-/// [`crate::lora`]) the weight is frozen, possibly stored in a lower precision than the input,
-/// and the adapter's output is added.
+/// decoding step (no weight packing), or [`kernels::linear_fixed`] inside a generation step;
+/// elsewhere candle's matmul. The weight may be stored narrower than the input (bf16/f16 with f32
+/// activations: weight-only low precision, or LoRA's frozen base): the two decoding kernels widen
+/// it as they read it, and many rows go through [`kernels::linear_frozen`]. With a
+/// [`LoraAdapter`] (see [`crate::lora`]) the weight is frozen and the adapter's output is added.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -555,8 +607,18 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// A layer from its weight `[out, in]` and optional bias `[out]`.
+    /// A layer from its weight `[out, in]` and optional bias `[out]`; inside a [`WeightStorage`]
+    /// scope the weight is converted to its dtype (a tied `lm_head` gets its own narrow copy of
+    /// the embedding).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let weight = match WeightStorage::current() {
+            // A float-to-float cast does not fail; if it did, the layer would keep the wider
+            // weight and compute the same values.
+            Some(dtype) if weight.dtype() != dtype && weight.dtype().is_float() => {
+                weight.to_dtype(dtype).unwrap_or(weight)
+            }
+            _ => weight,
+        };
         Self {
             weight,
             bias,
@@ -570,7 +632,7 @@ impl Linear {
         self
     }
 
-    /// The weight `[out, in]`.
+    /// The weight `[out, in]`, as stored.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -591,16 +653,7 @@ impl candle_core::Module for Linear {
         if let Some(dtype) = crate::autocast::dtype().filter(|&d| d != xs.dtype()) {
             return self.forward_autocast(xs, dtype);
         }
-        // A frozen base in another dtype (bf16) is widened per call, never kept wide.
-        let base = if self.weight.dtype() != xs.dtype() && kernels::supported(xs) {
-            let ys = kernels::linear_frozen(xs, &self.weight)?;
-            match &self.bias {
-                Some(bias) => ys.broadcast_add(&bias.to_dtype(xs.dtype())?)?,
-                None => ys,
-            }
-        } else {
-            self.forward_base(xs)?
-        };
+        let base = self.forward_base(xs)?;
         let Some(lora) = &self.lora else {
             return Ok(base);
         };
@@ -644,27 +697,33 @@ impl Linear {
     fn forward_base(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let in_dim = xs.dim(D::Minus1)?;
         let rows = xs.elem_count() / in_dim.max(1);
-        let fused = kernels::supported(xs)
-            && kernels::supported(&self.weight)
-            && xs.dtype() == self.weight.dtype()
-            && self.bias.as_ref().is_none_or(|b| b.dtype() == xs.dtype());
+        let w = &self.weight;
+        let projection = kernels::supported_projection(xs, w);
         // Inside a generation step every row count takes the fixed-order kernel, so a row's
         // logits do not depend on the rows beside it (issue 21).
-        let ys = if fused && kernels::FixedOrder::active() {
-            kernels::linear_fixed(xs, &self.weight)?
-        } else if fused && rows <= kernels::LINEAR_ROWS_MAX {
-            kernels::linear_rows(xs, &self.weight)?
-        } else if fused {
-            return kernels::linear(xs, &self.weight, self.bias.as_ref());
+        let ys = if projection && kernels::FixedOrder::active() {
+            kernels::linear_fixed(xs, w)?
+        } else if projection && rows <= kernels::LINEAR_ROWS_MAX {
+            kernels::linear_rows(xs, w)?
+        } else if kernels::supported(xs)
+            && kernels::supported(w)
+            && xs.dtype() == w.dtype()
+            && self.bias.as_ref().is_none_or(|b| b.dtype() == xs.dtype())
+        {
+            return kernels::linear(xs, w, self.bias.as_ref());
+        } else if kernels::supported(xs) && w.dtype() != xs.dtype() {
+            // A narrow weight over many rows (prefill, scoring): widened per call, never kept.
+            kernels::linear_frozen(xs, w)?
         } else {
             let mut dims = xs.dims().to_vec();
             let last = dims.len() - 1;
-            dims[last] = self.weight.dim(0)?;
-            xs.reshape((rows, in_dim))?
-                .matmul(&self.weight.t()?)?
-                .reshape(dims)?
+            dims[last] = w.dim(0)?;
+            xs.reshape((rows, in_dim))?.matmul(&w.t()?)?.reshape(dims)?
         };
         match &self.bias {
+            Some(bias) if bias.dtype() != ys.dtype() => {
+                ys.broadcast_add(&bias.to_dtype(ys.dtype())?)
+            }
             Some(bias) => ys.broadcast_add(bias),
             None => Ok(ys),
         }

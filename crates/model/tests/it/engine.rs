@@ -71,40 +71,62 @@ fn params(seed_eos: u32, stop: &str) -> GenerationParams {
     }
 }
 
+/// The fixtures with an EOS id and a stop string that end some rows early.
+const MODELS: [(&str, u32, &str); 3] = [
+    ("qwen2-tiny", 7, "e"),
+    ("qwen3-tiny", 11, "a"),
+    ("llama-tiny", 5, "o"),
+];
+
 #[test]
 fn a_row_is_identical_alone_among_255_others_and_joining_late() {
-    for (name, eos, stop) in [
-        ("qwen2-tiny", 7, "e"),
-        ("qwen3-tiny", 11, "a"),
-        ("llama-tiny", 5, "o"),
-    ] {
-        let m = model(name);
-        let reqs = requests(&m);
-        let p = params(eos, stop);
-        let all = run(&m, &reqs, &p, 0);
-        // 7 in flight: rows join at many different steps, beside other prompts' prefill.
-        let few = run(&m, &reqs, &p, 7);
-        assert_eq!(all, few, "{name}: 256 in flight vs 7 in flight");
-        // Alone, each sample prefilling its prompt by itself (no sharing), for 24 rows.
-        for i in (0..reqs.len()).step_by(11) {
-            let alone = run(&m, std::slice::from_ref(&reqs[i]), &p, 1);
-            assert_eq!(alone[0], all[i], "{name}: row {i} alone vs among 255");
-        }
-        let stopped = all
-            .iter()
-            .filter(|g| g.finish_reason == FinishReason::Stop)
-            .count();
-        let lengths: std::collections::BTreeSet<usize> =
-            all.iter().map(|g| g.token_ids.len()).collect();
-        println!(
-            "{name}: 256 rows identical; {stopped} stopped early, {} distinct lengths",
-            lengths.len()
-        );
-        assert!(
-            stopped > 0 && lengths.len() > 5,
-            "{name}: rows end at different steps"
-        );
+    for (name, eos, stop) in MODELS {
+        check_invariance(&model(name), name, eos, stop);
     }
+}
+
+/// As above with the linear weights stored in bf16 (issue 15): the projections widen them
+/// exactly, so a row still does not depend on the rows beside it.
+#[test]
+fn a_bf16_weight_row_is_identical_alone_among_255_others() {
+    for (name, eos, stop) in MODELS {
+        let opts = LoadOptions {
+            dtype: Some(candle_core::DType::BF16),
+            ..LoadOptions::default()
+        };
+        let dir = Path::new(FIXTURES).join(name);
+        let m = load(dir.to_str().expect("utf8 path"), &opts).expect("load fixture");
+        assert_eq!(m.model.weight_dtype(), candle_core::DType::BF16);
+        check_invariance(&m, &format!("{name} bf16"), eos, stop);
+    }
+}
+
+fn check_invariance(m: &LoadedModel, name: &str, eos: u32, stop: &str) {
+    let reqs = requests(m);
+    let p = params(eos, stop);
+    let all = run(m, &reqs, &p, 0);
+    // 7 in flight: rows join at many different steps, beside other prompts' prefill.
+    let few = run(m, &reqs, &p, 7);
+    assert_eq!(all, few, "{name}: 256 in flight vs 7 in flight");
+    // Alone, each sample prefilling its prompt by itself (no sharing), for 24 rows.
+    for i in (0..reqs.len()).step_by(11) {
+        let alone = run(m, std::slice::from_ref(&reqs[i]), &p, 1);
+        assert_eq!(alone[0], all[i], "{name}: row {i} alone vs among 255");
+    }
+    let stopped = all
+        .iter()
+        .filter(|g| g.finish_reason == FinishReason::Stop)
+        .count();
+    let lengths: std::collections::BTreeSet<usize> =
+        all.iter().map(|g| g.token_ids.len()).collect();
+    println!(
+        "{name}: 256 rows identical; {stopped} stopped early, {} distinct lengths",
+        lengths.len()
+    );
+    assert!(
+        stopped > 0 && lengths.len() > 5,
+        "{name}: rows end at different steps"
+    );
 }
 
 #[test]
