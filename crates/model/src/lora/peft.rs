@@ -327,7 +327,16 @@ pub fn load_with_adapter(
         weights.insert(name, merged);
     }
     let device = model.model.device().clone();
-    let dtype = model.model.dtype();
+    // `opts.dtype` as `load` applies it: on the CPU a 16-bit dtype stores the linear weights
+    // narrow (compute in f32); elsewhere the whole model takes it.
+    let half = opts.dtype.filter(|d| matches!(d, DType::BF16 | DType::F16));
+    let dtype = match (device.is_cpu(), opts.dtype) {
+        (false, Some(dtype)) => dtype,
+        _ => model.model.dtype(),
+    };
+    let _narrow = half
+        .filter(|_| device.is_cpu())
+        .map(crate::models::WeightStorage::enter);
     model.model = CausalLm::new(
         &model.config,
         VarBuilder::from_tensors(weights, dtype, &device),
