@@ -83,26 +83,29 @@ fn bf16_autocast_training_follows_f32_and_is_part_of_the_run_identity() {
         })
         .collect();
     write_jsonl(&data, &rows);
-    let train = |out: &Path, dtype: &str| {
-        retort()
+    let distill = |out: &Path, dtype: &str| {
+        let mut cmd = retort();
+        cmd.args(["distill", "--objective", "sft", "--max-steps", "6"])
             .args([
-                "distill",
-                "--objective",
-                "sft",
-                "--max-steps",
-                "6",
                 "--batch-size",
                 "4",
+                "--lr",
+                "1e-3",
+                "--seed",
+                "1",
+                "--dtype",
+                dtype,
             ])
-            .args(["--lr", "1e-3", "--seed", "1", "--dtype", dtype])
             .arg("--student")
             .arg(fixtures().join("qwen2-tiny"))
             .arg("--data")
             .arg(&data)
             .arg("--output")
-            .arg(out)
-            .assert()
-            .success();
+            .arg(out);
+        cmd
+    };
+    let train = |out: &Path, dtype: &str| {
+        distill(out, dtype).assert().success();
         read_jsonl(&out.join("metrics.jsonl"))
             .iter()
             .map(|m| m["loss"].as_f64().unwrap())
@@ -138,25 +141,7 @@ fn bf16_autocast_training_follows_f32_and_is_part_of_the_run_identity() {
         "{dtypes:?}"
     );
     // Another dtype into the same output is another run: refused.
-    let out = retort()
-        .args([
-            "distill",
-            "--objective",
-            "sft",
-            "--max-steps",
-            "6",
-            "--batch-size",
-            "4",
-        ])
-        .args(["--lr", "1e-3", "--seed", "1", "--dtype", "f32", "--resume"])
-        .arg("--student")
-        .arg(fixtures().join("qwen2-tiny"))
-        .arg("--data")
-        .arg(&data)
-        .arg("--output")
-        .arg(&bf16_out)
-        .output()
-        .unwrap();
+    let out = distill(&bf16_out, "f32").arg("--resume").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("dtype"));
 }
