@@ -724,14 +724,21 @@ fn entry(timing: &Timing, extra: Value) -> Result<Value> {
     Ok(value)
 }
 
-fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
+/// Times SFT steps (forward, the chunked LM-head loss, backward, AdamW) on `c`'s random batch,
+/// phase by phase (`phases` names the four); returns the timing, the phase medians and the
+/// parameter count.
+fn time_sft_steps(
+    c: &BenchConfig,
+    o: &BenchOptions,
+    (warmup, min_iters): (usize, usize),
+    phases: &'static [&'static str],
+) -> Result<(Timing, Value, usize)> {
     let cfg = c.model_config(c.vocab)?;
     let (varmap, model) = random_model_on(&cfg, 1, &o.device()?)?;
     let mut trainer = trainer_for(&varmap)?;
     let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11), &o.device()?)?;
-    // The loss phase includes the LM head's forward and backward (chunks of positions).
-    let mut phases = Phases::new(&["forward", "loss", "backward", "optimizer"]);
-    let timing = time_it(o.warmup, o.min_iters, o.seconds, || {
+    let mut phases = Phases::new(phases);
+    let timing = time_it(warmup, min_iters, o.seconds, || {
         phases.start();
         let autocast = retort_model::autocast::enter(o.train_autocast);
         let hidden = model.forward_hidden(&ids, None, None)?;
@@ -745,11 +752,23 @@ fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
         phases.end_phase();
         Ok(())
     })?;
-    let tokens = c.batch * c.seq;
-    let params: usize = named_vars(&varmap)
+    let params = named_vars(&varmap)
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
+    let medians = phases.medians(timing.iters);
+    Ok((timing, medians, params))
+}
+
+fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
+    // The loss phase includes the LM head's forward and backward (chunks of positions).
+    let (timing, phases, params) = time_sft_steps(
+        c,
+        o,
+        (o.warmup, o.min_iters),
+        &["forward", "loss", "backward", "optimizer"],
+    )?;
+    let tokens = c.batch * c.seq;
     // Weights, gradients and two AdamW moments, all f32.
     let state_bytes = params * 4 * 4;
     entry(
@@ -760,7 +779,7 @@ fn bench_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
             "params": params,
             "train_state_mib": mib(state_bytes),
             "peak_rss_mib": peak_rss_mib(),
-            "phases_ms": phases.medians(timing.iters),
+            "phases_ms": phases,
         }),
     )
 }
@@ -857,23 +876,12 @@ fn bench_score(c: &BenchConfig, o: &BenchOptions, dtype: DType) -> Result<Value>
 /// [`causal_lm_loss_chunked`] (the LM head in chunks of positions, forward and backward) +
 /// [`Trainer`]; one warmup step and `min_iters.min(2)` timed ones at least.
 fn bench_long_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
-    let cfg = c.model_config(c.vocab)?;
-    let (varmap, model) = random_model_on(&cfg, 1, &o.device()?)?;
-    let mut trainer = trainer_for(&varmap)?;
-    let ids = ids_tensor(&random_ids(c.batch, c.seq, c.vocab, 11), &o.device()?)?;
-    let mut phases = Phases::new(&["forward", "loss_and_head_backward", "backward", "optimizer"]);
-    let timing = time_it(o.warmup.min(1), o.min_iters.min(2), o.seconds, || {
-        phases.start();
-        let hidden = model.forward_hidden(&ids, None, None)?;
-        phases.end_phase();
-        let (loss_sum, n_tokens) = causal_lm_loss_chunked(&model, &hidden, &ids, None)?;
-        phases.end_phase();
-        trainer.accumulate(&loss_sum, n_tokens)?;
-        phases.end_phase();
-        trainer.step()?;
-        phases.end_phase();
-        Ok(())
-    })?;
+    let (timing, phases, _) = time_sft_steps(
+        c,
+        o,
+        (o.warmup.min(1), o.min_iters.min(2)),
+        &["forward", "loss_and_head_backward", "backward", "optimizer"],
+    )?;
     let tokens = c.batch * c.seq;
     entry(
         &timing,
@@ -882,7 +890,7 @@ fn bench_long_train(c: &BenchConfig, o: &BenchOptions) -> Result<Value> {
             "tokens_per_s": tokens as f64 / timing.median_s,
             "head_chunk_rows": head_chunk_rows(c.vocab),
             "peak_rss_mib": peak_rss_mib(),
-            "phases_ms": phases.medians(timing.iters),
+            "phases_ms": phases,
         }),
     )
 }
